@@ -1,0 +1,1 @@
+"""KServe custom predictors for classifier model packages, over the Open Inference Protocol."""

@@ -1,0 +1,90 @@
+"""``python -m predictors``: serve model packages, validate them, deploy them to Kubernetes.
+
+``serve`` accepts KServe's own server flags in KServe's spelling (``--http_port``,
+``--grpc_port``, ``--workers``, ``--max_threads``, ``--enable_grpc``, ...), so the same
+arguments work here and in an InferenceService container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+logger = logging.getLogger("predictors")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from predictors.server import serve
+    from predictors.settings import ServerSettings
+
+    settings = ServerSettings.from_env(host=args.host, max_batch_size=args.max_batch_size,
+                                       max_latency_ms=args.max_latency_ms)
+    if args.workers > 1:
+        logger.warning("--workers %d ignored: one process serves REST and gRPC; scale with replicas", args.workers)
+    serve(args.model_dir, settings, http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
+          max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
+          enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
+          access_log_format=args.access_log_format, event_loop=args.event_loop,
+          timeout_keep_alive=args.timeout_keep_alive)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from predictors.models import ServingContext, model_for
+    from predictors.package import PackageError, load_package
+
+    ok = True
+    for path in args.packages:
+        try:
+            package = load_package(path)
+            model_for(package, ServingContext()).load()
+            print(json.dumps({"package": str(path), "name": package.name, "version": package.version, "ok": True}))
+        except PackageError as exc:
+            ok = False
+            print(json.dumps({"package": str(path), "ok": False, "error": str(exc)}))
+    sys.exit(0 if ok else 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m predictors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from kserve.model_server import parser as kserve_parser
+
+    serve = sub.add_parser("serve", parents=[kserve_parser], help="serve model packages over V2 REST and gRPC",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--model_dir", default="/mnt/models",
+                       help="a directory of model packages, or one package directory")
+    serve.add_argument("--host", default=os.environ.get("KCP_HOST", "0.0.0.0"), help="bind address for REST and gRPC")
+    serve.add_argument("--max_batch_size", type=int, default=None,
+                       help="adaptive batching: most rows per model call (overrides package configs; 1 = off)")
+    serve.add_argument("--max_latency_ms", type=float, default=None,
+                       help="adaptive batching: longest wait for a batch to fill (overrides package configs)")
+    serve.set_defaults(func=_serve)
+
+    validate = sub.add_parser("validate", help="check packages load (config, labels, artifact)")
+    validate.add_argument("packages", nargs="+")
+    validate.set_defaults(func=_validate)
+
+    try:
+        from predictors.deploy import add_deploy_arguments
+    except ImportError:
+        pass
+    else:
+        add_deploy_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

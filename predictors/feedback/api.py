@@ -1,0 +1,323 @@
+"""The feedback REST API: ground truth in, classification metrics out.
+
+Routes (all under the router's ``dependencies``, e.g. the server's API-key check):
+
+``POST /v2/models/{model_name}/feedback``
+    Either the Katonic form ``{"predicted_label": [...], "true_label": [...]}`` (equal-length,
+    non-empty lists of encoded labels) or the id form ``{"items": [{"id": "<prediction id>",
+    "true_label": 2}, ...]}``, where each id is the id of an earlier prediction of this model (the
+    response id of a single-row request, ``<response id>/<row index>`` for rows of a batch); the
+    server then pairs the ground truth with what it really predicted. Answers the metrics of this
+    submission (``batch``) and the ``cumulative`` metrics.
+``GET /v2/models/{model_name}/feedback`` (alias ``/v2/models/{model_name}/metrics/classification``)
+    The cumulative metrics and those of the ``recent`` window (``?window_seconds=``, default from
+    :func:`build_feedback_router`).
+
+Why the body is read and validated here rather than by FastAPI's parameter binding: FastAPI
+answers validation failures with 422 ``{"detail": [...]}``; this API promises every client error
+as ``{"error": "<one clear sentence>"}`` with the status of :mod:`predictors.errors` (400 invalid,
+404 unknown model, 409 duplicate feedback, 413 too large), and nothing recorded. Labels are strict
+integers: ``"1"``, ``1.5``, ``true`` and ``null`` are rejected, never coerced.
+
+All database work runs in a worker thread (``asyncio.to_thread``): the event loop also serves
+inference and health checks and must never wait on a disk or a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.params import Depends
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+
+from predictors.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
+from predictors.feedback import prometheus
+from predictors.feedback.metrics import ClassificationMetrics, compute_metrics, confusion_from_pairs
+from predictors.feedback.store import MAX_ID_LENGTH, DuplicateFeedback, FeedbackStore, UnknownPredictions
+from predictors.package import LabelsFile
+
+MAX_ITEMS = 10_000
+"""Most labels (Katonic form) or items (id form) in one submission."""
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body read; 10,000 id items with 256-character ids fit."""
+
+MAX_WINDOW_SECONDS = 366 * 24 * 3600.0
+
+
+# --- request and response models ------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class KatonicFeedback(_Strict):
+    """``{"predicted_label": [...], "true_label": [...]}``: pairs given by the client."""
+
+    predicted_label: list[StrictInt] = Field(min_length=1)
+    true_label: list[StrictInt] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> KatonicFeedback:
+        if len(self.true_label) != len(self.predicted_label):
+            raise ValueError(f"true_label has {len(self.true_label)} labels and predicted_label has "
+                             f"{len(self.predicted_label)}; they must pair up one to one")
+        return self
+
+
+class FeedbackItem(_Strict):
+    """Ground truth for one earlier prediction, named by its prediction id."""
+
+    id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    true_label: StrictInt
+
+
+class IdFeedback(_Strict):
+    """``{"items": [{"id": ..., "true_label": ...}, ...]}``: the server supplies the predicted labels."""
+
+    items: list[FeedbackItem] = Field(min_length=1)
+
+
+class WindowedMetrics(ClassificationMetrics):
+    """Metrics of the feedback recorded in the last ``window_seconds`` (since ``since``)."""
+
+    window_seconds: float
+    since: datetime
+
+
+class FeedbackAccepted(BaseModel):
+    """Answer to an accepted submission."""
+
+    model_name: str
+    submission_id: str
+    accepted: int
+    batch: ClassificationMetrics
+    cumulative: ClassificationMetrics
+
+
+class FeedbackReport(BaseModel):
+    """Answer to GET: everything stored, and the recent window."""
+
+    model_name: str
+    cumulative: ClassificationMetrics
+    recent: WindowedMetrics
+
+
+# --- errors that carry their rejection reason ------------------------------------------------
+
+
+class MalformedJSON(BadInput):
+    """The body is not a JSON object."""
+
+
+class UnknownLabels(BadInput):
+    """Labels outside labels_file.json."""
+
+
+def _reason(exc: ClientError) -> str:
+    """The ``reason`` label of classifier_feedback_rejected_total for an error."""
+    for kind, reason in ((UnknownModel, "unknown_model"), (PayloadTooLarge, "too_large"),
+                         (DuplicateFeedback, "duplicate"), (UnknownPredictions, "unknown_id"),
+                         (MalformedJSON, "malformed_json"), (UnknownLabels, "unknown_label")):
+        if isinstance(exc, kind):
+            return reason
+    return "invalid_body"
+
+
+class _JSONErrorRoute(APIRoute):
+    """Answers every :class:`ClientError` (from the handler or a dependency) as ``{"error": ...}``.
+
+    Done in the route rather than by an app exception handler so the router behaves the same in
+    whatever app mounts it.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientError as exc:
+                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
+
+        return handle
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) before reading more than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _describe(exc: ValidationError) -> str:
+    """One readable sentence from pydantic's errors: ``items[3].true_label: Input should be ...``."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("int_type", "string_type") and "input" in err:
+            msg += f" (got {json.dumps(err['input'])[:60]})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {exc.error_count() - 3} more errors)" if exc.error_count() > 3 else ""
+    return "invalid feedback: " + "; ".join(parts) + more
+
+
+_SHAPES = ('{"predicted_label": [...], "true_label": [...]} or '
+           '{"items": [{"id": "<prediction id>", "true_label": <label>}, ...]}')
+
+
+def parse_feedback(raw: bytes, max_items: int = MAX_ITEMS) -> KatonicFeedback | IdFeedback:
+    """Validate a request body into one of the two forms, or raise a :class:`BadInput` subclass."""
+    if not raw.strip():
+        raise MalformedJSON(f"empty request body; send {_SHAPES}")
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedJSON(f"request body must be a JSON object: {_SHAPES}")
+    if "items" in data:
+        model: type[KatonicFeedback | IdFeedback] = IdFeedback
+        sizes = [data["items"]]
+    elif "predicted_label" in data or "true_label" in data:
+        model = KatonicFeedback
+        sizes = [data.get("predicted_label"), data.get("true_label")]
+    else:
+        raise BadInput(f"unrecognised feedback body with keys {sorted(data)[:10]}; send {_SHAPES}")
+    for value in sizes:
+        if isinstance(value, list) and len(value) > max_items:
+            raise PayloadTooLarge(f"{len(value)} entries in one submission exceed the limit of {max_items}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(_describe(exc)) from exc
+
+
+def _check_labels(model_name: str, labels: LabelsFile, field: str, values: Sequence[int]) -> None:
+    k = len(labels.labels)
+    bad = sorted({v for v in values if not 0 <= v < k})
+    if bad:
+        names = f" ({', '.join(labels.names)})" if labels.names else ""
+        raise UnknownLabels(f"{field} has labels {bad[:20]} that are not in labels_file.json of model "
+                            f"{model_name}: labels are 0..{k - 1}{names}")
+
+
+def parse_window(value: str | None, default: float) -> float:
+    """The ``window_seconds`` query parameter: a finite number of seconds in (0, one year]."""
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_WINDOW_SECONDS:
+        raise BadInput(f"window_seconds must be a number of seconds greater than 0 and at most "
+                       f"{MAX_WINDOW_SECONDS:.0f}, got {value!r}")
+    return seconds
+
+
+# --- the router ------------------------------------------------------------------------------
+
+
+def build_feedback_router(
+    store: FeedbackStore,
+    get_labels: Callable[[str], LabelsFile],
+    dependencies: Sequence[Depends] = (),
+    window_seconds: float = 3600.0,
+    *,
+    max_items: int = MAX_ITEMS,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> APIRouter:
+    """The feedback routes over ``store``.
+
+    ``get_labels(model_name)`` returns the served model's labels_file.json and raises
+    :class:`predictors.errors.UnknownModel` for names not served; it is called on the event loop,
+    so it must not block (the server answers it from memory). ``dependencies`` (e.g. the API-key
+    check) apply to every route. ``window_seconds`` is the default "recent" window of GET.
+    """
+    default_window = parse_window(str(window_seconds), 3600.0)
+    router = APIRouter(dependencies=list(dependencies), route_class=_JSONErrorRoute, tags=["feedback"])
+
+    def labels_of(model_name: str) -> LabelsFile:
+        try:
+            return get_labels(model_name)
+        except UnknownModel:
+            prometheus.observe_rejection("", "unknown_model")
+            raise
+
+    @router.post("/v2/models/{model_name}/feedback")
+    async def post_feedback(model_name: str, request: Request) -> JSONResponse:
+        """Record ground truth for predictions of ``model_name``; answer batch and cumulative metrics."""
+        labels = labels_of(model_name)
+        try:
+            body = parse_feedback(await _read_body(request, max_body_bytes), max_items)
+            if isinstance(body, KatonicFeedback):
+                _check_labels(model_name, labels, "true_label", body.true_label)
+                _check_labels(model_name, labels, "predicted_label", body.predicted_label)
+                pairs = list(zip(body.true_label, body.predicted_label, strict=True))
+                submission = await asyncio.to_thread(store.add_feedback, model_name, pairs)
+            else:
+                _check_labels(model_name, labels, "true_label", [item.true_label for item in body.items])
+                items = [(item.id, item.true_label) for item in body.items]
+                submission = await asyncio.to_thread(
+                    store.add_feedback_by_ids, model_name, items, frozenset(labels.labels))
+        except ClientError as exc:
+            prometheus.observe_rejection(model_name, _reason(exc))
+            raise
+
+        k = len(labels.labels)
+        batch = confusion_from_pairs(submission.pairs, k)
+        cumulative = compute_metrics(await asyncio.to_thread(store.confusion, model_name, labels.labels), labels)
+        prometheus.observe_batch(model_name, batch, labels.labels)
+        prometheus.set_cumulative(model_name, cumulative)
+        answer = FeedbackAccepted(model_name=model_name, submission_id=submission.submission_id,
+                                  accepted=len(submission.pairs), batch=compute_metrics(batch, labels),
+                                  cumulative=cumulative)
+        return JSONResponse(answer.model_dump(mode="json"))
+
+    async def get_report(model_name: str, request: Request) -> JSONResponse:
+        """Cumulative metrics and those of the recent window."""
+        labels = labels_of(model_name)
+        window = parse_window(request.query_params.get("window_seconds"), default_window)
+        since = datetime.now(UTC) - timedelta(seconds=window)
+
+        def both() -> tuple[np.ndarray, np.ndarray]:
+            return store.confusion(model_name, labels.labels), store.confusion(model_name, labels.labels, since)
+
+        total, recent = await asyncio.to_thread(both)
+        report = FeedbackReport(
+            model_name=model_name,
+            cumulative=compute_metrics(total, labels),
+            recent=WindowedMetrics(**dict(compute_metrics(recent, labels)), window_seconds=window, since=since),
+        )
+        return JSONResponse(report.model_dump(mode="json"))
+
+    router.add_api_route("/v2/models/{model_name}/feedback", get_report, methods=["GET"])
+    router.add_api_route("/v2/models/{model_name}/metrics/classification", get_report, methods=["GET"])
+    return router

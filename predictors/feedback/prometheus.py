@@ -1,0 +1,83 @@
+"""Prometheus metrics of the feedback API, registered in the default registry.
+
+Why these shapes:
+
+* ``classifier_feedback_total{model, true_label, predicted_label}`` counts confusion-matrix cells.
+  Each replica counts only the submissions *it* accepted, so ``sum by (model, true_label,
+  predicted_label)`` over replicas is the cluster-wide matrix of the scrape window, and precision,
+  recall and accuracy over any range follow in PromQL from ``increase()`` of these counters (the
+  Grafana dashboard does exactly that). Counters restart at 0 with a process; ``increase()`` handles it.
+* ``classifier_feedback_accuracy{model}`` and ``classifier_feedback_macro_f1{model}`` are the
+  *cumulative* values over everything ever stored, set after each accepted submission from the
+  database totals. With several replicas sharing one database every replica's gauge reads the
+  same shared totals, so the gauges agree (up to submissions accepted since a replica last
+  updated): aggregate them with ``max``/``avg``, never ``sum``.
+* ``classifier_feedback_rejected_total{model, reason}`` counts rejected submissions. ``model`` is
+  only set to names that are actually served (``reason="unknown_model"`` uses ``model=""``) so a
+  client cannot grow the label set without bound.
+
+They live in ``prometheus_client.REGISTRY``, which KServe's ``/metrics`` route exposes. Note that
+with ``--workers > 1`` each REST worker process has its own counters (KServe's metrics are per
+process too); Prometheus scrapes pods, so run one worker per pod when these numbers matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from predictors.feedback.metrics import ClassificationMetrics
+
+FEEDBACK_TOTAL = Counter(
+    "classifier_feedback",
+    "Ground-truth feedback accepted, per confusion-matrix cell (true label x predicted label).",
+    ["model", "true_label", "predicted_label"],
+)
+FEEDBACK_ACCURACY = Gauge(
+    "classifier_feedback_accuracy",
+    "Cumulative accuracy over all stored feedback of the model (shared database totals).",
+    ["model"],
+)
+FEEDBACK_MACRO_F1 = Gauge(
+    "classifier_feedback_macro_f1",
+    "Cumulative macro-averaged F1 over all stored feedback of the model (shared database totals).",
+    ["model"],
+)
+FEEDBACK_REJECTED = Counter(
+    "classifier_feedback_rejected",
+    "Feedback submissions rejected, by reason.",
+    ["model", "reason"],
+)
+
+REJECTION_REASONS = ("malformed_json", "invalid_body", "too_large", "unknown_label", "unknown_id",
+                     "duplicate", "unknown_model")
+
+EXPORTED_METRIC_NAMES = frozenset({
+    "classifier_feedback_total",
+    "classifier_feedback_accuracy",
+    "classifier_feedback_macro_f1",
+    "classifier_feedback_rejected_total",
+})
+"""The sample names these metrics expose (what PromQL and the dashboard refer to)."""
+
+
+def observe_batch(model: str, batch: np.ndarray, labels: list[int]) -> None:
+    """Add an accepted submission's confusion matrix to the cell counters."""
+    for i, j in zip(*np.nonzero(batch), strict=True):
+        FEEDBACK_TOTAL.labels(model=model, true_label=str(labels[i]), predicted_label=str(labels[j])).inc(
+            int(batch[i, j]))
+
+
+def set_cumulative(model: str, metrics: ClassificationMetrics) -> None:
+    """Set the gauges from the cumulative report (nothing to set while there is no feedback)."""
+    if metrics.accuracy is None:
+        return
+    FEEDBACK_ACCURACY.labels(model=model).set(metrics.accuracy)
+    FEEDBACK_MACRO_F1.labels(model=model).set(metrics.macro_avg.f1)
+
+
+def observe_rejection(model: str, reason: str) -> None:
+    """Count a rejected submission; ``model`` must be a served model's name or ""."""
+    if reason not in REJECTION_REASONS:
+        raise ValueError(f"unknown rejection reason {reason!r}")
+    FEEDBACK_REJECTED.labels(model=model, reason=reason).inc()

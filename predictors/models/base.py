@@ -1,0 +1,258 @@
+"""The one base class every served package goes through.
+
+KServe's ``Model.__call__`` runs ``preprocess`` → ``predict`` → ``postprocess``. Here:
+
+* ``preprocess`` validates the V2 request against the package config and decodes it to a
+  feature array (subclasses implement :meth:`PackageModel.decode_features`);
+* ``predict`` runs the model off the event loop — directly in the thread pool, or through
+  the adaptive :class:`~predictors.batching.Batcher` when the package enables batching;
+* ``postprocess`` turns class probabilities into the V2 outputs every classifier shares
+  (label, label_name, probabilities, top-k, prediction ids, echoed ids), honours the
+  request's ``outputs`` field, and records predictions for later feedback.
+
+All steps are ``async``: KServe runs a plain ``def`` step on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from kserve import Model
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+
+from predictors.batching import Batcher
+from predictors.codecs import as_text, to_numpy
+from predictors.errors import BadInput, PayloadTooLarge
+from predictors.fetch import ImageFetcher
+from predictors.package import ModelPackage
+from predictors.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+IDS_INPUT = "ids"
+OUTPUTS: dict[str, tuple[str, str]] = {  # name -> (datatype, shape description)
+    "label": ("INT64", "[N]"),
+    "label_name": ("BYTES", "[N]"),
+    "probabilities": ("FP32", "[N, K]"),
+    "top_k_labels": ("INT64", "[N, k]"),
+    "top_k_probabilities": ("FP32", "[N, k]"),
+    "prediction_id": ("BYTES", "[N]"),
+    "ids": ("BYTES", "[N]"),
+}
+
+
+class PredictionLog(Protocol):
+    """Where served predictions are recorded so feedback can refer to them by id."""
+
+    def record_predictions(self, model: str, version: str, rows: list[tuple[str, int]]) -> None: ...
+
+
+@dataclass
+class ServingContext:
+    """Services shared by all models of one server."""
+
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    fetcher: ImageFetcher | None = None
+    prediction_log: PredictionLog | None = None
+
+    def __post_init__(self) -> None:
+        if self.fetcher is None:
+            self.fetcher = ImageFetcher(self.settings.fetch)
+
+
+@dataclass
+class Prepared:
+    """What ``preprocess`` hands to ``predict``: features plus the request facts postprocess needs."""
+
+    request_id: str
+    features: Any
+    n: int
+    ids: list[str] | None
+    requested: list[RequestedOutput] | None
+    binary_outputs: bool
+    probabilities: np.ndarray | None = None
+
+
+class PackageModel(Model):
+    """A ``kserve.Model`` serving one model package; subclasses load the artifact and decode inputs."""
+
+    def __init__(self, package: ModelPackage, context: ServingContext) -> None:
+        super().__init__(package.name)
+        self.package = package
+        self.config = package.config
+        self.context = context
+        self.batcher: Batcher | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        """Load the artifact, check it against the package, warm it up, and start batching if enabled."""
+        self.load_artifact()
+        batching = self.config.batching
+        size = self.context.settings.max_batch_size or batching.max_batch_size
+        latency = (self.context.settings.max_latency_ms
+                   if self.context.settings.max_latency_ms is not None else batching.max_latency_ms)
+        if size > 1:
+            self.batcher = Batcher(self.name, self.predict_array, size, latency)
+        self.ready = True
+        return self.ready
+
+    def load_artifact(self) -> None:
+        raise NotImplementedError
+
+    def validate(self, payload: Any) -> Any:
+        """Validation happens in ``preprocess``; KServe's protocol checks do not apply to :class:`Prepared`."""
+        return payload
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.ready = False
+
+    def predict_array(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, K] for a feature batch. Runs in a worker thread."""
+        raise NotImplementedError
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def get_input_types(self) -> list[dict]:
+        spec = self.config.input
+        return [{"name": spec.name, "datatype": spec.datatype, "shape": spec.shape},
+                {"name": IDS_INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        k = self.package.num_classes
+        top = min(self.config.postprocessing.top_k, k)
+        shapes = {"probabilities": [-1, k], "top_k_labels": [-1, top], "top_k_probabilities": [-1, top]}
+        return [{"name": name, "datatype": dtype, "shape": shapes.get(name, [-1])}
+                for name, (dtype, _) in OUTPUTS.items() if name in self.output_names()]
+
+    def output_names(self) -> list[str]:
+        post = self.config.postprocessing
+        names = ["label"]
+        if post.label_names:
+            names.append("label_name")
+        if post.probabilities:
+            names += ["probabilities", "top_k_labels", "top_k_probabilities"]
+        return [*names, "prediction_id", "ids"]
+
+    # -- request handling --------------------------------------------------------------------
+
+    async def decode_features(self, tensor: InferInput) -> np.ndarray:
+        """Turn the main input tensor into the model's feature batch. Raise BadInput on bad data."""
+        raise NotImplementedError
+
+    async def preprocess(self, payload: InferRequest | dict, headers: dict[str, str] | None = None) -> Prepared:
+        if not isinstance(payload, InferRequest):
+            raise BadInput("this server speaks the V2 inference protocol: POST /v2/models/{name}/infer")
+        by_name: dict[str, InferInput] = {}
+        for tensor in payload.inputs:
+            if tensor.name in by_name:
+                raise BadInput(f"input '{tensor.name}' appears twice")
+            by_name[tensor.name] = tensor
+        main_name = self.config.input.name
+        unknown = sorted(set(by_name) - {main_name, IDS_INPUT})
+        if unknown:
+            raise BadInput(f"unknown input(s) {unknown}; model '{self.name}' takes '{main_name}' and optional "
+                           f"'{IDS_INPUT}'")
+        if main_name not in by_name:
+            raise BadInput(f"missing input '{main_name}'")
+        requested = self._check_requested_outputs(payload.request_outputs)
+        features = await self.decode_features(by_name[main_name])
+        n = len(features)
+        if n == 0:
+            raise BadInput(f"input '{main_name}' is an empty batch")
+        if n > self.config.max_batch_size:
+            raise PayloadTooLarge(f"batch of {n} exceeds this model's limit of {self.config.max_batch_size}")
+        ids = self._decode_ids(by_name.get(IDS_INPUT), n)
+        request_id = payload.id or str(uuid.uuid4())
+        return Prepared(request_id, features, n, ids, requested, payload.use_binary_outputs)
+
+    def _check_requested_outputs(self, requested: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
+        if not requested:
+            return None
+        known = self.output_names()
+        for out in requested:
+            if out.name not in known:
+                raise BadInput(f"unknown output '{out.name}'; model '{self.name}' produces {known}")
+        return requested
+
+    def _decode_ids(self, tensor: InferInput | None, n: int) -> list[str] | None:
+        if tensor is None:
+            return None
+        if tensor.datatype != "BYTES":
+            raise BadInput(f"input '{IDS_INPUT}' must be BYTES, got {tensor.datatype}")
+        values = to_numpy(tensor).ravel()
+        if len(values) != n:
+            raise BadInput(f"input '{IDS_INPUT}' has {len(values)} ids for {n} rows")
+        ids = [as_text(v, IDS_INPUT) for v in values]
+        if any(len(i) > 256 for i in ids):
+            raise BadInput(f"input '{IDS_INPUT}': ids must be at most 256 characters")
+        return ids
+
+    async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
+        if self.batcher is not None:
+            payload.probabilities = await self.batcher.submit(payload.features)
+        else:
+            loop = asyncio.get_running_loop()
+            payload.probabilities = await loop.run_in_executor(None, self.predict_array, payload.features)
+        return payload
+
+    async def postprocess(self, result: Prepared, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> InferResponse:
+        probs = np.asarray(result.probabilities, dtype=np.float32)
+        labels = probs.argmax(axis=1).astype(np.int64)
+        prediction_ids = ([result.request_id] if result.n == 1
+                          else [f"{result.request_id}/{i}" for i in range(result.n)])
+        await self._log_predictions(prediction_ids, labels)
+        values = self._outputs(probs, labels, prediction_ids, result.ids)
+        wanted = [o.name for o in result.requested] if result.requested else [n for n in values if n != "ids"
+                                                                              or result.ids is not None]
+        outputs = []
+        for name in wanted:
+            if name not in values:
+                raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
+            data = values[name]
+            outputs.append(InferOutput(name=name, shape=list(data.shape), datatype=OUTPUTS[name][0], data=data))
+        return InferResponse(response_id=result.request_id, model_name=self.name, model_version=self.config.version,
+                             infer_outputs=outputs, use_binary_outputs=result.binary_outputs,
+                             requested_outputs=result.requested)
+
+    def _outputs(self, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
+                 ids: list[str] | None) -> dict[str, np.ndarray]:
+        allowed = set(self.output_names())
+        k = min(self.config.postprocessing.top_k, probs.shape[1])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        values: dict[str, np.ndarray] = {
+            "label": labels,
+            "label_name": _bytes_array([self.package.labels.name_of(int(i)) for i in labels]),
+            "probabilities": probs,
+            "top_k_labels": top.astype(np.int64),
+            "top_k_probabilities": np.take_along_axis(probs, top, axis=1),
+            "prediction_id": _bytes_array(prediction_ids),
+        }
+        if ids is not None:
+            values["ids"] = _bytes_array(ids)
+        return {name: v for name, v in values.items() if name in allowed}
+
+    async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
+        log = self.context.prediction_log
+        if log is None or not self.context.settings.prediction_log:
+            return
+        rows = [(pid, int(label)) for pid, label in zip(prediction_ids, labels, strict=True)]
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, log.record_predictions, self.name, self.config.version, rows)
+        except Exception:  # noqa: BLE001 - a logging failure must not fail the prediction
+            logger.exception("could not record predictions for model %s", self.name)
+
+
+def _bytes_array(values: list[str]) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = [v.encode("utf-8") for v in values]
+    return array

@@ -1,0 +1,116 @@
+"""tf.keras image classifiers whose input handling is driven by the package's config.
+
+Accepted for the main input, in one request:
+
+* FP32/FP64 ``[N, S, S]`` or ``[N, S, S, 1]`` already in the model's [0, 1] scale;
+* UINT8 of the same shapes in 0..255 (scaled by the package's ``scale`` step);
+* BYTES ``[N]`` (or ``[N, 1]``) holding encoded PNG/JPEG images — raw bytes over gRPC
+  and binary REST, base64 strings in REST JSON — or ``http(s)`` URLs, fetched behind the
+  network guard. Encoded images go through the package's preprocessing pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+from kserve.protocol.infer_type import InferInput
+
+from predictors.codecs import bytes_element, require_finite, to_numpy
+from predictors.errors import BadInput, InvalidImage, PayloadTooLarge
+from predictors.models.base import PackageModel
+from predictors.preprocessing import pixel_divisor, run_image_pipeline
+
+MAX_CONCURRENT_FETCHES = 8
+
+
+def _import_keras():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    return keras, tf
+
+
+class ImageModel(PackageModel):
+    """Serves a ``model.keras`` classifier through a compiled ``tf.function`` (not ``model.predict``)."""
+
+    def load_artifact(self) -> None:
+        keras, tf = _import_keras()
+        model = keras.models.load_model(self.package.artifact_path, compile=False)
+        self.package.check_artifact(model)
+        self.keras_model = model
+        self.model_input_shape = tuple(model.input_shape[1:])
+        signature = tf.TensorSpec(shape=(None, *self.model_input_shape), dtype=tf.float32)
+        self._serve = tf.function(lambda x: model(x, training=False), input_signature=[signature],
+                                  reduce_retracing=True)
+        self.size = self.config.image_size or self.model_input_shape[0]
+        self.predict_array(np.zeros((1, self.size, self.size), dtype=np.float32))  # trace + warm up
+
+    def predict_array(self, features: np.ndarray) -> np.ndarray:
+        x = features.reshape((len(features), *self.model_input_shape)).astype(np.float32, copy=False)
+        return self._serve(x).numpy()
+
+    async def decode_features(self, tensor: InferInput) -> np.ndarray:
+        if tensor.datatype == "BYTES":
+            return await self._decode_encoded(tensor)
+        if tensor.datatype not in ("FP32", "FP64", "UINT8"):
+            raise BadInput(f"input '{tensor.name}' must be FP32, UINT8 or BYTES (encoded images or URLs), "
+                           f"got {tensor.datatype}")
+        array = to_numpy(tensor)
+        s = self.size
+        if array.ndim == 4 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim != 3 or array.shape[1:] != (s, s):
+            raise BadInput(f"input '{tensor.name}' must have shape [N, {s}, {s}] or [N, {s}, {s}, 1], "
+                           f"got {list(tensor.shape)}")
+        if tensor.datatype == "UINT8":
+            return array.astype(np.float32) / np.float32(pixel_divisor(self.config.preprocessing))
+        require_finite(array, tensor.name)
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise BadInput(f"input '{tensor.name}': {tensor.datatype} pixels must be in [0, 1]; send UINT8 for 0..255")
+        return array.astype(np.float32)
+
+    async def _decode_encoded(self, tensor: InferInput) -> np.ndarray:
+        shape = list(tensor.shape)
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            raise BadInput(f"BYTES input '{tensor.name}' must have shape [N] or [N, 1], got {shape}")
+        values = to_numpy(tensor).ravel()
+        if len(values) > self.config.max_batch_size:
+            raise PayloadTooLarge(f"batch of {len(values)} exceeds this model's limit of {self.config.max_batch_size}")
+        items = [bytes_element(v, tensor.name, i) for i, v in enumerate(values)]
+        images = await self._fetch_urls(items, tensor.name)
+        steps = self.config.preprocessing
+        loop = asyncio.get_running_loop()
+
+        def decode_all() -> np.ndarray:
+            out = np.empty((len(images), self.size, self.size), dtype=np.float32)
+            for i, data in enumerate(images):
+                try:
+                    pixels = run_image_pipeline(data, steps)
+                except InvalidImage as exc:
+                    raise InvalidImage(f"input '{tensor.name}' element {i}: {exc.reason}") from exc
+                if pixels.shape != (self.size, self.size):
+                    raise InvalidImage(f"input '{tensor.name}' element {i}: the package pipeline produced "
+                                       f"{list(pixels.shape)}, the model takes [{self.size}, {self.size}]")
+                out[i] = pixels
+            return out
+
+        return await loop.run_in_executor(None, decode_all)
+
+    async def _fetch_urls(self, items: list[bytes | str], name: str) -> list[bytes]:
+        fetcher = self.context.fetcher
+        assert fetcher is not None
+        gate = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+
+        async def one(i: int, item: bytes | str) -> bytes:
+            if isinstance(item, bytes):
+                return item
+            async with gate:
+                try:
+                    return await fetcher.fetch(item)
+                except BadInput as exc:
+                    raise type(exc)(f"input '{name}' element {i}: {exc.reason}") from exc
+
+        return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(items))))

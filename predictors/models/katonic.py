@@ -1,0 +1,136 @@
+"""Katonic custom-model compatibility: serve a package whose artifact is a ``launch.py``.
+
+A Katonic model ships ``launch.py`` with three functions and, optionally, ``schema.py``
+with a pydantic input schema::
+
+    def loadmodel(logger): ...                      # -> model object
+    def preprocessing(data, logger): ...            # -> features, or False to reject the input
+    def predict(features, model, logger): ...       # -> class ids [N] or probabilities [N, K]
+
+The V2 input is a BYTES tensor (``data`` by default) whose elements are JSON documents,
+one per row; each is validated against the schema (if any) and the list of dicts is
+passed to ``preprocessing`` unchanged, so a Katonic user's code runs as written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from kserve.errors import InferenceError
+from kserve.protocol.infer_type import InferInput
+from pydantic import BaseModel, ValidationError
+
+from predictors.codecs import as_text, to_numpy
+from predictors.errors import BadInput
+from predictors.models.base import PackageModel, Prepared
+from predictors.package import PackageError
+
+REQUIRED_FUNCTIONS = ("loadmodel", "preprocessing", "predict")
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a user file under a unique module name, with its directory importable."""
+    name = f"katonic_{path.stem}_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PackageError(path.parent, path.name, None, "cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise PackageError(path.parent, path.name, None, f"import failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def _schema_class(module: ModuleType) -> type[BaseModel]:
+    """The pydantic model defined in schema.py (the first one defined there, whatever its name)."""
+    for value in vars(module).values():
+        if (inspect.isclass(value) and issubclass(value, BaseModel) and value is not BaseModel
+                and value.__module__ == module.__name__):
+            return value
+    raise PackageError(Path(module.__file__ or ".").parent, "schema.py", None, "defines no pydantic BaseModel")
+
+
+class KatonicModel(PackageModel):
+    """Runs a Katonic ``launch.py`` unchanged behind the V2 protocol."""
+
+    def load_artifact(self) -> None:
+        self.user_logger = logging.getLogger(f"katonic.{self.name}")
+        launch = _import_file(self.package.artifact_path)
+        missing = [f for f in REQUIRED_FUNCTIONS if not callable(getattr(launch, f, None))]
+        if missing:
+            raise PackageError(self.package.path, "launch.py", None, f"missing function(s) {missing}")
+        self.launch = launch
+        schema_path = self.package.path / "schema.py"
+        self.schema = _schema_class(_import_file(schema_path)) if schema_path.is_file() else None
+        try:
+            self.user_model = launch.loadmodel(self.user_logger)
+        except Exception as exc:
+            raise PackageError(self.package.path, "launch.py", "loadmodel",
+                               f"raised {type(exc).__name__}: {exc}") from exc
+
+    def load(self) -> bool:
+        self.load_artifact()
+        self.ready = True  # user code takes lists of dicts, not arrays: no adaptive batching
+        return self.ready
+
+    async def decode_features(self, tensor: InferInput) -> list[dict[str, Any]]:
+        if tensor.datatype != "BYTES":
+            raise BadInput(f"input '{tensor.name}' must be BYTES holding one JSON document per row")
+        rows: list[dict[str, Any]] = []
+        for i, value in enumerate(to_numpy(tensor).ravel()):
+            text = as_text(value, tensor.name)
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"input '{tensor.name}' element {i} is not JSON: {exc}") from exc
+            if self.schema is not None:
+                try:
+                    doc = self.schema.model_validate(doc).model_dump(mode="json")
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    field = ".".join(str(p) for p in err["loc"])
+                    raise BadInput(f"input '{tensor.name}' element {i}: {field}: {err['msg']}") from exc
+            rows.append(doc)
+        return rows
+
+    def _run_user_code(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        try:
+            features = self.launch.preprocessing(rows, self.user_logger)
+        except Exception as exc:
+            raise BadInput(f"preprocessing rejected the input: {type(exc).__name__}: {exc}") from exc
+        if features is False:
+            raise BadInput("preprocessing rejected the input")
+        try:
+            result = np.asarray(self.launch.predict(features, self.user_model, self.user_logger))
+        except Exception as exc:
+            raise InferenceError(f"predict failed: {type(exc).__name__}: {exc}") from exc
+        return self._as_probabilities(result, len(rows))
+
+    def _as_probabilities(self, result: np.ndarray, n: int) -> np.ndarray:
+        k = self.package.num_classes
+        if result.ndim == 2 and result.shape == (n, k):
+            return result.astype(np.float32)
+        if result.ndim == 1 and len(result) == n and np.issubdtype(result.dtype, np.integer):
+            if result.min() < 0 or result.max() >= k:
+                raise InferenceError(f"predict returned labels outside labels_file.json: {result.tolist()}")
+            return np.eye(k, dtype=np.float32)[result]  # labels only: one-hot probabilities
+        raise InferenceError(f"predict returned shape {list(result.shape)}; expected [{n}] labels or [{n}, {k}]")
+
+    async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
+        loop = asyncio.get_running_loop()
+        payload.probabilities = await loop.run_in_executor(None, self._run_user_code, payload.features)
+        return payload

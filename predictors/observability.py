@@ -1,0 +1,83 @@
+"""Request metrics for Prometheus: counts by model, protocol and status, and latency histograms.
+
+KServe already exports per-step histograms (``request_preprocess_seconds`` ...); these add
+what an operator alerts on: how many requests each model got and how many failed, over
+both protocols, including the ones rejected before reaching the model.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import ServerInterceptor
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("classifier_requests_total", "Inference requests by model, protocol and status",
+                   ["model", "protocol", "status"])
+LATENCY = Histogram("classifier_request_duration_seconds", "Inference request latency", ["model", "protocol"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(/versions/[^/]+)?/infer$")
+MAX_MODEL_LABEL = 64
+
+
+def _model_label(name: str) -> str:
+    """Bound label cardinality: a client can send any model name, only sane ones become labels."""
+    return name if len(name) <= MAX_MODEL_LABEL and re.fullmatch(r"[A-Za-z0-9._-]+", name) else "_invalid"
+
+
+class RESTMetricsMiddleware:
+    """ASGI middleware recording every ``/infer`` request, whatever its outcome."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        match = INFER_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        model = _model_label(match["model"])
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            LATENCY.labels(model, "rest").observe(time.perf_counter() - start)
+            REQUESTS.labels(model, "rest", str(status["code"])).inc()
+
+
+class GRPCMetricsInterceptor(ServerInterceptor):
+    """Record ModelInfer calls with their gRPC status code."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.endswith("/ModelInfer") or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            model = _model_label(getattr(request, "model_name", "") or "_invalid")
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = context.code().name if context.code() is not None else "UNKNOWN"
+                raise
+            finally:
+                LATENCY.labels(model, "grpc").observe(time.perf_counter() - start)
+                REQUESTS.labels(model, "grpc", code).inc()
+
+        return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)

@@ -1,0 +1,188 @@
+"""Image preprocessing steps a package's ``config.json`` can list, each a small pure function.
+
+The MNIST steps reproduce how the data set was built (LeCun et al.): the digit is
+size-normalised into a 20×20 box keeping its aspect ratio, then centred by its centre
+of mass in a 28×28 field. Applying the same steps to an ordinary photo or screenshot
+(dark ink on light paper, any size, off-centre) is what makes an MNIST model work on it.
+
+Arrays between steps are float32 in [0, 255], light ink on a dark background once
+``auto_invert`` has run.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from predictors.errors import InvalidImage
+from predictors.package import (
+    AutoInvertStep,
+    CenterOfMassStep,
+    CropToInkStep,
+    DecodeStep,
+    FitStep,
+    GrayscaleStep,
+    PreprocessStep,
+    ResizeStep,
+    ScaleStep,
+)
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
+
+
+def decode(data: bytes, step: DecodeStep) -> Image.Image:
+    """Decode encoded image bytes, refusing oversized files, decompression bombs and truncated data."""
+    if len(data) == 0:
+        raise InvalidImage("image is empty (0 bytes)")
+    if len(data) > step.max_bytes:
+        raise InvalidImage(f"image is {len(data)} bytes; the limit is {step.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            if width * height > step.max_pixels:
+                raise InvalidImage(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {step.max_pixels}")
+            image.load()  # forces full decode: truncated files fail here
+    except InvalidImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"image refused as a decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+        raise InvalidImage(f"bytes are not a valid {'/'.join(ALLOWED_FORMATS)} image: {exc}") from exc
+    return image
+
+
+def grayscale(image: Image.Image | np.ndarray, _: GrayscaleStep | None = None) -> np.ndarray:
+    """One luminance channel as float32; transparent pixels are composited on white (paper)."""
+    if isinstance(image, np.ndarray):
+        return image.astype(np.float32)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(ImageOps.grayscale(image.convert("RGB")), dtype=np.float32)
+
+
+def auto_invert(pixels: np.ndarray, step: AutoInvertStep) -> np.ndarray:
+    """Invert when the border is mostly light, i.e. dark ink on light paper, to get MNIST's light-on-dark."""
+    border = np.concatenate([pixels[0, :], pixels[-1, :], pixels[:, 0], pixels[:, -1]])
+    if border.size and float(np.median(border)) > step.threshold * 255.0:
+        return 255.0 - pixels
+    return pixels
+
+
+def crop_to_ink(pixels: np.ndarray, step: CropToInkStep) -> np.ndarray:
+    """Crop to the bounding box of ink; an image with no ink is returned unchanged (blank stays blank)."""
+    peak = float(pixels.max()) if pixels.size else 0.0
+    if peak <= 0:
+        return pixels
+    # Subtract the background level so grey paper or JPEG noise does not count as ink.
+    background = float(np.percentile(pixels, 10))
+    ink = (pixels - background) > step.threshold * (peak - background)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        return pixels
+    cropped = pixels[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    return np.clip(cropped - background, 0.0, 255.0) * (255.0 / max(peak - background, 1.0))
+
+
+def fit(pixels: np.ndarray, step: FitStep) -> np.ndarray:
+    """Resize so the longer side is ``size`` keeping the aspect ratio (antialiased, like MNIST)."""
+    h, w = pixels.shape
+    scale = step.size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.float32), mode="F")
+    return np.asarray(image.resize((new_w, new_h), Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
+
+
+def center_of_mass(pixels: np.ndarray, step: CenterOfMassStep) -> np.ndarray:
+    """Place ``pixels`` in a ``size``×``size`` field so its centre of mass is at the centre."""
+    size = step.size
+    h, w = pixels.shape
+    if h > size or w > size:
+        pixels = fit(pixels, FitStep(size=size))
+        h, w = pixels.shape
+    canvas = np.zeros((size, size), dtype=np.float32)
+    total = float(pixels.sum())
+    if total <= 0:
+        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    else:
+        ys, xs = np.indices(pixels.shape, dtype=np.float64)
+        cy, cx = float((ys * pixels).sum() / total), float((xs * pixels).sum() / total)
+    top = int(round((size - 1) / 2.0 - cy))
+    left = int(round((size - 1) / 2.0 - cx))
+    top, left = min(max(top, 0), size - h), min(max(left, 0), size - w)
+    canvas[top: top + h, left: left + w] = pixels
+    return canvas
+
+
+def resize(pixels: np.ndarray, step: ResizeStep) -> np.ndarray:
+    """Plain resize to a square (for data sets not centred by mass, like Fashion-MNIST)."""
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.float32), mode="F")
+    return np.asarray(image.resize((step.size, step.size), Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
+
+
+def scale(pixels: np.ndarray, step: ScaleStep) -> np.ndarray:
+    return (pixels / step.divisor).astype(np.float32)
+
+
+_ARRAY_STEPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
+    "auto_invert": auto_invert,
+    "crop_to_ink": crop_to_ink,
+    "fit": fit,
+    "center_of_mass": center_of_mass,
+    "resize": resize,
+    "scale": scale,
+}
+
+
+def run_image_pipeline(data: bytes, steps: Sequence[PreprocessStep]) -> np.ndarray:
+    """Encoded image bytes → the model's 2-D float32 input, by the package's steps in order."""
+    value: Image.Image | np.ndarray = data  # type: ignore[assignment]
+    started = False
+    for step in steps:
+        if step.op == "decode":
+            value = decode(data, step)
+            started = True
+        elif step.op == "grayscale":
+            value = grayscale(value)
+        else:
+            if not started:
+                raise InvalidImage("package pipeline must decode before array steps")
+            if not isinstance(value, np.ndarray):
+                value = grayscale(value)
+            value = _ARRAY_STEPS[step.op](value, step)
+    if not isinstance(value, np.ndarray):
+        raise InvalidImage("package pipeline produced no pixel array")
+    return value
+
+
+def default_decode_step(steps: Sequence[PreprocessStep]) -> DecodeStep:
+    """The package's decode step (for its limits), or the defaults."""
+    return next((s for s in steps if isinstance(s, DecodeStep)), DecodeStep())
+
+
+def pixel_divisor(steps: Sequence[PreprocessStep]) -> float:
+    """The divisor the package's scale step uses (255 by default): raw UINT8 tensors are scaled by it."""
+    return next((s.divisor for s in steps if isinstance(s, ScaleStep)), 255.0)
+
+
+__all__ = [
+    "auto_invert",
+    "center_of_mass",
+    "crop_to_ink",
+    "decode",
+    "default_decode_step",
+    "fit",
+    "grayscale",
+    "pixel_divisor",
+    "resize",
+    "run_image_pipeline",
+    "scale",
+]

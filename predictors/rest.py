@@ -1,0 +1,126 @@
+"""REST specifics on top of KServe's FastAPI app: body limits, error mapping, the V2 infer route.
+
+KServe's own ``/infer`` route lets FastAPI parse the body, so malformed JSON becomes a 422
+with FastAPI's ``detail`` shape and a missing key in a binary request a 500. Our route is
+registered first (Starlette matches routes in order) and parses with
+:func:`predictors.codecs.parse_rest_request`, so every bad request is a 4xx ``{"error"}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import ModelNotReady
+from kserve.protocol.dataplane import DataPlane
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from predictors.codecs import parse_rest_request
+from predictors.errors import ClientError, PayloadTooLarge, UnknownModel
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_error(send, 413, f"request body of {int(value)} bytes exceeds the {self.max_bytes}-byte limit")
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, f"request body exceeds the {self.max_bytes}-byte limit")
+
+
+async def _send_error(send: Callable, status: int, message: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": orjson.dumps({"error": message})})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map our errors and FastAPI's own 404/405/422 to ``{"error": ...}`` bodies."""
+
+    async def client_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ClientError)
+        return JSONResponse(status_code=int(exc.status), content={"error": exc.reason})
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse(status_code=400, content={"error": f"invalid request: {where}: {first.get('msg')}"})
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+
+    app.add_exception_handler(ClientError, client_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int) -> None:
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` with strict parsing."""
+
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        model = dataplane.model_registry.get_model(model_name)
+        if model is None:
+            raise UnknownModel(model_name)
+        if model_version is not None and model_version != getattr(model, "config", None).version:
+            raise UnknownModel(f"{model_name} version {model_version}")
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise PayloadTooLarge(f"request body exceeds the {max_body_bytes}-byte limit")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        infer_request = parse_rest_request(body, headers, model_name)
+        response, response_headers = await dataplane.infer(model_name, infer_request, headers)
+        encoded, extra_headers = dataplane.encode(model_name, response, headers, {})
+        out_headers = {k: v for k, v in {**response_headers, **extra_headers}.items()
+                       if k.lower() not in ("content-length", "content-type")}
+        if isinstance(encoded, bytes):
+            return Response(content=encoded, media_type="application/octet-stream", headers=out_headers)
+        return Response(content=orjson.dumps(encoded, option=orjson.OPT_SERIALIZE_NUMPY),
+                        media_type="application/json", headers=out_headers)
+
+    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"], tags=["V2"])
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"], tags=["V2"])
+
+
+__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "BodyLimitMiddleware", "install_error_handlers", "register_infer_route"]

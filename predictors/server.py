@@ -1,0 +1,210 @@
+"""Wiring: one ``kserve.ModelServer`` process serving every package over V2 REST and gRPC.
+
+What this adds to KServe 0.21 (each for a reason KServe's defaults do not cover):
+
+* binds a configurable host (KServe hard-codes 0.0.0.0 / [::]);
+* a real model repository (load / reload / unload from the model directory);
+* API-key auth, body limits and request metrics as REST middleware and gRPC interceptors;
+* strict REST parsing and one error mapping (``predictors.errors``) for both protocols;
+* the feedback API and the prediction log it joins against;
+* model metadata with the package's version and framework.
+
+Prediction ids (for feedback): a single-row request's prediction id is its response
+``id``; row ``i`` of a batch request has ``<response id>/<i>``. Both are returned in the
+``prediction_id`` output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import kserve
+from grpc import aio
+from kserve import model_server as kserve_model_server
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.errors import ModelNotReady
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+from kserve.protocol.rest.server import RESTServer
+
+from predictors.auth import APIKey, GRPCAuthInterceptor, RESTAuthMiddleware
+from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.models import ServingContext
+from predictors.observability import GRPCMetricsInterceptor, RESTMetricsMiddleware
+from predictors.package import LabelsFile, PackageError
+from predictors.repository import PackageRepository
+from predictors.rest import BodyLimitMiddleware, install_error_handlers, register_infer_route
+from predictors.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_repository_extension", "binary_tensor_data", "feedback"]
+
+
+class ClassifierDataPlane(DataPlane):
+    """KServe's data plane with honest server metadata and versioned model metadata."""
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "extensions": EXTENSIONS}
+
+    async def model_metadata(self, model_name: str) -> dict[str, Any]:
+        metadata = await super().model_metadata(model_name)
+        model = self.get_model_from_registry(model_name)
+        config = getattr(model, "config", None)
+        if config is not None:
+            metadata.update(versions=[config.version], platform=config.framework)
+        return metadata
+
+
+class PackageRepositoryExtension(ModelRepositoryExtension):
+    """KServe's extension turns every load failure into a 503; keep 404 and 400 where they apply."""
+
+    async def load(self, model_name: str) -> None:
+        try:
+            await self._model_registry.load(model_name)
+        except ClientError:
+            raise
+        except PackageError as exc:
+            raise BadInput(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - the artifact itself failed to load
+            raise ModelNotReady(model_name, f"{type(exc).__name__}: {exc}") from exc
+
+
+class BoundRESTServer(RESTServer):
+    """KServe's REST server listening on a chosen host."""
+
+    def __init__(self, *args: Any, host: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.host = host
+
+
+class BoundGRPCServer(GRPCServer):
+    """KServe's gRPC server on a chosen host, with auth and metrics interceptors."""
+
+    def __init__(self, *args: Any, host: str, interceptors: tuple, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._host = host
+        self._interceptors = interceptors
+
+    async def start(self, max_workers: int) -> None:
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(*self._interceptors, ExceptionToStatusInterceptor()),
+            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._server.add_insecure_port(f"{host}:{self._port}")
+        logger.info("gRPC server listening on %s:%s", host, self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class ClassifierServer(kserve.ModelServer):
+    """The model server: KServe's, plus the pieces listed in this module's docstring."""
+
+    def __init__(self, model_dir: str | Path, settings: ServerSettings, **kwargs: Any) -> None:
+        self.settings = settings
+        self.feedback_store = _open_feedback_store(settings)
+        self.context = ServingContext(settings=settings, prediction_log=self.feedback_store)
+        self.repository = PackageRepository(model_dir, self.context)
+        super().__init__(registered_models=self.repository, **kwargs)
+        self.dataplane = ClassifierDataPlane(model_registry=self.repository)
+        self.model_repository_extension = PackageRepositoryExtension(model_registry=self.repository)
+        self.api_key = APIKey(settings.api_key) if settings.api_key else None
+
+    def _configure_app(self) -> None:
+        """Routes, middleware and handlers on KServe's module-level app, before KServe adds its own."""
+        app = kserve_model_server.app
+        install_error_handlers(app)
+        register_infer_route(app, self.dataplane, self.settings.max_body_bytes)
+        if self.feedback_store is not None:
+            from predictors.feedback import build_feedback_router
+
+            app.include_router(build_feedback_router(self.feedback_store, self._labels_of))
+        if self.settings.ui:
+            try:
+                from predictors.ui import mount_ui
+            except ImportError:
+                pass
+            else:
+                mount_ui(app)
+        app.add_middleware(RESTMetricsMiddleware)
+        if self.api_key is not None:
+            app.add_middleware(RESTAuthMiddleware, key=self.api_key)
+        app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.max_body_bytes)
+
+    def _labels_of(self, model_name: str) -> LabelsFile:
+        model = self.repository.get_model(model_name)
+        if model is None or not hasattr(model, "package"):
+            raise UnknownModel(model_name)
+        return model.package.labels
+
+    def start(self, models: list | None = None) -> None:  # type: ignore[override]
+        """Load every package, then serve REST and gRPC until a signal arrives."""
+        loaded = self.repository.load_all() if models is None else models
+        for model in loaded:
+            model.enable_latency_logging = self.enable_latency_logging
+            model.start()
+        self._configure_app()
+        self._rest_server = BoundRESTServer(
+            FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+            self.http_port, host=self.settings.host, access_log_format=self.access_log_format, workers=1,
+            grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            interceptors: tuple = (GRPCMetricsInterceptor(),)
+            if self.api_key is not None:
+                interceptors = (GRPCAuthInterceptor(self.api_key), *interceptors)
+            self._grpc_server = BoundGRPCServer(
+                self.grpc_port, self.dataplane, self.model_repository_extension,
+                kwargs=vars(kserve_model_server.args), grace_period=self.grace_period, host=self.settings.host,
+                interceptors=interceptors)
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
+
+    def stop(self, sig: int) -> None:
+        """Graceful shutdown: stop accepting, let in-flight requests finish, close the store."""
+
+        async def shutdown() -> None:
+            if self._grpc_server:
+                await self._grpc_server.stop(sig)
+            if self._rest_server:
+                self._rest_server._server.should_exit = True
+            if self.feedback_store is not None:
+                self.feedback_store.close()
+
+        asyncio.get_event_loop().create_task(shutdown())
+
+
+def _open_feedback_store(settings: ServerSettings):  # noqa: ANN202 - optional module
+    try:
+        from predictors.feedback import FeedbackStore
+    except ImportError:
+        logger.warning("predictors.feedback is not available; feedback API disabled")
+        return None
+    return FeedbackStore(settings.feedback_db_url)
+
+
+def serve(model_dir: str | Path, settings: ServerSettings, **server_kwargs: Any) -> None:
+    """Entry point used by ``python -m predictors serve``."""
+    server = ClassifierServer(model_dir, settings, **server_kwargs)
+    try:
+        server.start()
+    except PackageError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)

@@ -1,0 +1,69 @@
+"""Server settings: pydantic models filled from ``KCP_*`` environment variables.
+
+Command-line flags keep KServe's spelling (they are parsed in ``predictors.__main__``);
+everything that is not a KServe flag is configured here, so the same container image
+is driven by env vars in Kubernetes and by the shell locally.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from predictors.fetch import FetchSettings
+
+ENV_PREFIX = "KCP_"
+
+
+class ServerSettings(BaseModel):
+    """Everything about serving that is not a KServe flag."""
+
+    host: str = "0.0.0.0"
+    api_key: str | None = Field(default=None, repr=False)
+    feedback_db_url: str = "sqlite:///feedback.db"
+    prediction_log: bool = True
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    max_batch_size: int | None = Field(default=None, ge=1, description="override every package's batching")
+    max_latency_ms: float | None = Field(default=None, ge=0)
+    ui: bool = True
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        return v.strip() if v else v
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ServerSettings:
+        """Read ``KCP_*`` variables; ``overrides`` (from the command line) win."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+
+        def get(name: str) -> str | None:
+            return env.get(ENV_PREFIX + name)
+
+        key = get("API_KEY")
+        key_file = get("API_KEY_FILE")
+        if key_file:
+            key = Path(key_file).read_text(encoding="utf-8").strip()
+        if key:
+            values["api_key"] = key
+        for field, var in (("feedback_db_url", "FEEDBACK_DB_URL"), ("max_body_bytes", "MAX_BODY_BYTES"),
+                           ("prediction_log", "PREDICTION_LOG"), ("ui", "UI")):
+            if get(var) is not None:
+                values[field] = get(var)
+        fetch: dict[str, object] = {}
+        for field, var in (("enabled", "URL_FETCH_ENABLED"), ("timeout_s", "URL_TIMEOUT_S"),
+                           ("max_bytes", "URL_MAX_BYTES"), ("max_redirects", "URL_MAX_REDIRECTS")):
+            if get(var) is not None:
+                fetch[field] = get(var)
+        if get("URL_ALLOWED_NETWORKS"):
+            fetch["allowed_networks"] = [n.strip() for n in get("URL_ALLOWED_NETWORKS").split(",") if n.strip()]
+        values["fetch"] = FetchSettings(**fetch)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,153 @@
+"""Settings for everything in ``streaming``: pydantic-settings models read from ``KCP_*`` variables.
+
+One prefix per concern, so the same container image is configured by environment in Kubernetes
+and by flags locally (CLI flags override the environment; see ``streaming.__main__``):
+
+* ``KCP_KAFKA_*``   -- how to reach Kafka (``KCP_KAFKA_BOOTSTRAP_SERVERS``, SASL/TLS, group timings);
+* ``KCP_PUBSUB_*``  -- Google Pub/Sub project and emulator;
+* ``KCP_V2_*``      -- how the bridge reaches the model server (gRPC or REST, retries, API key);
+* ``KCP_BRIDGE_*``  -- topics, concurrency, batching, health port of the bridge.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["kafka", "pubsub"]
+
+
+class KafkaSettings(BaseSettings):
+    """Connection and consumer-group settings for kafka-python."""
+
+    model_config = SettingsConfigDict(env_prefix="KCP_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "kcp-streaming"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    # A new consumer group starts at the beginning: with "latest" a group created after the first
+    # requests were produced would silently skip them, which is exactly the loss we promise not to have.
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+    commit_interval_ms: int = Field(default=500, ge=0, description="how often completed offsets are committed")
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = Field(default=5, ge=0)
+    max_block_ms: int = Field(default=60_000, ge=100)
+
+    def client_config(self) -> dict[str, object]:
+        """Keyword arguments shared by kafka-python's producer, consumer and admin client."""
+        cfg: dict[str, object] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            cfg["sasl_mechanism"] = self.sasl_mechanism
+            cfg["sasl_plain_username"] = self.sasl_plain_username
+            cfg["sasl_plain_password"] = self.sasl_plain_password.get_secret_value() if self.sasl_plain_password else None
+        if self.ssl_cafile:
+            cfg["ssl_cafile"] = self.ssl_cafile
+        return cfg
+
+
+class PubSubSettings(BaseSettings):
+    """Google Pub/Sub: the project, and the emulator address when testing locally."""
+
+    model_config = SettingsConfigDict(env_prefix="KCP_PUBSUB_", extra="ignore")
+
+    project: str = "kcp-local"
+    # Falls back to the variable Google's own clients read, so an existing emulator setup just works.
+    emulator_host: str | None = Field(
+        default=None, validation_alias=AliasChoices("KCP_PUBSUB_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"))
+    auto_create: bool = Field(default=True, description="create missing topics and subscriptions")
+    max_outstanding: int = Field(default=200, ge=1, description="flow control: unacked messages per subscriber")
+    ack_deadline_s: int = Field(default=60, ge=10, le=600)
+
+
+class MessengerSettings(BaseSettings):
+    """Which backend a :class:`streaming.messenger.Messenger` uses, and both backends' settings."""
+
+    model_config = SettingsConfigDict(env_prefix="KCP_MESSENGER_", extra="ignore")
+
+    backend: Backend = "kafka"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
+
+
+class V2ClientSettings(BaseSettings):
+    """How to reach a V2 (Open Inference Protocol) server, and how hard to retry."""
+
+    model_config = SettingsConfigDict(env_prefix="KCP_V2_", extra="ignore", populate_by_name=True)
+
+    protocol: Literal["grpc", "rest"] = "grpc"
+    rest_url: str = "http://127.0.0.1:8080"
+    grpc_target: str = "127.0.0.1:8081"
+    # The server reads KCP_API_KEY; accepting it here too lets one Secret configure both.
+    api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("api_key", "KCP_V2_API_KEY",
+                                                                                  "KCP_API_KEY"))
+    timeout_s: float = Field(default=30.0, gt=0)
+    retry_initial_s: float = Field(default=0.2, gt=0)
+    retry_max_s: float = Field(default=5.0, gt=0)
+    # Outages (connection refused, UNAVAILABLE, 503) are retried forever: the bridge keeps its place.
+    # A 500 on a healthy server may be a poison message; after this many attempts it is dead-lettered.
+    max_server_error_retries: int = Field(default=5, ge=0)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        return v if v is not None and v.get_secret_value().strip() else None
+
+
+class BridgeSettings(BaseSettings):
+    """Topics, concurrency and request-decoding defaults of the Kafka -> V2 -> Kafka bridge."""
+
+    model_config = SettingsConfigDict(env_prefix="KCP_BRIDGE_", extra="ignore")
+
+    backend: Backend = "kafka"
+    request_topic: str = "kcp-requests"
+    result_topic: str = "kcp-results"
+    dead_letter_topic: str = "kcp-dead-letters"
+    group: str = "kcp-bridge"
+    max_in_flight: int = Field(default=8, ge=1, description="concurrent V2 calls")
+    max_batch_size: int = Field(default=16, ge=1, description="requests merged into one V2 call (1 = off)")
+    max_batch_delay_ms: float = Field(default=5.0, ge=0)
+    max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
+    poll_timeout_ms: int = Field(default=200, ge=1)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=8090, ge=0, le=65535, description="0 picks a free port")
+    default_row_model: str = "iris"
+    default_image_model: str = "fashion-mnist"
+    input_name: str = "input-0"
+    image_ids_input: str | None = Field(default="ids", description="BYTES input carrying image ids; empty = none")
+    row_features: list[str] = Field(default=["sepal_length", "sepal_width", "petal_length", "petal_width"])
+    cloudevents_source: str = "/kcp/streaming/bridge"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
+    v2: V2ClientSettings = Field(default_factory=V2ClientSettings)
+
+    @field_validator("image_ids_input")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
+    def messenger(self) -> MessengerSettings:
+        """The messenger settings this bridge's source and sink use."""
+        return MessengerSettings(backend=self.backend, kafka=self.kafka, pubsub=self.pubsub)
+
+
+def env_flag(name: str) -> bool:
+    """True when an environment variable is set to a truthy word (used by CLI defaults)."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
