@@ -52,6 +52,8 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str | None = None
+    model_name: str | None = None  # not in the spec's request object, but KServe's own client sends it
+    model_version: str | None = None
     parameters: dict[str, Parameter] | None = None
     inputs: list[_Input] = Field(min_length=1)
     outputs: list[_Output] | None = None
@@ -86,6 +88,8 @@ def parse_rest_request(body: bytes, headers: dict[str, str], model_name: str) ->
         request = _Request.model_validate(document)
     except ValidationError as exc:
         raise BadInput(_first_error(exc)) from exc
+    if request.model_name is not None and request.model_name != model_name:
+        raise BadInput(f"body names model '{request.model_name}' but the URL names '{model_name}'")
 
     inputs: list[InferInput] = []
     offset = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import warnings
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ from predictors.rest import BodyLimitMiddleware, install_error_handlers, registe
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+# KServe 0.21 uses ORJSONResponse, which FastAPI >= 0.165 deprecates with a warning per request.
+warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
 
 EXTENSIONS = ["model_repository_extension", "binary_tensor_data", "feedback"]
 

@@ -108,6 +108,9 @@ class BackendClient(Protocol):
 
     def reply_listener(self, topic: str) -> ReplyListener: ...
 
+    @property
+    def assigned(self) -> tuple[str, ...]: ...
+
     def flush(self, timeout_s: float) -> None: ...
 
     def close(self) -> None: ...
@@ -248,6 +251,11 @@ class Messenger:
     def resume(self) -> None:
         if self._subscribed:
             self._client.resume()
+
+    @property
+    def assignment(self) -> tuple[str, ...]:
+        """What this messenger consumes now: ``topic/partition`` (Kafka) or the subscription (Pub/Sub)."""
+        return tuple(self._client.assigned)
 
     # --- request / reply -------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class PartitionTracker:
         if offset in self.pending:
             self.pending[offset] = True
         while self.pending:
-            first, finished = next(iter(self.pending.items()))
+            _first, finished = next(iter(self.pending.items()))
             if not finished:
                 break
             self.pending.popitem(last=False)

@@ -55,7 +55,8 @@ class KafkaSettings(BaseSettings):
         if self.sasl_mechanism:
             cfg["sasl_mechanism"] = self.sasl_mechanism
             cfg["sasl_plain_username"] = self.sasl_plain_username
-            cfg["sasl_plain_password"] = self.sasl_plain_password.get_secret_value() if self.sasl_plain_password else None
+            password = self.sasl_plain_password
+            cfg["sasl_plain_password"] = password.get_secret_value() if password else None
         if self.ssl_cafile:
             cfg["ssl_cafile"] = self.ssl_cafile
         return cfg
@@ -131,14 +132,16 @@ class BridgeSettings(BaseSettings):
     default_row_model: str = "iris"
     default_image_model: str = "fashion-mnist"
     input_name: str = "input-0"
-    image_ids_input: str | None = Field(default="ids", description="BYTES input carrying image ids; empty = none")
+    # This project's server echoes a BYTES "ids" input per row and logs predictions under it;
+    # set it empty for servers whose models have no such input (Triton, MLServer).
+    ids_input: str | None = Field(default="ids", description="BYTES input carrying request ids; empty = none")
     row_features: list[str] = Field(default=["sepal_length", "sepal_width", "petal_length", "petal_width"])
     cloudevents_source: str = "/kcp/streaming/bridge"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
     v2: V2ClientSettings = Field(default_factory=V2ClientSettings)
 
-    @field_validator("image_ids_input")
+    @field_validator("ids_input")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None

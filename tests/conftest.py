@@ -9,5 +9,9 @@ pytest_plugins = [
     "tests.fixtures.ports",
     "tests.fixtures.packages",
     "tests.fixtures.server",
+    "tests.fixtures.digits",
     "tests.fixtures.postgres",
+    "tests.fixtures.k8s",
+    "tests.fixtures.broker",
+    "tests.fixtures.pubsub",
 ]

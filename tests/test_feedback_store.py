@@ -183,7 +183,7 @@ def test_concurrent_writers_from_threads_never_fail(store: FeedbackStore) -> Non
             for i in range(25):
                 store.add_feedback("iris", [(worker % 3, i % 3)])
                 store.record_predictions("iris", "1", [(f"w{worker}-{i}", i % 3)])
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(w,)) for w in range(12)]

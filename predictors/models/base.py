@@ -218,7 +218,9 @@ class PackageModel(Model):
             if name not in values:
                 raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
             data = values[name]
-            outputs.append(InferOutput(name=name, shape=list(data.shape), datatype=OUTPUTS[name][0], data=data))
+            output = InferOutput(name=name, shape=list(data.shape), datatype=OUTPUTS[name][0])
+            output.set_data_from_numpy(data, binary_data=False)  # KServe re-encodes binary per request
+            outputs.append(output)
         return InferResponse(response_id=result.request_id, model_name=self.name, model_version=self.config.version,
                              infer_outputs=outputs, use_binary_outputs=result.binary_outputs,
                              requested_outputs=result.requested)

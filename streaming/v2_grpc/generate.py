@@ -49,7 +49,8 @@ def generate(proto: Path = DEFAULT_PROTO) -> None:
         grpc_mod = grpc_mod.replace("import open_inference_grpc_pb2 as", "from . import open_inference_grpc_pb2 as")
         (HERE / "open_inference_grpc_pb2.py").write_text(HEADER + pb2)
         (HERE / "open_inference_grpc_pb2_grpc.py").write_text(HEADER + grpc_mod)
-        (HERE / "open_inference_grpc_pb2.pyi").write_text((Path(tmp) / "open_inference_grpc_pb2.pyi").read_text())
+        stub = (Path(tmp) / "open_inference_grpc_pb2.pyi").read_text()
+        (HERE / "open_inference_grpc_pb2.pyi").write_text(HEADER + stub)
     if proto != DEFAULT_PROTO:
         shutil.copyfile(proto, DEFAULT_PROTO)
 

@@ -1,0 +1,145 @@
+"""The two read-only REST helpers the page needs that the V2 protocol has no place for.
+
+``POST /v2/models/{name}/preprocess``
+    Same body as ``/infer``; answers the model's input tensor *after* its preprocessing, as
+    FP32 ``[N, S, S]`` in [0, 1], in the shape of a V2 response. It runs the model's own
+    ``preprocess`` (validation, decoding, URL fetching, the package's pipeline), so what the
+    page shows is exactly what the classifier receives — not a re-implementation that could
+    drift from it. Image models only: a tabular model's input is already what the user typed.
+``GET /v2/models/{name}/card``
+    What a person needs to try the model and that V2 metadata does not carry: task,
+    description, feature names, class names, top-k.
+
+Both live under ``/v2/models/{name}/`` so the API key guards them like every model endpoint,
+and every failure is a 4xx/503 ``{"error": ...}`` answered here, whatever app mounts them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute, iter_route_contexts
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+from predictors.codecs import parse_rest_request
+from predictors.errors import BadInput, ClientError, UnknownModel
+
+
+ModelLookup = Callable[[str], Any]
+"""``lookup(name)``: the served model called ``name``, or ``None``."""
+
+
+def lookup_from_kserve_routes(app: FastAPI) -> ModelLookup:
+    """A lookup through KServe's data plane, found on first use among the app's V2 routes.
+
+    Why: the server mounts the UI before KServe registers its endpoints and hands
+    ``mount_ui`` only the app; KServe's V2 endpoint objects hold the data plane (and its
+    model registry) that answers ``/infer``, so the page sees the very models the API serves.
+    """
+    found: list[Any] = []
+
+    def lookup(name: str) -> Any:
+        if not found:
+            for route in iter_route_contexts(app.router.routes):  # also walks included routers
+                owner = getattr(route.endpoint, "__self__", None)
+                registry = getattr(getattr(owner, "dataplane", None), "model_registry", None)
+                if registry is not None:
+                    found.append(registry)
+                    break
+            else:
+                raise ModelNotReady(name, "the server has not finished starting")
+        return found[0].get_model(name)
+
+    return lookup
+
+
+class _JSONErrorRoute(APIRoute):
+    """Answer client errors as ``{"error": ...}`` with their status, independent of app handlers."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientError as exc:
+                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
+            except ModelNotFound as exc:
+                return JSONResponse({"error": str(exc)}, status_code=404)
+            except InvalidInput as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            except ModelNotReady as exc:
+                return JSONResponse({"error": str(exc)}, status_code=503)
+
+        return handle
+
+
+def _ready_model(lookup: ModelLookup, name: str) -> Any:
+    model = lookup(name)
+    if model is None:
+        raise UnknownModel(name)
+    if not getattr(model, "ready", False):
+        raise ModelNotReady(name)
+    return model
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """The card of a served package model (see the module docstring)."""
+    config = model.config
+    labels = model.package.labels
+    return {
+        "name": model.name,
+        "version": config.version,
+        "framework": config.framework,
+        "task": config.task,
+        "description": config.description,
+        "input": config.input.model_dump(),
+        "image_size": config.image_size,
+        "feature_names": config.feature_names,
+        "labels": [{"label": label, "name": labels.name_of(label)} for label in labels.labels],
+        "top_k": min(config.postprocessing.top_k, len(labels.labels)),
+        "max_batch_size": config.max_batch_size,
+    }
+
+
+def build_ui_router(lookup: ModelLookup) -> APIRouter:
+    """The ``/preprocess`` and ``/card`` routes over the models ``lookup`` finds."""
+    router = APIRouter(route_class=_JSONErrorRoute, tags=["ui"])
+
+    @router.post("/v2/models/{model_name}/preprocess")
+    async def preprocess(model_name: str, request: Request) -> Response:
+        """The model's input after its own preprocessing: FP32 [N, S, S] in [0, 1] (image models)."""
+        model = _ready_model(lookup, model_name)
+        config = getattr(model, "config", None)
+        if config is None or config.task != "image_classification":
+            raise BadInput(f"model '{model_name}' is not an image model: the preprocessed preview shows the image "
+                           "a model sees, and this model takes its features as sent")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        infer_request = parse_rest_request(await request.body(), headers, model_name)
+        prepared = await model.preprocess(infer_request, headers)
+        features = np.asarray(prepared.features, dtype=np.float32)
+        body = {
+            "model_name": model_name,
+            "model_version": config.version,
+            "outputs": [{"name": config.input.name, "datatype": "FP32", "shape": list(features.shape),
+                         "data": features.ravel()}],
+        }
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
+    @router.get("/v2/models/{model_name}/card")
+    async def card(model_name: str) -> JSONResponse:
+        """Task, description, feature names and class names of a served model."""
+        model = _ready_model(lookup, model_name)
+        if getattr(model, "package", None) is None:
+            raise BadInput(f"model '{model_name}' has no package description")
+        return JSONResponse(describe(model))
+
+    return router
+
+
+__all__ = ["ModelLookup", "build_ui_router", "describe", "lookup_from_kserve_routes"]

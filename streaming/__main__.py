@@ -1,0 +1,242 @@
+"""``python -m streaming {bridge,produce,results,broker}``: the streaming command line.
+
+Flags override the ``KCP_*`` environment (see :mod:`streaming.settings`); anything not given on
+the command line comes from the environment, then from the defaults. Exit status is 0 on success,
+1 on a handled failure (message printed), 2 on a usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from streaming.settings import BridgeSettings, KafkaSettings, MessengerSettings, PubSubSettings, V2ClientSettings
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["kafka", "pubsub"], help="message broker (env KCP_MESSENGER_BACKEND)")
+    p.add_argument("--bootstrap-servers", help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--pubsub-project", help="Pub/Sub project (env KCP_PUBSUB_PROJECT)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _kafka(args: argparse.Namespace) -> KafkaSettings:
+    return KafkaSettings(**_given(bootstrap_servers=args.bootstrap_servers))
+
+
+def _pubsub(args: argparse.Namespace) -> PubSubSettings:
+    return PubSubSettings(**_given(project=args.pubsub_project))
+
+
+def _messenger(args: argparse.Namespace) -> MessengerSettings:
+    return MessengerSettings(**_given(backend=args.backend), kafka=_kafka(args), pubsub=_pubsub(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m streaming", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bridge", help="consume requests, call the V2 model server, publish results")
+    _common(b)
+    b.add_argument("--request-topic", help="env KCP_BRIDGE_REQUEST_TOPIC (default kcp-requests)")
+    b.add_argument("--result-topic", help="env KCP_BRIDGE_RESULT_TOPIC (default kcp-results)")
+    b.add_argument("--dead-letter-topic", help="env KCP_BRIDGE_DEAD_LETTER_TOPIC (default kcp-dead-letters)")
+    b.add_argument("--group", help="consumer group (env KCP_BRIDGE_GROUP, default kcp-bridge)")
+    b.add_argument("--protocol", choices=["grpc", "rest"], help="V2 transport (env KCP_V2_PROTOCOL, default grpc)")
+    b.add_argument("--grpc-target", help="host:port of V2 gRPC (env KCP_V2_GRPC_TARGET)")
+    b.add_argument("--rest-url", help="base URL of V2 REST (env KCP_V2_REST_URL)")
+    b.add_argument("--max-in-flight", type=int, help="concurrent V2 calls (env KCP_BRIDGE_MAX_IN_FLIGHT)")
+    b.add_argument("--max-batch-size", type=int, help="requests per V2 call, 1 disables batching")
+    b.add_argument("--max-batch-delay-ms", type=float, help="how long a batch may wait to fill")
+    b.add_argument("--max-pending", type=int, help="consumed-but-unacknowledged limit before pausing")
+    b.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish work on SIGTERM")
+    b.add_argument("--health-host", help="bind address of /healthz /readyz /metrics")
+    b.add_argument("--health-port", type=int, help="port of /healthz /readyz /metrics (0 = any free)")
+    b.add_argument("--session-timeout-ms", type=int, help="Kafka group session timeout")
+
+    p = sub.add_parser("produce", help="send requests (Iris rows or test images)")
+    psub = p.add_subparsers(dest="what", required=True)
+    pi = psub.add_parser("iris", help="stream the Iris test split row by row")
+    _common(pi)
+    pi.add_argument("--csv", type=Path, default=Path("models/iris/test.csv"), help="test split written by training")
+    pi.add_argument("--form", choices=["row", "features", "v2"], default="row", help="message form")
+    pi.add_argument("--model", default="iris")
+    pi.add_argument("--delay", type=float, default=1.0, help="seconds between rows (0 = full-speed replay)")
+    pi.add_argument("--count", type=int, help="stop after this many rows")
+    pi.add_argument("--repeat", type=int, default=1, help="send the split this many times")
+    pi.add_argument("--topic", default="kcp-requests")
+    pi.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
+    pm = psub.add_parser("images", help="send random Fashion-MNIST / MNIST test images as base64 PNG")
+    _common(pm)
+    pm.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
+    pm.add_argument("--model", help="model name (default: the dataset name)")
+    pm.add_argument("--count", type=int, default=20)
+    pm.add_argument("--seed", type=int)
+    pm.add_argument("--with-labels", action="store_true", help="include the true label for feedback")
+    pm.add_argument("--delay", type=float, default=0.0, help="seconds between images")
+    pm.add_argument("--topic", default="kcp-requests")
+    pm.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
+
+    r = sub.add_parser("results", help="print results; --feedback scores them on the model server")
+    _common(r)
+    r.add_argument("--topic", default="kcp-results")
+    r.add_argument("--group", help="consumer group; without one, read the whole topic without committing")
+    r.add_argument("--count", type=int, help="stop after this many unique results")
+    r.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this long without a result")
+    r.add_argument("--feedback", action="store_true", help="POST predicted/true label pairs to the model server")
+    r.add_argument("--server-url", default="http://127.0.0.1:8080", help="model server REST base URL")
+    r.add_argument("--api-key", help="model server API key (default env KCP_API_KEY)")
+    r.add_argument("--quiet", action="store_true", help="print only the report")
+
+    k = sub.add_parser("broker", help="the embedded tansu Kafka broker, and topic creation")
+    ksub = k.add_subparsers(dest="action", required=True)
+    ks = ksub.add_parser("start", help="start in the background, create topics, write a pid file")
+    ks.add_argument("--port", type=int, default=9092)
+    ks.add_argument("--host", default="127.0.0.1")
+    ks.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1",
+                    help="name[:partitions],...")
+    ks.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
+    ks.add_argument("--logfile", type=Path, default=Path(".demo/broker.log"))
+    kr = ksub.add_parser("run", help="run in the foreground until SIGTERM/Ctrl-C")
+    kr.add_argument("--port", type=int, default=9092)
+    kr.add_argument("--host", default="127.0.0.1")
+    kr.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1")
+    kt = ksub.add_parser("stop", help="stop the broker named by a pid file")
+    kt.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
+    kc = ksub.add_parser("create-topics", help="create topics on any Kafka cluster")
+    kc.add_argument("--bootstrap-servers", help="env KCP_KAFKA_BOOTSTRAP_SERVERS")
+    kc.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1")
+    kc.add_argument("--replication-factor", type=int, default=1)
+    for q in (ks, kr, kt, kc):
+        q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from streaming.bridge import run_bridge
+
+    kafka = KafkaSettings(**_given(bootstrap_servers=args.bootstrap_servers,
+                                   session_timeout_ms=args.session_timeout_ms))
+    v2 = V2ClientSettings(**_given(protocol=args.protocol, grpc_target=args.grpc_target, rest_url=args.rest_url))
+    settings = BridgeSettings(**_given(
+        backend=args.backend, request_topic=args.request_topic, result_topic=args.result_topic,
+        dead_letter_topic=args.dead_letter_topic, group=args.group, max_in_flight=args.max_in_flight,
+        max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
+        max_pending=args.max_pending, drain_timeout_s=args.drain_timeout_s, health_host=args.health_host,
+        health_port=args.health_port), kafka=kafka, pubsub=_pubsub(args), v2=v2)
+    run_bridge(settings)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streaming import producers
+    from streaming.messenger import Messenger
+
+    if args.what == "iris":
+        if not args.csv.is_file():
+            print(f"{args.csv} not found: train the Iris model first (it writes the test split)", file=sys.stderr)
+            return 1
+        messages = list(producers.repeat(producers.iris_messages(args.csv, form=args.form, model=args.model,
+                                                                 run_id=args.run_id), args.repeat))
+    else:
+        messages = producers.image_messages(args.dataset, count=args.count, seed=args.seed,
+                                            with_labels=args.with_labels, model=args.model, run_id=args.run_id)
+    if getattr(args, "count", None) is not None:
+        messages = messages[: args.count]
+    with Messenger(args.topic, settings=_messenger(args)) as messenger:
+        sent = producers.produce(messenger, messages, delay_s=args.delay,
+                                 on_sent=lambda m: logging.getLogger("streaming.produce").debug("sent %s", m.key))
+    print(f"sent {sent} {args.what} request(s) to {args.topic}", flush=True)
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import os
+
+    from streaming.messenger import Messenger
+    from streaming.results import FeedbackSender, consume_results
+
+    feedback = None
+    if args.feedback:
+        feedback = FeedbackSender(args.server_url, args.api_key or os.environ.get("KCP_API_KEY"))
+    with Messenger(args.topic, group=args.group, settings=_messenger(args)) as messenger:
+        report = consume_results(messenger, count=args.count, idle_timeout_s=args.idle_timeout, feedback=feedback,
+                                 out=None if args.quiet else sys.stdout)
+    if feedback is not None:
+        feedback.close()
+    print("\n".join(report.lines()), flush=True)
+    return 1 if args.count is not None and report.results < args.count else 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streaming import broker
+
+    if args.action == "stop":
+        stopped = broker.stop_from_pidfile(args.pidfile)
+        print("broker stopped" if stopped else f"no running broker in {args.pidfile}", flush=True)
+        return 0
+    if args.action == "create-topics":
+        bootstrap = args.bootstrap_servers or KafkaSettings().bootstrap_servers
+        created = broker.create_topics(bootstrap, broker.parse_topics(args.topics),
+                                       replication_factor=args.replication_factor)
+        print(f"created {created or 'nothing (all exist)'} on {bootstrap}", flush=True)
+        return 0
+    topics = broker.parse_topics(args.topics)
+    if args.action == "start":
+        if args.pidfile.exists():
+            broker.stop_from_pidfile(args.pidfile)
+        args.logfile.parent.mkdir(parents=True, exist_ok=True)
+        b = broker.EmbeddedBroker(args.host, args.port, log_path=args.logfile).start(detach=True)
+        try:
+            b.create_topics(topics)
+        except Exception:
+            b.stop()
+            raise
+        assert b.process is not None
+        broker.write_pidfile(args.pidfile, b.process.pid, broker.tansu_binary(), b.bootstrap_servers)
+        print(f"broker on {b.bootstrap_servers} (pid {b.process.pid}), topics {topics}", flush=True)
+        return 0
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with broker.EmbeddedBroker(args.host, args.port) as b:
+        b.create_topics(topics)
+        print(f"broker on {b.bootstrap_servers}, topics {topics}; Ctrl-C to stop", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            done.wait()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, args.log_level)))
+    commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results, "broker": cmd_broker}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line for the user, the trace at DEBUG
+        logging.getLogger("streaming").debug("command failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""CloudEvents 1.0 Kafka protocol binding: read binary and structured mode, write binary mode.
+
+Knative's KafkaSource delivers and KafkaSink writes CloudEvents in *binary* mode: each context
+attribute is a ``ce_<name>`` header with a UTF-8 value, ``datacontenttype`` is the
+``content-type`` header, and the record value is the event data unchanged. Supporting that on
+both sides lets the bridge sit behind a KafkaSource or in front of a KafkaSink without adapters.
+*Structured* mode (``content-type: application/cloudevents+json``, the whole event as JSON in the
+value) is accepted on input too. Spec: github.com/cloudevents/spec ``kafka-protocol-binding.md``.
+
+Kept dependency-free (the ``cloudevents`` SDK is used by the tests as an independent check).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+SPEC_VERSION = "1.0"
+HEADER_PREFIX = "ce_"
+CONTENT_TYPE = "content-type"
+STRUCTURED_JSON = "application/cloudevents+json"
+REQUIRED = ("id", "source", "specversion", "type")
+KNOWN = (*REQUIRED, "datacontenttype", "dataschema", "subject", "time")
+_ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+
+
+class CloudEventError(ValueError):
+    """A record claims to be a CloudEvent but is not a valid one."""
+
+
+@dataclass
+class CloudEvent:
+    """The context attributes and data of one event (data as raw bytes)."""
+
+    id: str
+    source: str
+    type: str
+    specversion: str = SPEC_VERSION
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+    subject: str | None = None
+    time: str | None = None
+    extensions: dict[str, str] = field(default_factory=dict)
+    data: bytes | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """All context attributes as strings (the binary-mode header set, unprefixed)."""
+        out = {k: v for k in KNOWN if (v := getattr(self, k)) is not None}
+        out.update(self.extensions)
+        return out
+
+
+def now() -> str:
+    """An RFC 3339 timestamp, the format of the ``time`` attribute."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", errors="replace") if value is not None else None
+
+
+def is_cloudevent(headers: Iterable[tuple[str, bytes]]) -> bool:
+    """True for binary (``ce_specversion`` header) or structured (content type) mode records."""
+    for k, v in headers:
+        name = k.lower()
+        if name == "ce_specversion":
+            return True
+        if name == CONTENT_TYPE and (_text(v) or "").lower().startswith(STRUCTURED_JSON):
+            return True
+    return False
+
+
+def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> CloudEvent | None:
+    """Decode a Kafka record as a CloudEvent; None if it is not one, CloudEventError if malformed."""
+    headers = list(headers)
+    attrs: dict[str, str] = {}
+    content_type: str | None = None
+    for k, v in headers:
+        name = k.lower()
+        if name.startswith(HEADER_PREFIX):
+            attrs[name[len(HEADER_PREFIX):]] = _text(v) or ""
+        elif name == CONTENT_TYPE:
+            content_type = _text(v)
+    if content_type and content_type.lower().startswith(STRUCTURED_JSON):
+        return _from_structured(value or b"")
+    if "specversion" not in attrs:
+        return None
+    if content_type is not None:
+        attrs["datacontenttype"] = content_type
+    return _build(attrs, value)
+
+
+def _from_structured(value: bytes) -> CloudEvent:
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CloudEventError(f"structured CloudEvent is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise CloudEventError("structured CloudEvent must be a JSON object")
+    data: bytes | None = None
+    if "data_base64" in doc:
+        try:
+            data = base64.b64decode(doc.pop("data_base64"), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise CloudEventError(f"data_base64 is not base64: {exc}") from exc
+    elif "data" in doc:
+        raw = doc.pop("data")
+        data = raw.encode("utf-8") if isinstance(raw, str) and not _is_json(doc.get("datacontenttype")) \
+            else json.dumps(raw).encode("utf-8")
+    attrs = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
+    return _build(attrs, data)
+
+
+def _is_json(content_type: str | None) -> bool:
+    ct = (content_type or "application/json").split(";")[0].strip().lower()
+    return ct == "application/json" or ct.endswith("+json")
+
+
+def _build(attrs: dict[str, str], data: bytes | None) -> CloudEvent:
+    missing = [a for a in REQUIRED if not attrs.get(a)]
+    if missing:
+        raise CloudEventError(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+    if attrs["specversion"] != SPEC_VERSION:
+        raise CloudEventError(f"unsupported CloudEvents specversion {attrs['specversion']!r}")
+    known = {k: attrs.pop(k) for k in KNOWN if k in attrs}
+    return CloudEvent(**known, extensions=attrs, data=data)
+
+
+def to_kafka_headers(event: CloudEvent) -> list[tuple[str, bytes]]:
+    """Binary-mode headers for ``event`` (its data goes in the record value, untouched)."""
+    headers: list[tuple[str, bytes]] = []
+    for name, value in event.attributes().items():
+        if name == "datacontenttype":
+            headers.append((CONTENT_TYPE, value.encode("utf-8")))
+            continue
+        if not _ATTRIBUTE_NAME.match(name):
+            raise CloudEventError(f"invalid CloudEvents attribute name {name!r} (lowercase a-z, 0-9)")
+        headers.append((HEADER_PREFIX + name, value.encode("utf-8")))
+    return headers
+
+
+def strip_headers(headers: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """Headers without the CloudEvents ones (``ce_*`` and ``content-type``)."""
+    return [(k, v) for k, v in headers if not k.lower().startswith(HEADER_PREFIX) and k.lower() != CONTENT_TYPE]

@@ -1,0 +1,242 @@
+"""Decoding request messages into V2 inference requests, and naming what is wrong with bad ones.
+
+Accepted forms (the record value, optionally wrapped as a CloudEvent in binary or structured mode):
+
+* **V2 request** -- a V2 inference request JSON (``{"inputs": [...], "id"?, "outputs"?, "parameters"?}``).
+  The model is named by the ``kcp-model`` header (or ``ce_model``), or the ``model_name``/``model``
+  field; the version by ``kcp-model-version`` or ``model_version``.
+* **row** -- one tabular row (the Iris design): ``{"sepal_length": 5.1, ..., "label": 0}`` with the
+  feature columns named as in the training CSV (``"sepal length (cm)"`` works too), or
+  ``{"features": [5.1, 3.5, 1.4, 0.2]}``, or a bare JSON list. Model defaults to ``iris``.
+* **image** -- ``{"image_id": "...", "image_b64": "<base64 PNG/JPEG>", "true_label"?: 3}`` (the image
+  design), or raw PNG/JPEG bytes with an ``image/*`` content type. Model defaults to ``fashion-mnist``.
+
+The request id -- the result's key and correlation -- is, in order: the body's ``id`` (or
+``image_id``), the CloudEvent ``id``, the record key, else the record's position
+(``topic/partition/offset``). Every choice is stable across redelivery, so a duplicate result
+carries the same id as the first and consumers can drop it.
+
+A message that cannot become a request raises :class:`BadMessage` with a ``kind`` the dead-letter
+record carries: ``undecodable`` (not UTF-8 and not an image), ``invalid-json``,
+``invalid-cloudevent`` or ``invalid-request`` (JSON, but not any accepted form).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from streaming.cloudevents import CloudEvent, CloudEventError, from_kafka
+from streaming.messenger import CORRELATION_HEADER, Message
+from streaming.tensors import InferRequest, Tensor, flatten
+
+MODEL_HEADERS = ("kcp-model", "ce_model")
+VERSION_HEADERS = ("kcp-model-version", "ce_modelversion")
+IMAGE_FIELDS = ("image_b64", "image", "b64")
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+TRUE_LABEL_FIELDS = ("true_label", "label")
+
+
+class BadMessage(ValueError):
+    """A message that can never become a valid request; it goes to the dead-letter topic."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"{kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Defaults for the simple forms (mirrors the ``KCP_BRIDGE_*`` settings)."""
+
+    default_row_model: str = "iris"
+    default_image_model: str = "fashion-mnist"
+    input_name: str = "input-0"
+    ids_input: str | None = "ids"
+    row_features: tuple[str, ...] = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+
+@dataclass
+class DecodedRequest:
+    """A request ready for the model server, plus what the result must carry back."""
+
+    request: InferRequest
+    request_id: str
+    correlation_id: str
+    form: str
+    true_label: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    cloudevent: CloudEvent | None = None
+
+
+def normalise_name(name: str) -> str:
+    """``"Sepal Length (cm)"`` -> ``"sepal_length"``: CSV headers and JSON keys compare equal."""
+    name = re.sub(r"\(.*?\)", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def decode(message: Message, options: DecodeOptions | None = None) -> DecodedRequest:
+    """Turn one record into a :class:`DecodedRequest`, or raise :class:`BadMessage`."""
+    options = options or DecodeOptions()
+    try:
+        event = from_kafka(message.headers, message.value)
+    except CloudEventError as exc:
+        raise BadMessage("invalid-cloudevent", str(exc)) from exc
+    body = (event.data or b"") if event is not None else message.value
+    content_type = (event.datacontenttype if event else message.header_str("content-type")) or ""
+
+    if content_type.lower().startswith("image/") or body.startswith(IMAGE_MAGIC):
+        return _image(message, event, options, body, {}, explicit_id=None)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadMessage("undecodable", f"value is neither UTF-8 JSON nor a PNG/JPEG image ({exc.reason} at byte "
+                                        f"{exc.start})") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise BadMessage("invalid-json", f"value is not valid JSON: {exc}") from exc
+
+    if isinstance(doc, dict) and "inputs" in doc:
+        return _v2(message, event, options, doc)
+    if isinstance(doc, dict) and any(isinstance(doc.get(f), str) for f in IMAGE_FIELDS):
+        raw = next(doc[f] for f in IMAGE_FIELDS if isinstance(doc.get(f), str))
+        return _image(message, event, options, _b64(raw), doc, explicit_id=doc.get("id", doc.get("image_id")))
+    if isinstance(doc, list) or (isinstance(doc, dict) and ("features" in doc or _named_features(doc, options))):
+        return _row(message, event, options, doc)
+    shown = sorted(doc)[:8] if isinstance(doc, dict) else type(doc).__name__
+    raise BadMessage("invalid-request", f"not a V2 request, tabular row or image message (got {shown})")
+
+
+# --- ids and model ---------------------------------------------------------------------------
+
+
+def _request_id(message: Message, event: CloudEvent | None, explicit: Any) -> str:
+    if explicit not in (None, ""):
+        return str(explicit)
+    if event is not None:
+        return event.id
+    if message.key:
+        return message.key_str or ""
+    return message.position or f"{message.topic}/{message.partition}/{message.offset}"
+
+
+def _model(message: Message, doc: dict[str, Any], default: str | None) -> tuple[str, str | None]:
+    header_model = next((v for h in MODEL_HEADERS if (v := message.header_str(h))), None)
+    model = header_model or doc.get("model_name") or doc.get("model") or default
+    if not model or not isinstance(model, str):
+        raise BadMessage("invalid-request", "no model named (kcp-model header or model_name field)")
+    version = next((v for h in VERSION_HEADERS if (v := message.header_str(h))), None) or doc.get("model_version")
+    return model, str(version) if version not in (None, "") else None
+
+
+def _finish(message: Message, event: CloudEvent | None, request: InferRequest, form: str, doc: dict[str, Any],
+            explicit_id: Any, extra: dict[str, Any] | None = None) -> DecodedRequest:
+    rid = _request_id(message, event, explicit_id)
+    request.id = rid
+    true_label = next((doc[f] for f in TRUE_LABEL_FIELDS if f in doc), None)
+    extra = dict(extra or {})
+    if "label_name" in doc:
+        extra["true_label_name"] = doc["label_name"]
+    correlation = message.header_str(CORRELATION_HEADER) or rid
+    return DecodedRequest(request, rid, correlation, form, true_label, extra, event)
+
+
+# --- the three forms ---------------------------------------------------------------------------
+
+
+def _v2(message: Message, event: CloudEvent | None, options: DecodeOptions, doc: dict[str, Any]) -> DecodedRequest:
+    model, version = _model(message, doc, None)
+    raw_inputs = doc["inputs"]
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadMessage("invalid-request", "'inputs' must be a non-empty list")
+    inputs = []
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise BadMessage("invalid-request", f"inputs[{i}] is not an object")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise BadMessage("invalid-request", f"inputs[{i}] needs string 'name' and 'datatype'")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise BadMessage("invalid-request", f"inputs[{i}] ('{name}') needs an integer list 'shape'")
+        if "data" not in t:
+            raise BadMessage("invalid-request", f"inputs[{i}] ('{name}') has no 'data'")
+        params = t.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadMessage("invalid-request", f"inputs[{i}] ('{name}') 'parameters' must be an object")
+        inputs.append(Tensor(name, datatype.upper(), list(shape), flatten(t["data"]), dict(params)))
+    outputs = doc.get("outputs")
+    names = None
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                    for o in outputs):
+            raise BadMessage("invalid-request", "'outputs' must be a list of {\"name\": ...} objects")
+        names = [o["name"] for o in outputs]
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadMessage("invalid-request", "'parameters' must be an object")
+    request = InferRequest(model, inputs, model_version=version, outputs=names, parameters=dict(params))
+    return _finish(message, event, request, "v2", doc, doc.get("id"))
+
+
+def _named_features(doc: dict[str, Any], options: DecodeOptions) -> list[float] | None:
+    by_name = {normalise_name(k): v for k, v in doc.items()}
+    wanted = [normalise_name(f) for f in options.row_features]
+    if not all(f in by_name for f in wanted):
+        return None
+    return [by_name[f] for f in wanted]
+
+
+def _row(message: Message, event: CloudEvent | None, options: DecodeOptions, doc: Any) -> DecodedRequest:
+    meta: dict[str, Any] = doc if isinstance(doc, dict) else {}
+    values = doc if isinstance(doc, list) else (doc["features"] if "features" in doc
+                                                else _named_features(doc, options))
+    if not isinstance(values, list) or not values:
+        raise BadMessage("invalid-request", "row features must be a non-empty list of numbers")
+    rows = values if isinstance(values[0], list) else [values]
+    width = len(rows[0])
+    if any(not isinstance(r, list) or len(r) != width for r in rows):
+        raise BadMessage("invalid-request", "rows must all have the same number of features")
+    flat = [v for r in rows for v in r]
+    if not all(_is_number(v) for v in flat):
+        raise BadMessage("invalid-request", "row features must be numbers")
+    model, version = _model(message, meta, options.default_row_model)
+    inputs = [Tensor(options.input_name, "FP32", [len(rows), width], [float(v) for v in flat])]
+    decoded = _finish(message, event, InferRequest(model, inputs, model_version=version), "row", meta, meta.get("id"))
+    if options.ids_input:
+        rid = decoded.request_id
+        ids = [rid] if len(rows) == 1 else [f"{rid}/{i}" for i in range(len(rows))]
+        inputs.append(Tensor(options.ids_input, "BYTES", [len(rows)], [i.encode("utf-8") for i in ids]))
+    return decoded
+
+
+def _b64(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # data URI
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage("invalid-request", f"image is not valid base64: {exc}") from exc
+
+
+def _image(message: Message, event: CloudEvent | None, options: DecodeOptions, image: bytes, doc: dict[str, Any],
+           explicit_id: Any) -> DecodedRequest:
+    if not image:
+        raise BadMessage("invalid-request", "image is empty")
+    model, version = _model(message, doc, options.default_image_model)
+    rid = _request_id(message, event, explicit_id)
+    image_id = str(doc.get("image_id") or rid)
+    inputs = [Tensor(options.input_name, "BYTES", [1], [image])]
+    if options.ids_input:
+        inputs.append(Tensor(options.ids_input, "BYTES", [1], [image_id.encode("utf-8")]))
+    request = InferRequest(model, inputs, model_version=version)
+    return _finish(message, event, request, "image", doc, rid, {"image_id": image_id})

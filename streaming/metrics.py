@@ -1,0 +1,106 @@
+"""The bridge's Prometheus metrics and its small health/metrics HTTP endpoint.
+
+Served by a few lines of ``asyncio`` rather than ``prometheus_client.start_http_server`` so it
+runs on the bridge's own event loop (no extra thread) and can answer health probes with the
+bridge's real state: ``/healthz`` (liveness: the loop is turning), ``/readyz`` (consuming, not
+draining) and ``/metrics`` (Prometheus text format). Each bridge has its own registry, so tests
+can run several in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+
+class BridgeMetrics:
+    """Counters and histograms the bridge updates; names are ``kcp_bridge_*``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("kcp_bridge_consumed", "Request messages consumed", registry=r)
+        self.produced = Counter("kcp_bridge_produced", "Result messages produced and acknowledged", ["model"],
+                                registry=r)
+        self.dead_lettered = Counter("kcp_bridge_dead_lettered", "Messages sent to the dead-letter topic",
+                                     ["kind"], registry=r)
+        self.retries = Counter("kcp_bridge_retries", "Retried calls (model server or broker)", ["target"],
+                               registry=r)
+        self.latency = Histogram("kcp_bridge_latency_seconds", "Consume to acknowledged result",
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                 registry=r)
+        self.v2_latency = Histogram("kcp_bridge_v2_call_seconds", "Model server call time (with retries)",
+                                    ["model"], registry=r)
+        self.batch_size = Histogram("kcp_bridge_batch_size", "Requests merged per model server call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.pending = Gauge("kcp_bridge_pending", "Messages consumed but not yet acknowledged", registry=r)
+        self.in_flight = Gauge("kcp_bridge_in_flight_calls", "Model server calls in progress", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """``GET /healthz``, ``/readyz``, ``/metrics`` on the running event loop."""
+
+    def __init__(self, metrics: BridgeMetrics, state: Callable[[], str], host: str, port: int,
+                 details: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.metrics = metrics
+        self.state = state
+        self.details = details or dict
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            while await asyncio.wait_for(reader.readline(), timeout=5) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request_line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) >= 2 else "/"
+            status, body, ctype = self._route(parts[0] if parts else "", path)
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode("latin-1") + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, method: str, path: str) -> tuple[str, bytes, str]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", b"", "text/plain"
+        state = self.state()
+        if path == "/metrics":
+            return "200 OK", self.metrics.render(), CONTENT_TYPE_LATEST
+        if path in ("/healthz", "/livez"):
+            ok = state != "stopped"
+        elif path == "/readyz":
+            ok = state == "running"
+        else:
+            return "404 Not Found", b"not found\n", "text/plain"
+        body = json.dumps({"status": state, **self.details()}).encode() + b"\n"
+        return ("200 OK" if ok else "503 Service Unavailable"), body, "application/json"

@@ -1,0 +1,363 @@
+"""Async V2 inference client (gRPC by default, REST selectable) with retry and backoff.
+
+Only the Open Inference Protocol is spoken here -- no import of ``predictors`` -- so the bridge
+works against any V2 server (this project's, Triton, MLServer).
+
+Errors are sorted by what the bridge should do about them:
+
+* **outage** (connection refused, gRPC ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``RESOURCE_EXHAUSTED``,
+  HTTP 502/503/504/408/429, timeouts): retried with exponential backoff *forever*. The request is
+  fine; the server is not there. The bridge keeps its place until it comes back.
+* **server error** (HTTP 500, gRPC ``INTERNAL``/``UNKNOWN``): retried ``max_server_error_retries``
+  times, then given up. A healthy server answering 500 to one request repeatedly is a poison
+  message, and must not block its partition for ever.
+* **rejected** (4xx, ``INVALID_ARGUMENT``/``NOT_FOUND``/``UNAUTHENTICATED``...): never retried; the
+  bridge dead-letters the message with the server's reason.
+
+gRPC stubs come from ``streaming.v2_grpc`` (committed, generated from the spec's proto).
+REST sends BYTES tensors with the V2 binary-data extension (``Inference-Header-Content-Length``),
+the encoding KServe, Triton and MLServer share for raw bytes in a REST body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+import httpx
+import numpy as np
+
+from streaming.settings import V2ClientSettings
+from streaming.tensors import DATATYPES, InferRequest, InferResponse, Tensor, flatten
+from streaming.v2_grpc import pb2, pb2_grpc
+
+NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+         "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+         "FP32": np.float32, "FP64": np.float64}
+CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+                  "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+                  "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+class V2Error(Exception):
+    """A failed V2 call. ``kind`` is ``outage``, ``server-error`` or ``rejected``; ``status`` is HTTP-like."""
+
+    def __init__(self, kind: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("outage", "server-error")
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+def _http_kind(status: int) -> str:
+    if status in (408, 429, 502, 503, 504):
+        return "outage"
+    if status >= 500:
+        return "server-error"
+    return "rejected"
+
+
+_GRPC_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: ("rejected", 400), grpc.StatusCode.NOT_FOUND: ("rejected", 404),
+    grpc.StatusCode.UNAUTHENTICATED: ("rejected", 401), grpc.StatusCode.PERMISSION_DENIED: ("rejected", 403),
+    grpc.StatusCode.FAILED_PRECONDITION: ("rejected", 400), grpc.StatusCode.OUT_OF_RANGE: ("rejected", 400),
+    grpc.StatusCode.ALREADY_EXISTS: ("rejected", 409), grpc.StatusCode.UNIMPLEMENTED: ("rejected", 501),
+    grpc.StatusCode.UNAVAILABLE: ("outage", 503), grpc.StatusCode.DEADLINE_EXCEEDED: ("outage", 504),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ("outage", 429), grpc.StatusCode.CANCELLED: ("outage", 499),
+    grpc.StatusCode.ABORTED: ("outage", 409), grpc.StatusCode.INTERNAL: ("server-error", 500),
+    grpc.StatusCode.UNKNOWN: ("server-error", 500), grpc.StatusCode.DATA_LOSS: ("server-error", 500),
+}
+
+
+class Transport(Protocol):
+    async def infer(self, request: InferRequest) -> InferResponse: ...
+
+    async def close(self) -> None: ...
+
+
+# --- tensor encodings ----------------------------------------------------------------------
+
+
+def _bytes_elements(data: list[Any]) -> list[bytes]:
+    out = []
+    for v in data:
+        if isinstance(v, bytes):
+            out.append(v)
+        elif isinstance(v, str):
+            out.append(v.encode("utf-8"))
+        else:
+            raise V2Error("rejected", 400, f"BYTES element of type {type(v).__name__} (expected text or bytes)")
+    return out
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """The V2 raw encoding of a BYTES tensor: each element prefixed by its uint32 little-endian length."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise V2Error("server-error", 500, "truncated BYTES tensor in response")
+        (n,) = struct.unpack_from("<I", raw, i)
+        out.append(raw[i + 4: i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def to_array(tensor: Tensor) -> np.ndarray:
+    """A numeric tensor as a little-endian numpy array; bad data is the client's fault (400)."""
+    dtype = NUMPY.get(tensor.datatype)
+    if dtype is None:
+        raise V2Error("rejected", 400, f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r}")
+    try:
+        arr = np.asarray(tensor.data)
+        if arr.dtype.kind not in "biuf" or (tensor.datatype.startswith(("INT", "UINT")) and arr.dtype.kind == "f"):
+            raise TypeError(f"elements of kind {arr.dtype.kind!r}")
+        return arr.astype(np.dtype(dtype).newbyteorder("<"), casting="unsafe")
+    except (TypeError, ValueError) as exc:
+        raise V2Error("rejected", 400, f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from exc
+
+
+def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
+    if datatype == "BYTES":
+        data: list[Any] = list(deserialize_bytes(raw))
+    else:
+        dtype = NUMPY.get(datatype)
+        if dtype is None:
+            raise V2Error("server-error", 500, f"output {name!r}: unsupported datatype {datatype!r}")
+        data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).tolist()
+    return Tensor(name, datatype, shape, data)
+
+
+def _param_to_grpc(value: Any) -> pb2.InferParameter:
+    if isinstance(value, bool):
+        return pb2.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb2.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb2.InferParameter(double_param=value)
+    return pb2.InferParameter(string_param=value if isinstance(value, str) else json.dumps(value))
+
+
+def _param_from_grpc(p: pb2.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def to_grpc(request: InferRequest) -> pb2.ModelInferRequest:
+    """Build a ModelInferRequest carrying every input as raw_input_contents (compact, handles FP16)."""
+    msg = pb2.ModelInferRequest(model_name=request.model_name, model_version=request.model_version or "",
+                                id=request.id)
+    for k, v in request.parameters.items():
+        msg.parameters[k].CopyFrom(_param_to_grpc(v))
+    for t in request.inputs:
+        if t.datatype not in DATATYPES:
+            raise V2Error("rejected", 400, f"input {t.name!r}: unsupported datatype {t.datatype!r}")
+        tensor = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        for k, v in t.parameters.items():
+            tensor.parameters[k].CopyFrom(_param_to_grpc(v))
+        raw = serialize_bytes(_bytes_elements(t.data)) if t.datatype == "BYTES" else to_array(t).tobytes()
+        msg.raw_input_contents.append(raw)
+    for name in request.outputs or []:
+        msg.outputs.add(name=name)
+    return msg
+
+
+def from_grpc(msg: pb2.ModelInferResponse) -> InferResponse:
+    outputs = []
+    for i, o in enumerate(msg.outputs):
+        shape = list(o.shape)
+        if i < len(msg.raw_output_contents):
+            outputs.append(from_raw(o.name, o.datatype, shape, msg.raw_output_contents[i]))
+        else:
+            field_name = CONTENTS_FIELD.get(o.datatype)
+            data = list(getattr(o.contents, field_name)) if field_name else []
+            outputs.append(Tensor(o.name, o.datatype, shape, data))
+        outputs[-1].parameters = {k: _param_from_grpc(v) for k, v in o.parameters.items()}
+    return InferResponse(msg.model_name, outputs, id=msg.id, model_version=msg.model_version or None,
+                         parameters={k: _param_from_grpc(v) for k, v in msg.parameters.items()})
+
+
+def to_rest(request: InferRequest) -> tuple[bytes, dict[str, str]]:
+    """JSON body, plus the binary-data extension when any BYTES input holds raw bytes."""
+    inputs, binary = [], []
+    for t in request.inputs:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        params = dict(t.parameters)
+        if t.datatype == "BYTES" and any(isinstance(v, bytes) for v in t.data):
+            raw = serialize_bytes(_bytes_elements(t.data))
+            params["binary_data_size"] = len(raw)
+            binary.append(raw)
+        elif t.datatype in NUMPY:
+            entry["data"] = to_array(t).tolist()
+        else:
+            entry["data"] = t.data
+        if params:
+            entry["parameters"] = params
+        inputs.append(entry)
+    body: dict[str, Any] = {"id": request.id, "inputs": inputs}
+    if request.parameters:
+        body["parameters"] = request.parameters
+    if request.outputs:
+        body["outputs"] = [{"name": n} for n in request.outputs]
+    head = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(binary), {"content-type": "application/octet-stream",
+                                     "inference-header-content-length": str(len(head))}
+
+
+def from_rest(doc: Any) -> InferResponse:
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise V2Error("server-error", 500, "response is not a V2 inference response")
+    outputs = [Tensor(o["name"], o["datatype"], list(o["shape"]), flatten(o.get("data", [])),
+                      dict(o.get("parameters") or {})) for o in doc["outputs"]]
+    return InferResponse(doc.get("model_name", ""), outputs, id=str(doc.get("id") or ""),
+                         model_version=doc.get("model_version"), parameters=dict(doc.get("parameters") or {}))
+
+
+# --- transports ----------------------------------------------------------------------------
+
+
+class GrpcTransport:
+    """grpc.aio client on one channel (created lazily, inside the running event loop)."""
+
+    def __init__(self, settings: V2ClientSettings) -> None:
+        self.settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb2_grpc.GRPCInferenceServiceStub | None = None
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
+
+    def _ensure(self) -> pb2_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:
+            size = self.settings.max_message_bytes
+            self._channel = grpc.aio.insecure_channel(self.settings.grpc_target, options=[
+                ("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)])
+            self._stub = pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        message = to_grpc(request)
+        try:
+            reply = await self._ensure().ModelInfer(message, timeout=self.settings.timeout_s,
+                                                    metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
+            raise V2Error(kind, status, f"gRPC {exc.code().name}: {exc.details()}") from exc
+        return from_grpc(reply)
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        try:
+            reply = await self._ensure().ModelMetadata(pb2.ModelMetadataRequest(name=model, version=version or ""),
+                                                       timeout=self.settings.timeout_s, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
+            raise V2Error(kind, status, f"gRPC {exc.code().name}: {exc.details()}") from exc
+        return {"name": reply.name, "versions": list(reply.versions), "platform": reply.platform,
+                "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.inputs],
+                "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.outputs]}
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+
+class RestTransport:
+    """httpx.AsyncClient against ``POST /v2/models/{model}[/versions/{v}]/infer``."""
+
+    def __init__(self, settings: V2ClientSettings) -> None:
+        self.settings = settings
+        headers = {"X-API-Key": settings.api_key.get_secret_value()} if settings.api_key else {}
+        self._client = httpx.AsyncClient(base_url=settings.rest_url.rstrip("/"), headers=headers,
+                                         timeout=settings.timeout_s)
+
+    @staticmethod
+    def _path(model: str, version: str | None) -> str:
+        return f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise V2Error("outage", 504, f"timeout: {exc!r}") from exc
+        except httpx.TransportError as exc:  # connection refused / reset / DNS
+            raise V2Error("outage", 503, f"cannot reach {self.settings.rest_url}: {exc!r}") from exc
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("error") or resp.text
+            except ValueError:
+                detail = resp.text
+            raise V2Error(_http_kind(resp.status_code), resp.status_code, f"HTTP {resp.status_code}: {detail}")
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise V2Error("server-error", 500, f"response is not JSON: {exc}") from exc
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        body, headers = to_rest(request)
+        doc = await self._call("POST", self._path(request.model_name, request.model_version) + "/infer",
+                               content=body, headers=headers)
+        return from_rest(doc)
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        return await self._call("GET", self._path(model, version))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+class V2Client:
+    """A transport plus the retry policy described in the module docstring."""
+
+    def __init__(self, settings: V2ClientSettings | None = None, *, transport: Transport | None = None,
+                 on_retry: Callable[[V2Error], None] | None = None) -> None:
+        self.settings = settings or V2ClientSettings()
+        self.transport: Any = transport or (GrpcTransport(self.settings) if self.settings.protocol == "grpc"
+                                            else RestTransport(self.settings))
+        self.on_retry = on_retry
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        delay = self.settings.retry_initial_s
+        server_errors = 0
+        while True:
+            try:
+                return await self.transport.infer(request)
+            except V2Error as exc:
+                if exc.kind == "rejected":
+                    raise
+                if exc.kind == "server-error":
+                    server_errors += 1
+                    if server_errors > self.settings.max_server_error_retries:
+                        raise
+                if self.on_retry is not None:
+                    self.on_retry(exc)
+            # full jitter keeps a fleet of bridges from hammering a server that is coming back
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self.settings.retry_max_s)
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        return await self.transport.metadata(model, version)
+
+    async def close(self) -> None:
+        await self.transport.close()

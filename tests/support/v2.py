@@ -1,0 +1,98 @@
+"""The Open Inference Protocol from ../shared/specs, for checking real responses against it."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+SPECS = REPO.parent / "shared" / "specs"
+
+
+@functools.cache
+def _spec() -> dict[str, Any]:
+    return yaml.safe_load((SPECS / "open_inference_rest.yaml").read_text())
+
+
+def assert_conforms(document: Any, schema_name: str) -> None:
+    """Validate a response body against a schema of the REST OpenAPI spec (components/schemas)."""
+    spec = _spec()
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]}
+    jsonschema.validate(document, schema)
+
+
+def tensor(name: str, array: np.ndarray | list, datatype: str) -> dict[str, Any]:
+    array = np.asarray(array)
+    data = array.ravel().tolist()
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+
+
+def bytes_tensor(name: str, items: list[bytes]) -> dict[str, Any]:
+    return {"name": name, "shape": [len(items)], "datatype": "BYTES",
+            "data": [base64.b64encode(b).decode() for b in items]}
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def output(response: dict[str, Any], name: str) -> np.ndarray:
+    for out in response["outputs"]:
+        if out["name"] == name:
+            return np.asarray(out["data"]).reshape(out["shape"])
+    raise KeyError(f"no output {name} in {[o['name'] for o in response['outputs']]}")
+
+
+class RawV2Stub:
+    """gRPC stub built from the shared ``open_inference_grpc.proto`` at test time.
+
+    The proto is compiled with grpcio-tools into a descriptor set and loaded into a
+    private descriptor pool, so it does not clash with KServe's copy of the same
+    ``inference`` package in the default pool. ``stub.ModelInfer(request)`` etc. call the
+    real service; ``stub.messages["ModelInferRequest"]`` are the message classes.
+    """
+
+    def __init__(self, channel: Any, pool: Any, service: Any) -> None:
+        from google.protobuf import message_factory
+
+        self.messages = {m.name: message_factory.GetMessageClass(m)
+                         for m in pool.FindFileByName("open_inference_grpc.proto").message_types_by_name.values()}
+        for method in service.methods:
+            request_cls = message_factory.GetMessageClass(method.input_type)
+            response_cls = message_factory.GetMessageClass(method.output_type)
+            call = channel.unary_unary(f"/{service.full_name}/{method.name}",
+                                       request_serializer=request_cls.SerializeToString,
+                                       response_deserializer=response_cls.FromString)
+            setattr(self, method.name, call)
+
+
+@functools.cache
+def _descriptor_pool() -> Any:
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_tools import protoc
+
+    out = Path(REPO / ".pytest_cache" / "v2-proto.pb")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if protoc.main(["protoc", f"-I{SPECS}", "--include_imports", f"--descriptor_set_out={out}",
+                    str(SPECS / "open_inference_grpc.proto")]) != 0:
+        raise RuntimeError("protoc failed on open_inference_grpc.proto")
+    files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for f in files.file:
+        pool.Add(f)
+    return pool
+
+
+def raw_stub(channel: Any) -> RawV2Stub:
+    pool = _descriptor_pool()
+    return RawV2Stub(channel, pool, pool.FindServiceByName("inference.GRPCInferenceService"))

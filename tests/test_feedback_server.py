@@ -1,0 +1,136 @@
+"""End to end through the real model server: ids from real /infer responses, and a real restart.
+
+The server runs as a subprocess (``python -m predictors serve``) on free loopback ports, with its
+feedback database a SQLite file in the test's temporary directory. It serves a small Iris package
+built here from scikit-learn's bundled data set (no download), so the test does not depend on the
+committed trained packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import train_test_split
+
+from predictors.package import LabelsFile, PackageConfig, TensorSpec, save_package
+from tests.fixtures.server import ServerHandle, start_model_server
+
+API_KEY = "feedback-e2e-key"
+NAMES = ["setosa", "versicolor", "virginica"]
+
+
+@pytest.fixture(scope="module")
+def iris_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A model directory with one sklearn Iris package, and held-out rows with their true labels."""
+    x, y = load_iris(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=30, random_state=0, stratify=y)
+    # Strong regularisation: a weaker model, so the confusion matrix has off-diagonal cells.
+    estimator = LogisticRegression(C=0.05, max_iter=500).fit(x_train, y_train)
+    model_dir = tmp_path_factory.mktemp("feedback-models")
+    package = model_dir / "iris"
+    package.mkdir()
+    joblib.dump(estimator, package / "model.joblib")
+    save_package(package,
+                 PackageConfig(format_version=1, name="iris", version="1", framework="sklearn",
+                               task="tabular_classification", artifact="model.joblib",
+                               inputs=[TensorSpec(name="input-0", datatype="FP64", shape=[-1, 4])]),
+                 LabelsFile(labels=[0, 1, 2], names=NAMES))
+    return {"model_dir": model_dir, "x": x_test, "y": y_test.astype(int).tolist()}
+
+
+@pytest.fixture
+def db_env(tmp_path: Path) -> dict[str, str]:
+    return {"KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'shared-feedback.db'}"}
+
+
+@pytest.fixture
+def server(iris_data: dict[str, Any], tmp_path: Path, db_env: dict[str, str]) -> Iterator[ServerHandle]:
+    with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as handle:
+        yield handle
+
+
+def infer(handle: ServerHandle, rows: np.ndarray, request_id: str) -> tuple[list[str], list[int]]:
+    """One real V2 inference; returns (prediction ids, predicted labels) from the response."""
+    body = {"id": request_id,
+            "inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]}
+    with handle.client() as c:
+        r = c.post("/v2/models/iris/infer", json=body)
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    return [str(i) for i in outputs["prediction_id"]], [int(v) for v in outputs["label"]]
+
+
+def test_id_join_with_real_predictions_survives_a_restart(iris_data: dict[str, Any], tmp_path: Path,
+                                                          db_env: dict[str, str]) -> None:
+    x, y = iris_data["x"], iris_data["y"]
+    with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as first:
+        batch_ids, batch_pred = infer(first, x[:20], "batch-1")  # ids "batch-1/0".."batch-1/19"
+        single_ids, single_pred = infer(first, x[20:21], "single-1")  # id "single-1"
+        assert batch_ids == [f"batch-1/{i}" for i in range(20)]
+        assert single_ids == ["single-1"]
+
+        items = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[:15], y[:15], strict=True)]
+        with first.client() as c:
+            r = c.post("/v2/models/iris/feedback", json={"items": items})
+        assert r.status_code == 200, r.text
+        # The server paired each truth with what it really predicted for that id.
+        assert r.json()["batch"]["confusion_matrix"]["matrix"] == confusion_matrix(
+            y[:15], batch_pred[:15], labels=[0, 1, 2]).tolist()
+        before = r.json()["cumulative"]
+
+    # A new process on the same database: feedback and the prediction log are still there.
+    with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as second:
+        with second.client() as c:
+            report = c.get("/v2/models/iris/feedback").json()
+            assert report["cumulative"] == before
+
+            # Ids from the first process's responses are still joinable after the restart ...
+            rest = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[15:], y[15:20], strict=True)]
+            rest.append({"id": "single-1", "true_label": y[20]})
+            r = c.post("/v2/models/iris/feedback", json={"items": rest})
+            assert r.status_code == 200, r.text
+            expected = confusion_matrix(y[:21], batch_pred + single_pred, labels=[0, 1, 2])
+            assert r.json()["cumulative"]["confusion_matrix"]["matrix"] == expected.tolist()
+            assert r.json()["cumulative"]["count"] == 21
+
+            # ... and each still counts once.
+            again = c.post("/v2/models/iris/feedback", json={"items": [{"id": "batch-1/0", "true_label": 0}]})
+            assert again.status_code == 409
+            assert "batch-1/0" in again.json()["error"]
+
+            metrics = c.get("/metrics").text
+        assert 'classifier_feedback_total{model="iris"' in metrics
+        assert 'classifier_feedback_accuracy{model="iris"}' in metrics
+        accuracy = float(np.mean(np.asarray(y[:21]) == np.asarray(batch_pred + single_pred)))
+        assert r.json()["cumulative"]["accuracy"] == pytest.approx(accuracy)
+
+
+def test_katonic_form_auth_and_errors_through_the_server(server: ServerHandle) -> None:
+    body = {"predicted_label": [0, 1, 2, 2], "true_label": [0, 1, 1, 2]}
+    with server.client() as c:
+        r = c.post("/v2/models/iris/feedback", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["batch"]["confusion_matrix"]["matrix"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+        assert r.json()["cumulative"]["per_class"][1]["name"] == "versicolor"
+
+        for bad, status in (({"predicted_label": [0], "true_label": [5]}, 400),
+                            ({"predicted_label": [0, 1], "true_label": [0]}, 400),
+                            ({"items": [{"id": "never-predicted", "true_label": 0}]}, 400)):
+            rejected = c.post("/v2/models/iris/feedback", json=bad)
+            assert rejected.status_code == status, rejected.text
+            assert set(rejected.json()) == {"error"}
+        missing = c.post("/v2/models/no-such-model/feedback", json=body)
+        assert missing.status_code == 404
+        assert "error" in missing.json()
+
+        unauthenticated = c.post("/v2/models/iris/feedback", json=body, headers={"X-API-Key": "wrong"})
+        assert unauthenticated.status_code == 401
+        assert c.get("/v2/models/iris/feedback").json()["cumulative"]["count"] == 4
