@@ -70,7 +70,8 @@ class PubSubSettings(BaseSettings):
     project: str = "kcp-local"
     # Falls back to the variable Google's own clients read, so an existing emulator setup just works.
     emulator_host: str | None = Field(
-        default=None, validation_alias=AliasChoices("KCP_PUBSUB_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"))
+        default=None,
+        validation_alias=AliasChoices("emulator_host", "KCP_PUBSUB_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST"))
     auto_create: bool = Field(default=True, description="create missing topics and subscriptions")
     max_outstanding: int = Field(default=200, ge=1, description="flow control: unacked messages per subscriber")
     ack_deadline_s: int = Field(default=60, ge=10, le=600)

@@ -308,7 +308,7 @@ def test_unknown_model_is_404(client: httpx.Client, shared_store: FeedbackStore)
     assert r.json() == {"error": "Model with name no-such-model does not exist."}
     assert client.get("/v2/models/no-such-model/feedback").status_code == 404
     assert shared_store.feedback_count() == before
-    assert sample("classifier_feedback_rejected_total", {"model": "", "reason": "unknown_model"}) == rejected + 2
+    assert sample("classifier_feedback_rejected_total", {"model": "", "reason": "unknown_model"}) == rejected + 1
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}], ids=["missing-key", "wrong-key"])

@@ -18,14 +18,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kserve.metrics  # noqa: F401 - registers KServe's request histograms
 import numpy as np
 import promql_parser
 import pytest
 from prometheus_client import REGISTRY
 from sklearn.metrics import precision_recall_fscore_support
 
-import kserve.metrics  # noqa: F401 - registers KServe's request histograms
-import predictors.feedback.prometheus  # noqa: F401 - registers the feedback metrics
+import predictors.feedback.prometheus  # registers the feedback metrics
 import predictors.observability  # noqa: F401 - registers the server's request metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "predictors" / "dashboards" / "grafana-classification.json"

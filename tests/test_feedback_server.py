@@ -59,8 +59,8 @@ def server(iris_data: dict[str, Any], tmp_path: Path, db_env: dict[str, str]) ->
 
 def infer(handle: ServerHandle, rows: np.ndarray, request_id: str) -> tuple[list[str], list[int]]:
     """One real V2 inference; returns (prediction ids, predicted labels) from the response."""
-    body = {"id": request_id,
-            "inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]}
+    tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}
+    body = {"id": request_id, "inputs": [tensor]}
     with handle.client() as c:
         r = c.post("/v2/models/iris/infer", json=body)
     assert r.status_code == 200, r.text
@@ -133,4 +133,5 @@ def test_katonic_form_auth_and_errors_through_the_server(server: ServerHandle) -
 
         unauthenticated = c.post("/v2/models/iris/feedback", json=body, headers={"X-API-Key": "wrong"})
         assert unauthenticated.status_code == 401
+        assert "error" in unauthenticated.json()
         assert c.get("/v2/models/iris/feedback").json()["cumulative"]["count"] == 4

@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from predictors.errors import BadInput
 from predictors.feedback import DuplicateFeedback, FeedbackStore, UnknownPredictions
-from predictors.feedback.store import MAX_ID_LENGTH, feedback
+from predictors.feedback.store import MAX_ID_LENGTH, feedback, prediction_log
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -208,5 +208,29 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
         with s.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+    finally:
+        s.close()
+
+
+def test_prune_removes_only_old_predictions(store: FeedbackStore) -> None:
+    store.record_predictions("iris", "1", [("old", 0), ("new", 1)])
+    store.add_feedback_by_ids("iris", [("old", 0)])
+    with store.engine.begin() as conn:
+        conn.execute(update(prediction_log).where(prediction_log.c.prediction_id == "old")
+                     .values(created_at=datetime.now(UTC) - timedelta(days=8)))
+    assert store.prune_predictions(datetime.now(UTC) - timedelta(days=7)) == 1
+    assert store.prediction_count("iris") == 1
+    assert store.feedback_count("iris") == 1  # feedback is never pruned
+    store.add_feedback_by_ids("iris", [("new", 1)])
+    assert store.record_predictions("iris", "1", []) == 0
+
+
+def test_plain_postgresql_url_uses_psycopg(postgres_url: str) -> None:
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    s = FeedbackStore(plain)
+    try:
+        assert s.engine.dialect.driver == "psycopg"
+        s.add_feedback("iris", [(1, 1)])
+        assert s.feedback_count() == 1
     finally:
         s.close()

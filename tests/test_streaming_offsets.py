@@ -60,7 +60,8 @@ def test_merge_concatenates_rows_and_split_cuts_them_back() -> None:
 
 
 def test_incompatible_requests_do_not_share_a_batch_and_odd_outputs_do_not_split() -> None:
-    assert rows(1, 0, "a").batch_key() != InferRequest("iris", [Tensor("input-0", "FP32", [1, 3], [1, 2, 3])]).batch_key()
+    three_features = InferRequest("iris", [Tensor("input-0", "FP32", [1, 3], [1, 2, 3])])
+    assert rows(1, 0, "a").batch_key() != three_features.batch_key()
     assert InferRequest("iris", [Tensor("input-0", "FP32", [1, 4], [1, 2, 3])]).batch_key() is None  # inconsistent
     with pytest.raises(BatchSplitError):
         split(InferResponse("iris", [Tensor("summary", "FP32", [1], [0.5])]), [rows(1, 0, "a"), rows(1, 0, "b")])
@@ -83,8 +84,8 @@ def test_micro_batcher_flushes_on_size_and_on_delay() -> None:
 
 
 def test_grpc_and_rest_encodings_round_trip() -> None:
-    request = InferRequest("m", [Tensor("x", "FP32", [1, 2], [0.5, 1.5]), Tensor("img", "BYTES", [2], [b"\x89PNG", "txt"])],
-                           id="r", parameters={"flag": True, "n": 3})
+    request = InferRequest("m", [Tensor("x", "FP32", [1, 2], [0.5, 1.5]),
+                                 Tensor("img", "BYTES", [2], [b"\x89PNG", "txt"])], id="r", parameters={"flag": True, "n": 3})
     message = to_grpc(request)
     assert message.model_name == "m" and message.id == "r" and message.parameters["n"].int64_param == 3
     assert deserialize_bytes(message.raw_input_contents[1]) == [b"\x89PNG", b"txt"]

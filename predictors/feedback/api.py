@@ -264,17 +264,18 @@ def build_feedback_router(
     default_window = parse_window(str(window_seconds), 3600.0)
     router = APIRouter(dependencies=list(dependencies), route_class=_JSONErrorRoute, tags=["feedback"])
 
-    def labels_of(model_name: str) -> LabelsFile:
+    def labels_of(model_name: str, submission: bool) -> LabelsFile:
         try:
             return get_labels(model_name)
         except UnknownModel:
-            prometheus.observe_rejection("", "unknown_model")
+            if submission:  # the counter counts rejected submissions, not reads
+                prometheus.observe_rejection("", "unknown_model")
             raise
 
     @router.post("/v2/models/{model_name}/feedback")
     async def post_feedback(model_name: str, request: Request) -> JSONResponse:
         """Record ground truth for predictions of ``model_name``; answer batch and cumulative metrics."""
-        labels = labels_of(model_name)
+        labels = labels_of(model_name, submission=True)
         try:
             body = parse_feedback(await _read_body(request, max_body_bytes), max_items)
             if isinstance(body, KatonicFeedback):
@@ -303,7 +304,7 @@ def build_feedback_router(
 
     async def get_report(model_name: str, request: Request) -> JSONResponse:
         """Cumulative metrics and those of the recent window."""
-        labels = labels_of(model_name)
+        labels = labels_of(model_name, submission=False)
         window = parse_window(request.query_params.get("window_seconds"), default_window)
         since = datetime.now(UTC) - timedelta(seconds=window)
 

@@ -141,6 +141,7 @@ prediction_log = Table(
     Column("predicted_label", Integer, nullable=False),
     Column("created_at", _UTCDateTime, nullable=False),
     UniqueConstraint("model", "prediction_id", name="uq_prediction_log_model_prediction_id"),
+    Index("ix_prediction_log_created_at", "created_at"),
 )
 
 feedback = Table(
@@ -190,11 +191,15 @@ class FeedbackStore:
     """The prediction log and feedback tables behind one SQLAlchemy engine.
 
     ``url`` is a SQLAlchemy URL: ``sqlite:///path/feedback.db`` or
-    ``postgresql+psycopg://user:pw@host:port/db``. Tables are created on construction if missing
-    (idempotent, safe when several replicas start at once).
+    ``postgresql+psycopg://user:pw@host:port/db`` (a plain ``postgresql://`` or ``postgres://``
+    URL, as many operators and secrets spell it, means the same: psycopg 3 is the driver installed).
+    Tables are created on construction if missing (idempotent, safe when several replicas start at once).
     """
 
     def __init__(self, url: str) -> None:
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                url = "postgresql+psycopg://" + url.removeprefix(plain)
         self.url = url
         self.engine: Engine = self._make_engine(url)
         self._is_sqlite = self.engine.dialect.name == "sqlite"
@@ -348,6 +353,17 @@ class FeedbackStore:
             q = select(feedback.c.prediction_id).where(feedback.c.model == model, feedback.c.prediction_id.in_(chunk))
             done.update(pid for (pid,) in conn.execute(q))
         return [pid for pid in ids if pid in done]
+
+    def prune_predictions(self, older_than: datetime) -> int:
+        """Delete logged predictions made before ``older_than``; returns how many.
+
+        The log grows with every inference; feedback can only name ids still in it, so the
+        retention (e.g. a week) is the longest delay after which ground truth can be joined.
+        Feedback rows are never pruned: they are the metrics.
+        """
+        with self._write() as conn:
+            result = conn.execute(prediction_log.delete().where(prediction_log.c.created_at < older_than))
+        return int(result.rowcount)
 
     # --- reads ------------------------------------------------------------------------------
 

@@ -1,0 +1,252 @@
+"""The Helm chart: lint, render for every value set, reject bad values, and keep manifests/ in sync.
+
+Value sets live in tests/helm-values/*.yaml (plus the chart's defaults); every file under
+tests/helm-values/invalid/ must be refused, with the message its first line (``# schema|fail: ...``) names.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.fixtures.k8s import CHART, REPO, VALUES_DIR, by_kind, helm_args, helm_template, run, tool
+
+VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
+INVALID = sorted((VALUES_DIR / "invalid").glob("*.yaml"))
+STANDARD_LABELS = ("helm.sh/chart", "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
+                   "app.kubernetes.io/managed-by", "app.kubernetes.io/part-of", "app.kubernetes.io/component")
+
+
+def values_of(values_file) -> dict:
+    """The merged values (chart defaults + file), as helm sees them, for assertions."""
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+    if values_file:
+        merged = _merge(merged, yaml.safe_load(values_file.read_text()))
+    return merged
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render(values_file) -> list[dict]:
+    return helm_template([values_file] if values_file else [])
+
+
+def ids(value_sets) -> list[str]:
+    return [p.stem if p else "defaults" for p in value_sets]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
+def test_helm_lint_strict(values_file):
+    proc = run([tool("helm"), "lint", "--strict", str(CHART), *helm_args([values_file] if values_file else [])],
+               check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
+def test_one_inference_service_per_model(values_file):
+    values = values_of(values_file)
+    objects = render(values_file)
+    isvcs = {o["metadata"]["name"]: o for o in by_kind(objects, "InferenceService")}
+    assert list(isvcs) == [m["name"] for m in values["models"]]
+    knative = values["kserve"]["deploymentMode"] == "Knative"
+    for model in values["models"]:
+        isvc = isvcs[model["name"]]
+        assert isvc["metadata"]["namespace"] == "classifiers"
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == values["kserve"]["deploymentMode"]
+        predictor = isvc["spec"]["predictor"]
+        (container,) = predictor["containers"]
+        assert container["name"] == "kserve-container"
+        assert container["command"] == ["python", "-m", "predictors", "serve"]
+        args = container["args"]
+        assert args[args.index("--model_dir") + 1] == "/mnt/models"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["STORAGE_URI"]["value"] == model["storageUri"]
+        for key in ("minReplicas", "maxReplicas"):
+            assert predictor.get(key) == model.get(key)
+        for key in ("scaleMetric", "scaleTarget", "scaleMetricType"):
+            assert predictor.get(key) == model.get("autoscaling", {}).get(key)
+        assert container["resources"] == model.get("resources", values["predictor"]["resources"])
+        batching = model.get("batching", {})
+        if "maxBatchSize" in batching:
+            assert args[args.index("--max_batch_size") + 1] == str(batching["maxBatchSize"])
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if not knative:
+            assert ports == {"http1": 8080, "h2c": 8081}, "Standard mode exposes REST and gRPC"
+        elif values["kserve"]["knativeProtocol"] == "grpc":
+            assert ports == {"h2c": 8081}, "Knative allows one port: gRPC"
+        else:
+            assert ports == {"http1": 8080}, "Knative allows one port: REST"
+        if "http1" in ports:
+            assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+            assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
+def test_standard_labels_on_every_object(values_file):
+    for obj in render(values_file):
+        labels = obj["metadata"].get("labels", {})
+        missing = [k for k in STANDARD_LABELS if k not in labels]
+        assert not missing, f"{obj['kind']}/{obj['metadata']['name']} lacks {missing}"
+        assert labels["app.kubernetes.io/instance"] == "kcp"
+
+
+def test_api_key_secret_generated_or_fixed_or_existing():
+    (secret,) = by_kind(helm_template(), "Secret")
+    key = base64.b64decode(secret["data"]["api-key"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", key), "a generated key is 40 random letters and digits"
+    template = (CHART / "templates" / "secret-apikey.yaml").read_text()
+    assert 'lookup "v1" "Secret"' in template, "an installed key must be reused on upgrade"
+    (isvc,) = by_kind(helm_template(), "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
+
+    fixed = by_kind(helm_template([VALUES_DIR / "postgresql.yaml"]), "Secret")
+    api = next(s for s in fixed if s["metadata"]["name"].endswith("-api-key"))
+    assert base64.b64decode(api["data"]["api-key"]).decode() == "not-a-real-key-but-a-fixed-one"
+
+    objects = helm_template([VALUES_DIR / "existing-secret.yaml"])
+    assert not by_kind(objects, "Secret"), "an existing Secret is used, none is created"
+    (isvc,) = by_kind(objects, "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "classifiers-api-key", "key": "token"}
+    assert env["KCP_FEEDBACK_DB_URL"]["valueFrom"]["secretKeyRef"] == {"name": "feedback-db", "key": "sqlalchemy-url"}
+    (bridge,) = by_kind(objects, "Deployment")
+    benv = {e["name"]: e for e in bridge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert benv["KCP_V2_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "classifiers-api-key", "key": "token"}
+    assert benv["KCP_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_PLAINTEXT"
+    assert benv["KCP_KAFKA_SASL_PLAIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kafka-credentials",
+                                                                                   "key": "password"}
+
+
+def test_api_key_disabled_means_no_secret_and_no_env():
+    objects = helm_template(set_values={"apiKey.enabled": "false"})
+    assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-api-key")]
+    (isvc,) = by_kind(objects, "InferenceService")
+    assert "KCP_API_KEY" not in {e["name"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+
+
+def test_feedback_database_url_goes_through_a_secret():
+    objects = helm_template([VALUES_DIR / "postgresql.yaml"])
+    db = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-feedback-db"))
+    assert db["stringData"]["url"].startswith("postgresql+psycopg://")
+    (isvc,) = by_kind(objects, "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_FEEDBACK_DB_URL"] == {"name": "KCP_FEEDBACK_DB_URL", "valueFrom": {
+        "secretKeyRef": {"name": db["metadata"]["name"], "key": "url"}}}
+    # the default: SQLite on the pod's writable emptyDir
+    (isvc,) = by_kind(helm_template(), "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_FEEDBACK_DB_URL"]["value"] == "sqlite:////var/lib/kcp/feedback.db"
+    mounts = {m["mountPath"] for m in isvc["spec"]["predictor"]["containers"][0]["volumeMounts"]}
+    assert "/var/lib/kcp" in mounts
+
+
+def test_prometheus_annotations_and_service_monitors():
+    objects = helm_template([VALUES_DIR / "multi-model.yaml"])
+    for isvc in by_kind(objects, "InferenceService"):
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        pod = isvc["spec"]["predictor"]["annotations"]
+        assert pod == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+    monitors = {m["metadata"]["name"]: m for m in by_kind(objects, "ServiceMonitor")}
+    predictors = monitors["kcp-kserve-classifiers"]
+    assert predictors["metadata"]["labels"]["release"] == "prometheus"
+    (expr, component) = predictors["spec"]["selector"]["matchExpressions"]
+    assert expr["key"] == "serving.kserve.io/inferenceservice"
+    assert expr["values"] == ["iris", "mnist", "fashion-mnist"]
+    assert component == {"key": "component", "operator": "In", "values": ["predictor"]}
+    assert predictors["spec"]["endpoints"][0]["port"] == "http1"
+    assert monitors["kcp-kserve-classifiers-bridge"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert not by_kind(helm_template(), "ServiceMonitor"), "off by default"
+
+
+def test_grafana_dashboard_configmap_is_the_project_dashboard():
+    (cm,) = by_kind(helm_template(), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    rendered = json.loads(cm["data"]["grafana-classification.json"])
+    source = json.loads((REPO / "predictors" / "dashboards" / "grafana-classification.json").read_text())
+    assert rendered == source
+    assert not by_kind(helm_template(set_values={"grafanaDashboard.enabled": "false"}), "ConfigMap")
+
+
+def test_knative_mode_renders_kafka_source_and_sink():
+    objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
+    assert not by_kind(objects, "Deployment"), "no bridge Deployment in knative mode"
+    (source,) = by_kind(objects, "KafkaSource")
+    (sink,) = by_kind(objects, "KafkaSink")
+    assert source["spec"]["topics"] == ["image-requests"]
+    assert source["spec"]["consumerGroup"] == "fashion-knative"
+    assert source["spec"]["sink"] == {"ref": {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                                              "name": "fashion-mnist"}, "uri": "/v2/models/fashion-mnist/infer"}
+    sasl = source["spec"]["net"]["sasl"]
+    assert sasl["enable"] is True and sasl["password"]["secretKeyRef"] == {"name": "kafka-auth", "key": "password"}
+    assert source["spec"]["net"]["tls"]["cert"]["secretKeyRef"]["key"] == "user.crt"
+    assert sink["spec"]["topic"] == "image-results"
+    assert sink["spec"]["auth"]["secret"]["ref"]["name"] == "kafka-auth"
+    isvcs = {i["metadata"]["name"]: i for i in by_kind(objects, "InferenceService")}
+    logger = isvcs["fashion-mnist"]["spec"]["predictor"]["logger"]
+    assert logger["mode"] == "response"
+    assert logger["url"].endswith(f"/classifiers/{sink['metadata']['name']}"), "responses go to the KafkaSink"
+    assert "logger" not in isvcs["iris"]["spec"]["predictor"]
+    (role,) = by_kind(objects, "ClusterRole")
+    assert role["metadata"]["labels"]["duck.knative.dev/addressable"] == "true"
+    assert isvcs["iris"]["spec"]["predictor"]["minReplicas"] == 0
+
+
+def test_bridge_deployment_targets_the_chosen_inference_service():
+    (dep,) = by_kind(helm_template(), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--grpc-target") + 1] == "iris-predictor.classifiers.svc.cluster.local:8081"
+    (dep,) = by_kind(helm_template([VALUES_DIR / "multi-model.yaml"]), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--rest-url") + 1] == "http://iris-predictor.classifiers.svc.cluster.local"
+    assert dep["spec"]["replicas"] == 2
+    (dep,) = by_kind(helm_template([VALUES_DIR / "knative-grpc.yaml"]), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--grpc-target") + 1] == "mnist-predictor.classifiers.svc.cluster.local:80"
+
+
+@pytest.mark.parametrize("values_file", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_values_are_rejected_with_a_clear_message(values_file):
+    """``# schema: <msg>``: values.schema.json refuses it (install, template and lint);
+    ``# fail: <msg>``: a cross-field check in _helpers.tpl does (install and template; helm lint only logs it)."""
+    first = values_file.read_text().splitlines()[0]
+    kind, _, expected = first.removeprefix("# ").partition(": ")
+    assert kind in ("schema", "fail") and expected, f"{values_file.name}: first line must be '# schema|fail: <message>'"
+    for command in ("template", "lint") if kind == "schema" else ("template",):
+        args = ["kcp", str(CHART)] if command == "template" else [str(CHART)]
+        proc = run([tool("helm"), command, *args, "-f", str(values_file)], check=False)
+        assert proc.returncode != 0, f"helm {command} accepted {values_file.name}"
+        assert expected in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_manifests_are_generated_from_the_chart_and_up_to_date():
+    tool("helm")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "render-manifests.sh"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"manifests/ or the chart's dashboard copy is stale:\n{proc.stderr[-4000:]}"
+    objects = [d for d in yaml.safe_load_all((REPO / "manifests" / "kserve-classifiers.yaml").read_text()) if d]
+    assert {o["kind"] for o in objects} >= {"InferenceService", "Deployment", "ConfigMap"}
+    assert not by_kind(objects, "Secret"), "no generated key is checked in: the API key Secret is created by the user"
+    assert not by_kind(objects, "Pod"), "no helm test Pod in plain manifests"
+
+
+def test_notes_render_with_the_model_urls():
+    proc = run([tool("helm"), "install", "kcp", str(CHART), "--dry-run=client", "--namespace", "classifiers",
+                "-f", str(VALUES_DIR / "multi-model.yaml")])
+    assert "kubectl -n classifiers wait --for=condition=Ready inferenceservice iris mnist fashion-mnist" in proc.stdout
+    assert "/v2/models/iris/infer" in proc.stdout
+    defaults = run([tool("helm"), "install", "kcp", str(CHART), "--dry-run=client", "--namespace", "classifiers",
+                    "--set", "models[0].name=iris", "--set", "models[0].storageUri=pvc://m/iris",
+                    "--set", "models[0].maxReplicas=3"])
+    assert "WARNING: the feedback database is SQLite" in defaults.stdout

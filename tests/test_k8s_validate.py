@@ -1,0 +1,312 @@
+"""Every rendered object is valid for the cluster, and every command it runs is accepted by the real CLI.
+
+* Schemas: built-in kinds with kubernetes-validate (strict), InferenceService / KafkaSource / KafkaSink against
+  the openAPIV3Schema of the CRDs in ../shared/crds (unknown fields are errors), ServiceMonitor by a local schema.
+* The real API server: the custom resources are server-side dry-run applied to the upstream
+  apiextensions-apiserver with the CRDs installed (CEL rules, pruning, defaulting, field ownership).
+* The real CLIs: the predictor container's command and args parse with ``python -m predictors``'s parser and,
+  with host/ports/model_dir swapped for loopback, free ports and models/, start a server that becomes ready;
+  the bridge's parse with ``python -m streaming``'s parser and land, with the env, in the bridge's settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.fixtures.k8s import (
+    CRD_DIR,
+    REPO,
+    VALUES_DIR,
+    SchemaValidator,
+    by_kind,
+    crd_root_schema,
+    crd_schemas,
+    crd_to_jsonschema,
+    helm_template,
+    load_yaml_documents,
+)
+from tests.fixtures.ports import free_port, port_open, wait_for
+from tests.fixtures.server import ServerHandle
+
+VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
+IDS = [p.stem if p else "defaults" for p in VALUE_SETS]
+MANIFESTS = REPO / "manifests" / "kserve-classifiers.yaml"
+
+
+def render(values_file) -> list[dict]:
+    return helm_template([values_file] if values_file else [])
+
+
+# --- schemas ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_every_rendered_object_matches_its_schema(values_file, schema_validator):
+    objects = render(values_file)
+    assert objects
+    problems = [p for obj in objects for p in schema_validator.errors(obj)]
+    assert not problems, "\n".join(problems)
+
+
+def test_checked_in_manifests_match_their_schemas(schema_validator):
+    objects = [d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d]
+    problems = [p for obj in objects for p in schema_validator.errors(obj)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_validator_rejects_what_the_cluster_would(schema_validator):
+    (isvc,) = by_kind(render(None), "InferenceService")
+    (bridge,) = by_kind(render(None), "Deployment")
+    cases = []
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["containers"][0]["portz"] = []
+    cases.append((bad, "'portz' was unexpected"))
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["scaleMetric"] = "gpu"
+    cases.append((bad, "'gpu' is not one of"))
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["containers"][0]["resources"]["limits"]["cpu"] = "two"
+    cases.append((bad, "does not match"))
+    bad = copy.deepcopy(isvc)
+    bad["spec"]["predictor"]["minReplicas"] = "1"
+    cases.append((bad, "is not of type 'integer'"))
+    bad = copy.deepcopy(isvc)
+    bad["metadata"]["labelz"] = {}
+    cases.append((bad, "'labelz' was unexpected"))
+    bad = copy.deepcopy(bridge)
+    bad["spec"]["template"]["spec"]["containers"][0]["envv"] = []
+    cases.append((bad, "'envv' was unexpected"))
+    bad = copy.deepcopy(bridge)
+    bad["metadata"]["name"] = "Bridge_1"
+    cases.append((bad, "not a DNS-1123 subdomain"))
+    for obj, message in cases:
+        errors = schema_validator.errors(obj)
+        assert any(message in e for e in errors), (message, errors)
+
+
+def test_crd_converter_semantics():
+    node = {
+        "type": "object",
+        "properties": {
+            "plain": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "map": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "maybe": {"type": "string", "nullable": True, "enum": ["x"]},
+            "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+            "either": {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
+                       "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+            "embedded": {"type": "object", "x-kubernetes-embedded-resource": True,
+                         "properties": {"spec": {"type": "object"}}},
+        },
+    }
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(crd_to_jsonschema(node))
+
+    def ok(value):
+        return not list(validator.iter_errors(value))
+
+    assert ok({"plain": {"a": "x"}, "open": {"anything": {"goes": 1}}, "map": {"k": 1}, "port": 8080})
+    assert ok({"port": "http", "maybe": None, "ratio": 0.5, "either": {"a": "x"}})
+    assert ok({"embedded": {"apiVersion": "v1", "kind": "ConfigMap", "spec": {}}})
+    assert not ok({"plain": {"b": "x"}}), "undeclared field under a structural object"
+    assert not ok({"unknown": 1}), "undeclared field at the top"
+    assert not ok({"map": {"k": "1"}})
+    assert not ok({"port": 1.5})
+    assert not ok({"maybe": "y"})
+    assert not ok({"ratio": 0})
+    assert not ok({"either": {}})
+    assert not ok({"embedded": {"spec": {"x": 1}}}), "embedded spec is still structural"
+
+
+def test_every_crd_version_converts():
+    schemas = crd_schemas()
+    assert {("serving.kserve.io/v1beta1", "InferenceService"), ("sources.knative.dev/v1beta1", "KafkaSource"),
+            ("sources.knative.dev/v1", "KafkaSource"), ("eventing.knative.dev/v1alpha1", "KafkaSink")} <= set(schemas)
+    (crd,) = [d for d in load_yaml_documents(CRD_DIR / "eventing.knative.dev_kafkasinks.yaml")
+              if d.get("kind") == "CustomResourceDefinition"]
+    schema = crd_root_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "eventing.knative.dev",
+                             "v1alpha1", "KafkaSink")
+    assert schema["properties"]["apiVersion"] == {"const": "eventing.knative.dev/v1alpha1"}
+    assert schema["properties"]["spec"]["additionalProperties"] is False
+
+
+# --- the real API server -----------------------------------------------------------------------------------
+
+
+def custom_resources(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if (o["apiVersion"], o["kind"]) in crd_schemas()]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_custom_resources_pass_server_side_dry_run_apply(values_file, crd_apiserver):
+    resources = custom_resources(render(values_file))
+    assert resources
+    proc = crd_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "--field-manager=helm",
+                                 "--validate=strict", "-f", "-", input=yaml.safe_dump_all(resources), check=False)
+    assert proc.returncode == 0, proc.stderr
+    for obj in resources:
+        assert f"{obj['metadata']['name']} serverside-applied (server dry run)" in proc.stdout
+
+
+def test_api_server_rejects_an_unknown_field(crd_apiserver):
+    (isvc,) = by_kind(render(None), "InferenceService")
+    isvc["spec"]["predictor"]["containers"][0]["bogus"] = True
+    proc = crd_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump(isvc),
+                                 check=False)
+    assert proc.returncode != 0
+    assert "bogus: field not declared in schema" in proc.stderr
+
+
+# --- the rendered commands against the real command-line parsers ---------------------------------------------
+
+
+def predictor_containers(objects: list[dict]) -> list[dict]:
+    return [c for isvc in by_kind(objects, "InferenceService") for c in isvc["spec"]["predictor"]["containers"]]
+
+
+def bridge_containers(objects: list[dict]) -> list[dict]:
+    return [c for dep in by_kind(objects, "Deployment") for c in dep["spec"]["template"]["spec"]["containers"]
+            if c["name"] == "bridge"]
+
+
+def parse_predictor(command: list[str], args: list[str]):
+    assert command[:3] == ["python", "-m", "predictors"], command
+    from predictors.__main__ import build_parser
+
+    return build_parser().parse_args([*command[3:], *args])
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_predictor_args_are_accepted_by_the_server_cli(values_file):
+    for container in predictor_containers(render(values_file)):
+        ns = parse_predictor(container["command"], container["args"])
+        assert ns.command == "serve"
+        assert ns.model_dir == "/mnt/models"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if "http1" in ports:
+            assert ns.http_port == ports["http1"]
+        if "h2c" in ports:
+            assert ns.grpc_port == ports["h2c"]
+            assert ns.enable_grpc is True
+        else:
+            assert ns.enable_grpc is False, "no gRPC port declared: do not serve gRPC"
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch):
+    """The rendered command line and env, through the bridge's own parser and settings, give what was asked."""
+    import streaming.__main__ as streaming_cli
+    import streaming.bridge
+
+    values_objects = render(values_file)
+    for container in bridge_containers(values_objects):
+        assert container["command"] == ["python", "-m", "streaming", "bridge"]
+        captured = {}
+        monkeypatch.setattr(streaming.bridge, "run_bridge", lambda s: captured.setdefault("settings", s))
+        for var in [v for v in os.environ if v.startswith("KCP_")]:
+            monkeypatch.delenv(var)
+        secrets = {}
+        for e in container["env"]:
+            if "value" in e:
+                monkeypatch.setenv(e["name"], e["value"])
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                secrets[e["name"]] = f"{ref['name']}/{ref['key']}"
+                monkeypatch.setenv(e["name"], secrets[e["name"]])
+        args = streaming_cli.build_parser().parse_args([*container["command"][3:], *container["args"]])
+        assert streaming_cli.cmd_bridge(args) == 0
+        s = captured["settings"]
+        arg = dict(zip(container["args"][::2], container["args"][1::2], strict=False))
+        assert s.backend == "kafka"
+        assert s.request_topic == arg["--request-topic"] and s.result_topic == arg["--result-topic"]
+        assert s.dead_letter_topic == arg["--dead-letter-topic"] and s.group == arg["--group"]
+        assert s.kafka.bootstrap_servers == arg["--bootstrap-servers"]
+        assert s.v2.protocol == arg["--protocol"]
+        if s.v2.protocol == "grpc":
+            assert s.v2.grpc_target == arg["--grpc-target"]
+        else:
+            assert s.v2.rest_url == arg["--rest-url"]
+        assert (s.health_host, s.health_port) == ("0.0.0.0", 8090)
+        env = {e["name"]: e for e in container["env"]}
+        assert s.kafka.security_protocol == env["KCP_KAFKA_SECURITY_PROTOCOL"]["value"]
+        if "KCP_V2_API_KEY" in secrets:
+            assert s.v2.api_key.get_secret_value() == secrets["KCP_V2_API_KEY"]
+        if "KCP_KAFKA_SASL_PLAIN_PASSWORD" in secrets:
+            assert s.kafka.sasl_mechanism == secrets["KCP_KAFKA_SASL_MECHANISM"]
+            assert s.kafka.sasl_plain_username == secrets["KCP_KAFKA_SASL_PLAIN_USERNAME"]
+            assert s.kafka.sasl_plain_password.get_secret_value() == secrets["KCP_KAFKA_SASL_PLAIN_PASSWORD"]
+        if "KCP_KAFKA_SSL_CAFILE" in env:
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert s.kafka.ssl_cafile == f"{mounts['kafka-tls']}/ca.crt"
+        # every KCP_ variable the chart sets is one the settings know (a typo would be silently ignored)
+        for name in env:
+            assert _known_setting(name), f"{name} is not a streaming setting"
+        probe_port = container["readinessProbe"]["httpGet"]["port"]
+        assert probe_port == "metrics" and container["ports"][0]["containerPort"] == s.health_port
+
+
+def _known_setting(var: str) -> bool:
+    from streaming.settings import BridgeSettings, KafkaSettings, V2ClientSettings
+
+    for prefix, model in (("KCP_KAFKA_", KafkaSettings), ("KCP_V2_", V2ClientSettings), ("KCP_BRIDGE_", BridgeSettings)):
+        if var.startswith(prefix) and var.removeprefix(prefix).lower() in model.model_fields:
+            return True
+    return False
+
+
+def _trained_models() -> Path:
+    models = REPO / "models"
+    if not any((p / "config.json").is_file() for p in models.glob("*")):
+        pytest.skip("no trained packages in models/ (make train)")
+    return models
+
+
+def test_server_starts_with_the_rendered_args(tmp_path):
+    """Start ``python -m predictors serve`` with exactly the InferenceService's args and env, only host, ports and
+    model_dir swapped for loopback, free ports and models/; it must become ready on both ports."""
+    model_dir = _trained_models()
+    (isvc,) = by_kind(render(None), "InferenceService")
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    http_port, grpc_port = free_port(), free_port()
+    swap = {"--host": "127.0.0.1", "--http_port": str(http_port), "--grpc_port": str(grpc_port),
+            "--model_dir": str(model_dir)}
+    args = list(container["args"])
+    for flag, value in swap.items():
+        args[args.index(flag) + 1] = value
+    assert len(args) == len(container["args"])
+    env = {**os.environ, "KCP_API_KEY": "rendered-args-test-key",
+           "KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'feedback.db'}"}
+    rendered_env = {e["name"] for e in container["env"]}
+    assert {"STORAGE_URI", "KCP_API_KEY", "KCP_FEEDBACK_DB_URL"} <= rendered_env
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, *container["command"][1:], *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    handle = ServerHandle(proc, model_dir, http_port, grpc_port, "rendered-args-test-key", log_path)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited {proc.returncode}:\n{handle.log()[-4000:]}")
+            return httpx.get(f"{handle.http_url}{container['readinessProbe']['httpGet']['path']}",
+                             timeout=1).status_code == 200
+
+        try:
+            wait_for(ready, timeout=180, what="the server's readiness probe path")
+        except AssertionError as exc:
+            pytest.fail(str(exc))
+        assert httpx.get(f"{handle.http_url}{container['livenessProbe']['httpGet']['path']}").status_code == 200
+        assert port_open(grpc_port), "gRPC port declared in the InferenceService is not listening"
+        assert httpx.get(f"{handle.http_url}/metrics").status_code == 200, "Prometheus scrapes without the key"
+        assert httpx.get(f"{handle.http_url}/v2/models").status_code == 401, "the API key from the env is enforced"
+    finally:
+        handle.stop()
