@@ -85,7 +85,8 @@ def test_micro_batcher_flushes_on_size_and_on_delay() -> None:
 
 def test_grpc_and_rest_encodings_round_trip() -> None:
     request = InferRequest("m", [Tensor("x", "FP32", [1, 2], [0.5, 1.5]),
-                                 Tensor("img", "BYTES", [2], [b"\x89PNG", "txt"])], id="r", parameters={"flag": True, "n": 3})
+                                 Tensor("img", "BYTES", [2], [b"\x89PNG", "txt"])],
+                           id="r", parameters={"flag": True, "n": 3})
     message = to_grpc(request)
     assert message.model_name == "m" and message.id == "r" and message.parameters["n"].int64_param == 3
     assert deserialize_bytes(message.raw_input_contents[1]) == [b"\x89PNG", b"txt"]

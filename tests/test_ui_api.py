@@ -205,9 +205,9 @@ def test_openapi_docs_answer_when_enabled(keyed: ServerHandle, client: httpx.Cli
 def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
     """pyproject's package-data must carry the static files, or an installed server has no page."""
     source = tmp_path / "source"  # a copy, so the build writes nothing into the working tree
+    source.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, source / name) if source.exists() else (source.mkdir(), shutil.copy2(REPO / name,
-                                                                                                       source / name))
+        shutil.copy2(REPO / name, source / name)
     for package in ("predictors", "streaming", "training"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
