@@ -107,7 +107,7 @@ class Batcher:
             BATCH_ROWS.labels(self.model_name).observe(len(merged))
             try:
                 result = await loop.run_in_executor(None, self.predict_fn, merged)
-            except Exception:  # noqa: BLE001 - isolate the failing request below
+            except Exception:
                 await self._one_by_one(batch)
                 continue
             start = 0
@@ -122,7 +122,7 @@ class Batcher:
         for p in batch:
             try:
                 result = await loop.run_in_executor(None, self.predict_fn, p.rows)
-            except Exception as exc:  # noqa: BLE001 - delivered to its own caller
+            except Exception as exc:
                 if not p.future.done():
                     p.future.set_exception(exc)
             else:

@@ -50,7 +50,7 @@ def project_version() -> str:
         from importlib.metadata import version
 
         return version("kserve-classifiers")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (running from a checkout)
+    except Exception:
         return "0.1.0"
 
 
@@ -183,7 +183,7 @@ def package_name(package: str | Path) -> str:
 # --- talking to the cluster --------------------------------------------------------------------------------
 
 
-def api_client(kubeconfig: str | None = None, context: str | None = None):  # noqa: ANN201 - kubernetes ApiClient
+def api_client(kubeconfig: str | None = None, context: str | None = None):
     """A client from ``kubeconfig``/$KUBECONFIG/~/.kube/config, or the in-cluster service account."""
     from kubernetes import config
 
@@ -211,7 +211,7 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
         namespace = (chosen or {}).get("context", {}).get("namespace")
         if namespace:
             return namespace
-    except Exception:  # noqa: BLE001 - no kubeconfig: fall through
+    except Exception:
         pass
     sa_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
     return sa_ns.read_text().strip() if sa_ns.is_file() else "default"
@@ -247,7 +247,7 @@ def apply(manifest: dict[str, Any], client: Any, *, dry_run: bool = False) -> di
             force=True, dry_run="All" if dry_run else None, _content_type="application/apply-patch+yaml",
             _preload_content=False)
         return json.loads(response.data)
-    except Exception as exc:  # noqa: BLE001 - ApiException, connection errors: one message
+    except Exception as exc:
         raise _api_error(exc, f"applying InferenceService {meta['namespace']}/{meta['name']}") from exc
 
 
@@ -269,7 +269,7 @@ def wait_ready(name: str, namespace: str, client: Any, *, timeout: float = 600.0
     while True:
         try:
             isvc = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _api_error(exc, f"reading InferenceService {namespace}/{name}") from exc
         ready = ready_condition(isvc)
         if ready and ready.get("status") == "True":
@@ -339,7 +339,7 @@ def undeploy(name_or_package: str | Path, *, namespace: str | None = None, clien
             print(f"inferenceservice {namespace}/{name} not found: nothing to delete", file=err, flush=True)
             return False
         raise _api_error(exc, f"deleting InferenceService {namespace}/{name}") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise _api_error(exc, f"deleting InferenceService {namespace}/{name}") from exc
     deadline = time.monotonic() + timeout
     while wait:

@@ -341,7 +341,8 @@ def check_artifact(package: ModelPackage, model: Any) -> None:
         classes = getattr(model, "classes_", None)
         if classes is not None and [int(c) for c in classes] != package.labels.labels:
             raise PackageError(package.path, LABELS_FILE, "labels",
-                               f"model {art} predicts classes {list(classes)}, labels file lists {package.labels.labels}")
+                               f"model {art} predicts classes {list(classes)}, "
+                               f"labels file lists {package.labels.labels}")
         if not hasattr(model, "predict_proba"):
             raise PackageError(package.path, art, None, "scikit-learn model has no predict_proba")
     elif cfg.framework == "keras":

@@ -115,8 +115,8 @@ def center_of_mass(pixels: np.ndarray, step: CenterOfMassStep) -> np.ndarray:
     else:
         ys, xs = np.indices(pixels.shape, dtype=np.float64)
         cy, cx = float((ys * pixels).sum() / total), float((xs * pixels).sum() / total)
-    top = int(round((size - 1) / 2.0 - cy))
-    left = int(round((size - 1) / 2.0 - cx))
+    top = round((size - 1) / 2.0 - cy)
+    left = round((size - 1) / 2.0 - cx)
     top, left = min(max(top, 0), size - h), min(max(left, 0), size - w)
     canvas[top: top + h, left: left + w] = pixels
     return canvas

@@ -41,7 +41,8 @@ class BodyLimitMiddleware:
             return
         for key, value in scope["headers"]:
             if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_error(send, 413, f"request body of {int(value)} bytes exceeds the {self.max_bytes}-byte limit")
+                await _send_error(send, 413,
+                                  f"request body of {int(value)} bytes exceeds the {self.max_bytes}-byte limit")
                 return
         received = 0
         started = False

@@ -79,7 +79,7 @@ class PackageRepositoryExtension(ModelRepositoryExtension):
             raise
         except PackageError as exc:
             raise BadInput(str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - the artifact itself failed to load
+        except Exception as exc:
             raise ModelNotReady(model_name, f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -195,7 +195,7 @@ class ClassifierServer(kserve.ModelServer):
         asyncio.get_event_loop().create_task(shutdown())
 
 
-def _open_feedback_store(settings: ServerSettings):  # noqa: ANN202 - optional module
+def _open_feedback_store(settings: ServerSettings):
     try:
         from predictors.feedback import FeedbackStore
     except ImportError:

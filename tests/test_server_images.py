@@ -136,7 +136,7 @@ def test_private_network_urls_are_refused(client, url, message):
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, str, bytes, dict]] = {}
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         status, ctype, body, headers = self.routes.get(self.path, (404, "text/plain", b"missing", {}))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -176,9 +176,9 @@ def allowlisted_server(tmp_path_factory):
     from tests.fixtures.server import TRAINED_MODELS
 
     tmp = tmp_path_factory.mktemp("allowlist")
-    with start_model_server(TRAINED_MODELS / "mnist", tmp, env={"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32"}) as s:
-        with s.client() as c:
-            yield c
+    env = {"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32"}
+    with start_model_server(TRAINED_MODELS / "mnist", tmp, env=env) as s, s.client() as c:
+        yield c
 
 
 def test_url_inputs_are_fetched_when_allowed(allowlisted_server, image_site):

@@ -109,7 +109,8 @@ def test_binary_tensor_extension_in_and_out(client):
 
 def test_version_route(client):
     version = client.get("/v2/models/iris").json()["versions"][0]
-    ok = client.post(f"/v2/models/iris/versions/{version}/infer", json={"inputs": [tensor("input-0", [SETOSA], "FP32")]})
+    ok = client.post(f"/v2/models/iris/versions/{version}/infer",
+                     json={"inputs": [tensor("input-0", [SETOSA], "FP32")]})
     assert ok.status_code == 200
     wrong = client.post("/v2/models/iris/versions/does-not-exist/infer",
                         json={"inputs": [tensor("input-0", [SETOSA], "FP32")]})
@@ -153,7 +154,8 @@ def test_nan_and_infinity_are_rejected(client):
         features = np.asarray([[5.1, value, 1.4, 0.2]], dtype=np.float32)
         header = json.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP32",
                                          "parameters": {"binary_data_size": features.nbytes}}]}).encode()
-        response = infer(client, header + features.tobytes(), headers={"Inference-Header-Content-Length": str(len(header))})
+        response = infer(client, header + features.tobytes(),
+                         headers={"Inference-Header-Content-Length": str(len(header))})
         assert response.status_code == 400
         assert "NaN or infinity" in response.json()["error"]
     literal = infer(client, b'{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP32","data":[NaN,1,1,1]}]}')

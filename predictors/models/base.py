@@ -250,7 +250,7 @@ class PackageModel(Model):
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, log.record_predictions, self.name, self.config.version, rows)
-        except Exception:  # noqa: BLE001 - a logging failure must not fail the prediction
+        except Exception:
             logger.exception("could not record predictions for model %s", self.name)
 
 
