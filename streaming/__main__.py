@@ -227,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, args.log_level)))
+    # kafka-python's own IO loop warns "blocking the event loop" when the CPU is busy; that is its
+    # internal thread, not the bridge's asyncio loop, so the warning only misleads here.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results, "broker": cmd_broker}
     try:
         return commands[args.command](args)

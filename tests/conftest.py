@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.k8s",
     "tests.fixtures.broker",
     "tests.fixtures.pubsub",
+    "tests.fixtures.browser",
 ]

@@ -8,7 +8,6 @@ committed trained packages.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +50,6 @@ def db_env(tmp_path: Path) -> dict[str, str]:
     return {"KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'shared-feedback.db'}"}
 
 
-@pytest.fixture
-def server(iris_data: dict[str, Any], tmp_path: Path, db_env: dict[str, str]) -> Iterator[ServerHandle]:
-    with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as handle:
-        yield handle
-
-
 def infer(handle: ServerHandle, rows: np.ndarray, request_id: str) -> tuple[list[str], list[int]]:
     """One real V2 inference; returns (prediction ids, predicted labels) from the response."""
     tensor = {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}
@@ -68,23 +61,46 @@ def infer(handle: ServerHandle, rows: np.ndarray, request_id: str) -> tuple[list
     return [str(i) for i in outputs["prediction_id"]], [int(v) for v in outputs["label"]]
 
 
-def test_id_join_with_real_predictions_survives_a_restart(iris_data: dict[str, Any], tmp_path: Path,
-                                                          db_env: dict[str, str]) -> None:
+def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str, Any], tmp_path: Path,
+                                                             db_env: dict[str, str]) -> None:
+    """One test, two server processes on one database (each server start costs seconds)."""
     x, y = iris_data["x"], iris_data["y"]
+    katonic = {"predicted_label": [0, 1, 2, 2], "true_label": [0, 1, 1, 2]}
     with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as first:
         batch_ids, batch_pred = infer(first, x[:20], "batch-1")  # ids "batch-1/0".."batch-1/19"
         single_ids, single_pred = infer(first, x[20:21], "single-1")  # id "single-1"
         assert batch_ids == [f"batch-1/{i}" for i in range(20)]
         assert single_ids == ["single-1"]
 
-        items = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[:15], y[:15], strict=True)]
         with first.client() as c:
+            items = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[:15], y[:15], strict=True)]
             r = c.post("/v2/models/iris/feedback", json={"items": items})
-        assert r.status_code == 200, r.text
-        # The server paired each truth with what it really predicted for that id.
-        assert r.json()["batch"]["confusion_matrix"]["matrix"] == confusion_matrix(
-            y[:15], batch_pred[:15], labels=[0, 1, 2]).tolist()
-        before = r.json()["cumulative"]
+            assert r.status_code == 200, r.text
+            # The server paired each truth with what it really predicted for that id.
+            assert r.json()["batch"]["confusion_matrix"]["matrix"] == confusion_matrix(
+                y[:15], batch_pred[:15], labels=[0, 1, 2]).tolist()
+
+            # The Katonic form, with the names from the package's labels_file.json.
+            r = c.post("/v2/models/iris/feedback", json=katonic)
+            assert r.status_code == 200, r.text
+            assert r.json()["batch"]["confusion_matrix"]["matrix"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+            assert r.json()["cumulative"]["per_class"][1]["name"] == "versicolor"
+            before = r.json()["cumulative"]
+            assert before["count"] == 19
+
+            # Rejections through the server's own middleware and error handling: 4xx, {"error"}, nothing kept.
+            for bad in ({"predicted_label": [0], "true_label": [5]}, {"predicted_label": [0, 1], "true_label": [0]},
+                        {"items": [{"id": "never-predicted", "true_label": 0}]}):
+                rejected = c.post("/v2/models/iris/feedback", json=bad)
+                assert rejected.status_code == 400, rejected.text
+                assert set(rejected.json()) == {"error"}
+            missing = c.post("/v2/models/no-such-model/feedback", json=katonic)
+            assert missing.status_code == 404
+            assert "error" in missing.json()
+            unauthenticated = c.post("/v2/models/iris/feedback", json=katonic, headers={"X-API-Key": "wrong"})
+            assert unauthenticated.status_code == 401
+            assert "error" in unauthenticated.json()
+            assert c.get("/v2/models/iris/feedback").json()["cumulative"] == before
 
     # A new process on the same database: feedback and the prediction log are still there.
     with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as second:
@@ -97,9 +113,11 @@ def test_id_join_with_real_predictions_survives_a_restart(iris_data: dict[str, A
             rest.append({"id": "single-1", "true_label": y[20]})
             r = c.post("/v2/models/iris/feedback", json={"items": rest})
             assert r.status_code == 200, r.text
-            expected = confusion_matrix(y[:21], batch_pred + single_pred, labels=[0, 1, 2])
+            expected = confusion_matrix(y[:21] + katonic["true_label"], batch_pred + single_pred
+                                        + katonic["predicted_label"], labels=[0, 1, 2])
             assert r.json()["cumulative"]["confusion_matrix"]["matrix"] == expected.tolist()
-            assert r.json()["cumulative"]["count"] == 21
+            assert r.json()["cumulative"]["count"] == 25
+            assert r.json()["cumulative"]["accuracy"] == pytest.approx(np.trace(expected) / 25)
 
             # ... and each still counts once.
             again = c.post("/v2/models/iris/feedback", json={"items": [{"id": "batch-1/0", "true_label": 0}]})
@@ -109,29 +127,3 @@ def test_id_join_with_real_predictions_survives_a_restart(iris_data: dict[str, A
             metrics = c.get("/metrics").text
         assert 'classifier_feedback_total{model="iris"' in metrics
         assert 'classifier_feedback_accuracy{model="iris"}' in metrics
-        accuracy = float(np.mean(np.asarray(y[:21]) == np.asarray(batch_pred + single_pred)))
-        assert r.json()["cumulative"]["accuracy"] == pytest.approx(accuracy)
-
-
-def test_katonic_form_auth_and_errors_through_the_server(server: ServerHandle) -> None:
-    body = {"predicted_label": [0, 1, 2, 2], "true_label": [0, 1, 1, 2]}
-    with server.client() as c:
-        r = c.post("/v2/models/iris/feedback", json=body)
-        assert r.status_code == 200, r.text
-        assert r.json()["batch"]["confusion_matrix"]["matrix"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
-        assert r.json()["cumulative"]["per_class"][1]["name"] == "versicolor"
-
-        for bad, status in (({"predicted_label": [0], "true_label": [5]}, 400),
-                            ({"predicted_label": [0, 1], "true_label": [0]}, 400),
-                            ({"items": [{"id": "never-predicted", "true_label": 0}]}, 400)):
-            rejected = c.post("/v2/models/iris/feedback", json=bad)
-            assert rejected.status_code == status, rejected.text
-            assert set(rejected.json()) == {"error"}
-        missing = c.post("/v2/models/no-such-model/feedback", json=body)
-        assert missing.status_code == 404
-        assert "error" in missing.json()
-
-        unauthenticated = c.post("/v2/models/iris/feedback", json=body, headers={"X-API-Key": "wrong"})
-        assert unauthenticated.status_code == 401
-        assert "error" in unauthenticated.json()
-        assert c.get("/v2/models/iris/feedback").json()["cumulative"]["count"] == 4

@@ -108,9 +108,12 @@ def test_every_input_form_gets_a_result(bridge, sender, kafka_broker, topics) ->
     assert 0 <= out(docs[f"{run}-raw-png"], "label")[0] <= 9
 
 
-def test_producer_and_results_commands_with_feedback(bridge, kafka_broker, topics, model_server, tmp_path) -> None:
+def test_producer_and_results_commands_with_feedback(kafka_broker, kafka_topics, bridges, model_server) -> None:
+    """The commands `make demo` runs, on their own topics: produce iris + images, results --feedback."""
     csv = TRAINED_MODELS / "iris" / "test.csv"
     assert csv.is_file(), f"{csv} is missing: training writes the Iris test split next to the package"
+    topics = kafka_topics(requests=2, results=2, dlq=1)
+    bridges(topics, group="cli", grpc_target=model_server.grpc_target)
     run = f"cli{uuid.uuid4().hex[:6]}"
     env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("KCP_")}, **kafka_broker.env()}
 
@@ -127,10 +130,11 @@ def test_producer_and_results_commands_with_feedback(bridge, kafka_broker, topic
                                   topics["requests"], "--run-id", run)
     wait_results(kafka_broker, topics["results"], {f"{run}-iris-{i}" for i in range(rows)}
                  | {f"{run}-fashion-mnist-{i}" for i in range(6)})
-    report = cli("results", "--topic", topics["results"], "--group", f"printer-{run}", "--idle-timeout", "5",
+    report = cli("results", "--topic", topics["results"], "--count", str(rows + 6), "--idle-timeout", "30",
                  "--feedback", "--server-url", model_server.http_url)
     lines = [line for line in report.splitlines() if line.startswith(run)]
     assert len(lines) == rows + 6 and all(" -> " in line for line in lines)
+    assert f"results: {rows + 6} unique" in report
     assert f"iris: feedback sent for {rows}" in report and "fashion-mnist: feedback sent for 6" in report
     assert "feedback error" not in report
 

@@ -92,7 +92,7 @@ def test_static_files_load_nothing_from_elsewhere() -> None:
 
 def test_preprocess_returns_exactly_the_input_the_model_classifies(client: httpx.Client, mnist_digits) -> None:
     """The preview is the model's own preprocessing: feeding it back as FP32 gives the same answer."""
-    images, labels = mnist_digits
+    images, _ = mnist_digits
     rng = np.random.default_rng(11)
     photos = [photo_of_digit(images[i], rng, fmt="PNG") for i in range(3)]
     answer = preprocess(client, {"inputs": [bytes_tensor("input-0", photos)]})

@@ -261,7 +261,9 @@ def build_feedback_router(
     so it must not block (the server answers it from memory). ``dependencies`` (e.g. the API-key
     check) apply to every route. ``window_seconds`` is the default "recent" window of GET.
     """
-    default_window = parse_window(str(window_seconds), 3600.0)
+    if not (math.isfinite(window_seconds) and 0 < window_seconds <= MAX_WINDOW_SECONDS):
+        raise ValueError(f"window_seconds must be in (0, {MAX_WINDOW_SECONDS:.0f}], got {window_seconds}")
+    default_window = float(window_seconds)
     router = APIRouter(dependencies=list(dependencies), route_class=_JSONErrorRoute, tags=["feedback"])
 
     def labels_of(model_name: str, submission: bool) -> LabelsFile:

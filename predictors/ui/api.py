@@ -29,7 +29,6 @@ from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from predictors.codecs import parse_rest_request
 from predictors.errors import BadInput, ClientError, UnknownModel
 
-
 ModelLookup = Callable[[str], Any]
 """``lookup(name)``: the served model called ``name``, or ``None``."""
 

@@ -213,19 +213,19 @@
         "aria-pressed": String(Boolean(current)),
       });
       button.addEventListener("click", () => { window.location.hash = `model=${encodeURIComponent(entry.name)}`; });
-      const inputs = el("td");
+      const inputs = el("td", { "data-label": "Inputs" });
       for (const tensor of meta.inputs || []) {
         inputs.append(el("span", { class: "spec", text: formatSpec(tensor) + (tensor.name === "ids" ? " (optional)" : "") }));
       }
-      const statusCell = el("td", {}, el("span", {
+      const statusCell = el("td", { "data-label": "Status" }, el("span", {
         class: `status ${entry.ready ? "ready" : "not-ready"}`, text: entry.ready ? "Ready" : "Not ready",
       }));
       if (entry.error) statusCell.append(el("span", { class: "hint", text: ` ${entry.error}` }));
       const row = el("tr", { "aria-current": String(Boolean(current)), "data-model": entry.name },
         el("th", { scope: "row" }, button),
         statusCell,
-        el("td", { text: (meta.versions || []).join(", ") || "–" }),
-        el("td", { text: meta.platform || "–" }),
+        el("td", { "data-label": "Version", text: (meta.versions || []).join(", ") || "–" }),
+        el("td", { "data-label": "Framework", text: meta.platform || "–" }),
         inputs);
       body.append(row);
     }
@@ -684,12 +684,19 @@
     $("metric-macro-f1").textContent = cumulative.count ? fixed(cumulative.macro_avg.f1) : "–";
 
     const table = $("per-class");
-    table.tBodies[0].replaceChildren(...cumulative.per_class.map((c) => el("tr", {},
-      el("th", { scope: "row", text: c.name === String(c.label) ? c.name : `${c.name} (${c.label})` }),
-      el("td", { class: "num", text: fixed(c.precision) }),
-      el("td", { class: "num", text: fixed(c.recall) }),
-      el("td", { class: "num", text: fixed(c.f1) }),
-      el("td", { class: "num", text: String(c.support) }))));
+    const matrix = cumulative.confusion_matrix.matrix;
+    const predictedAs = matrix.length ? matrix[0].map((_, j) => matrix.reduce((sum, row) => sum + row[j], 0)) : [];
+    table.tBodies[0].replaceChildren(...cumulative.per_class.map((c, i) => {
+      // A class nobody has given feedback on and the model never predicted has no score yet, not 0.
+      const seen = c.support > 0 || predictedAs[i] > 0;
+      const score = (x) => (seen ? fixed(x) : "–");
+      return el("tr", {},
+        el("th", { scope: "row", text: c.name === String(c.label) ? c.name : `${c.name} (${c.label})` }),
+        el("td", { class: "num", text: score(c.precision) }),
+        el("td", { class: "num", text: score(c.recall) }),
+        el("td", { class: "num", text: score(c.f1) }),
+        el("td", { class: "num", text: String(c.support) }));
+    }));
     table.tFoot.replaceChildren(...[["Macro average", cumulative.macro_avg], ["Weighted average", cumulative.weighted_avg]]
       .map(([title, avg]) => el("tr", {},
         el("th", { scope: "row", text: title }),
@@ -721,7 +728,8 @@
           text: String(count), "data-true": String(cm.labels[i]), "data-predicted": String(cm.labels[j]),
           title: `true ${cm.names[i]}, predicted ${cm.names[j]}: ${count}` + (total ? ` (${percent(share)} of the row)` : ""),
         });
-        if (count > 0) {
+        if (count === 0) cell.classList.add("zero");
+        else {
           const hue = i === j ? 212 : 4;
           const lightness = 94 - share * 58; // 94% (a few) .. 36% (the whole row)
           cell.style.backgroundColor = `hsl(${hue} 70% ${lightness}%)`;

