@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
+import time
 import warnings
 from concurrent import futures
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,25 @@ class ClassifierServer(kserve.ModelServer):
             app.add_middleware(RESTAuthMiddleware, key=self.api_key)
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.max_body_bytes)
 
+    def _start_retention(self) -> None:
+        """Prune the prediction log now and every hour, in a daemon thread (never on the event loop)."""
+        store = self.feedback_store
+        if store is None:
+            return
+        keep = timedelta(days=self.settings.prediction_retention_days)
+
+        def prune_forever() -> None:
+            while True:
+                try:
+                    removed = store.prune_predictions(datetime.now(UTC) - keep)
+                    if removed:
+                        logger.info("pruned %d logged predictions older than %s", removed, keep)
+                except Exception:  # retry next hour
+                    logger.exception("pruning the prediction log failed")
+                time.sleep(3600)
+
+        threading.Thread(target=prune_forever, name="prediction-log-retention", daemon=True).start()
+
     def _labels_of(self, model_name: str) -> LabelsFile:
         model = self.repository.get_model(model_name)
         if model is None or not hasattr(model, "package"):
@@ -162,6 +184,7 @@ class ClassifierServer(kserve.ModelServer):
             model.enable_latency_logging = self.enable_latency_logging
             model.start()
         self._configure_app()
+        self._start_retention()
         self._rest_server = BoundRESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
             self.http_port, host=self.settings.host, access_log_format=self.access_log_format, workers=1,

@@ -25,6 +25,8 @@ class ServerSettings(BaseModel):
     api_key: str | None = Field(default=None, repr=False)
     feedback_db_url: str = "sqlite:///feedback.db"
     prediction_log: bool = True
+    prediction_retention_days: float = Field(default=30.0, gt=0,
+                                             description="how long feedback can refer to a prediction")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     max_batch_size: int | None = Field(default=None, ge=1, description="override every package's batching")
@@ -54,7 +56,8 @@ class ServerSettings(BaseModel):
         if key:
             values["api_key"] = key
         for field, var in (("feedback_db_url", "FEEDBACK_DB_URL"), ("max_body_bytes", "MAX_BODY_BYTES"),
-                           ("prediction_log", "PREDICTION_LOG"), ("ui", "UI")):
+                           ("prediction_log", "PREDICTION_LOG"), ("ui", "UI"),
+                           ("prediction_retention_days", "PREDICTION_RETENTION_DAYS")):
             if get(var) is not None:
                 values[field] = get(var)
         fetch: dict[str, object] = {}
