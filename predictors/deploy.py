@@ -16,6 +16,7 @@ default values: same command, arguments, ports, probes and environment (a test c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -72,7 +73,7 @@ def server_args(*, http_port: int = 8080, grpc_port: int = 8081, enable_grpc: bo
 
 @dataclass
 class DeploySpec:
-    """What to deploy; defaults match the chart's default values."""
+    """What to deploy. The container is the chart's (tests/test_deploy.py compares them); one replica by default."""
 
     name: str
     storage_uri: str
@@ -148,7 +149,7 @@ def inference_service(spec: DeploySpec) -> dict[str, Any]:
         "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.http_port),
                         "prometheus.io/path": "/metrics"},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "data", "emptyDir": {}}],
     }
@@ -222,10 +223,8 @@ def _api_error(exc: Exception, what: str) -> DeployError:
 
     if isinstance(exc, ApiException):
         reason = exc.reason
-        try:
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
             reason = json.loads(exc.body).get("message", reason)
-        except (TypeError, ValueError):
-            pass
         hint = ""
         if exc.status == 404:
             hint = " (is KServe installed? the InferenceService CRD serving.kserve.io/v1beta1 is missing)"
@@ -375,7 +374,8 @@ def add_deploy_arguments(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--storage-uri", required=True,
                    help="where KServe's storage initializer fetches the package: pvc://claim/path, s3://, gs://")
     d.add_argument("--name", help="InferenceService name (default: the package's name)")
-    d.add_argument("--image", default=None, help=f"predictor image (default: $KCP_PREDICTOR_IMAGE or {default_image()})")
+    d.add_argument("--image", default=None,
+                   help=f"predictor image (default: $KCP_PREDICTOR_IMAGE or {default_image()})")
     d.add_argument("--deployment-mode", choices=DEPLOYMENT_MODES, default="Standard",
                    help="KServe deployment mode: Standard (REST + gRPC) or Knative (REST only, scale to zero)")
     d.add_argument("--min-replicas", type=int, default=1)

@@ -23,7 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -210,15 +218,23 @@ class LabelsFile(_Strict):
     labels: list[int] = Field(min_length=2)
     names: list[str] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> LabelsFile:
-        if len(set(self.labels)) != len(self.labels):
+    # Field validators (not one model validator) so a PackageError names the field: 'labels' or 'names'.
+    @field_validator("labels")
+    @classmethod
+    def _encoded_ids(cls, labels: list[int]) -> list[int]:
+        if len(set(labels)) != len(labels):
             raise ValueError("labels must be unique")
-        if self.labels != list(range(len(self.labels))):
+        if labels != list(range(len(labels))):
             raise ValueError("labels must be the encoded class ids 0..K-1 in order")
-        if self.names is not None and len(self.names) != len(self.labels):
-            raise ValueError(f"names has {len(self.names)} entries for {len(self.labels)} labels")
-        return self
+        return labels
+
+    @field_validator("names")
+    @classmethod
+    def _one_name_per_label(cls, names: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        labels = info.data.get("labels")
+        if names is not None and labels is not None and len(names) != len(labels):
+            raise ValueError(f"names has {len(names)} entries for {len(labels)} labels")
+        return names
 
     def name_of(self, label: int) -> str:
         return self.names[label] if self.names else str(label)

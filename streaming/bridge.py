@@ -107,21 +107,17 @@ class Bridge:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        health = None
-        if self.settings.health_port is not None:
-            health = HealthServer(self.metrics, lambda: self.state, self.settings.health_host,
-                                  self.settings.health_port,
-                                  lambda: {"assigned": list(self.source.assignment), "pending": self._pending})
-            self.health_port = await health.start()
-            log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
+        health = HealthServer(self.metrics, lambda: self.state, self.settings.health_host, self.settings.health_port,
+                              lambda: {"assigned": list(self.source.assignment), "pending": self._pending})
+        self.health_port = await health.start()
+        log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
         try:
             await self._consume()
         finally:
             self.state = "draining"
             await self._drain()
             self.state = "stopped"
-            if health is not None:
-                await health.close()
+            await health.close()
 
     async def _in_consumer(self, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._consumer_thread, functools.partial(fn, *args))
@@ -131,9 +127,18 @@ class Bridge:
         s = self.settings
         log.info("bridge consuming %s (group %s) -> %s, dead letters -> %s, model server via %s",
                  s.request_topic, s.group, s.result_topic, s.dead_letter_topic, s.v2.protocol)
+        failures = 0
         while not self._stop.is_set():
             capacity = max(0, min(s.max_pending - self._pending, 500))
-            messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity)
+            try:
+                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity)
+            except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
+                failures += 1
+                self.metrics.retries.labels("broker").inc()
+                log.warning("polling %s failed (%s); retrying", s.request_topic, exc)
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            failures = 0
             self.state = "running"
             for message in messages:
                 self._accept(message)
@@ -231,7 +236,12 @@ class Bridge:
             await self._dead_letter(work.message, kind, str(outcome), outcome.status, work.received)
             return
         d = work.decoded
-        value, headers = self.result_record(d, outcome, work.message)
+        try:
+            value, headers = self.result_record(d, outcome, work.message)
+        except Exception as exc:  # an unencodable response must not leave the message unacknowledged
+            log.exception("building the result for %s failed", work.message.position)
+            await self._dead_letter(work.message, "internal", repr(exc), None, work.received)
+            return
         await self._produce(self.settings.result_topic, value, d.request_id, headers)
         self.metrics.produced.labels(d.request.model_name).inc()
         self._done(work.message, work.received)

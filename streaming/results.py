@@ -4,9 +4,13 @@ Results arrive at least once, so the same request id can appear twice; the print
 drops duplicates by id (the behaviour every downstream consumer should copy).
 
 With ``--feedback`` the true label carried through the pipeline (from the request's ``label`` /
-``true_label``) is joined with the predicted ``label`` output and sent in batches to the model
-server's ``POST /v2/models/{model}/feedback`` as ``{"predicted_label": [...], "true_label": [...]}``;
-the server's answers and a local accuracy tally form the feedback report printed at the end.
+``true_label``) is sent in batches to the model server's ``POST /v2/models/{model}/feedback``.
+When the result carries the server's ``prediction_id`` output (this project's server does), the
+feedback names the prediction -- ``{"items": [{"id": ..., "true_label": ...}]}`` -- and the server
+pairs the truth with what it really predicted and logged. Otherwise (or if the server rejects the
+ids, e.g. with its prediction log off) the pairs form ``{"predicted_label", "true_label"}`` is
+sent -- except on 409 (feedback for those ids already recorded), where resending would count
+twice. The server's answers and a local accuracy tally form the report printed at the end.
 """
 
 from __future__ import annotations
@@ -103,32 +107,51 @@ def summarise_feedback(response: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+@dataclass
+class _Pending:
+    """Feedback waiting to be sent for one model: (prediction id or None, predicted, true) triples."""
+
+    items: list[tuple[str | None, int, int]] = field(default_factory=list)
+
+
 class FeedbackSender:
-    """Batches (predicted, true) pairs per model and POSTs them to the model server."""
+    """Batches labelled predictions per model and POSTs them to the model server's feedback API."""
 
     def __init__(self, url: str, api_key: str | None = None, batch: int = 50, timeout_s: float = 30.0) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self._client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.batch = batch
-        self._pairs: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+        self._pending: dict[str, _Pending] = defaultdict(_Pending)
 
-    def add(self, model: str, predicted: int, true: int, report: Report) -> None:
-        pred, truth = self._pairs[model]
-        pred.append(predicted)
-        truth.append(true)
-        if len(pred) >= self.batch:
+    def add(self, model: str, prediction_id: str | None, predicted: int, true: int, report: Report) -> None:
+        pending = self._pending[model]
+        pending.items.append((prediction_id, predicted, true))
+        if len(pending.items) >= self.batch:
             self.flush(report, model)
 
+    def _post(self, model: str, body: dict[str, Any]) -> httpx.Response:
+        return self._client.post(f"/v2/models/{model}/feedback", json=body)
+
     def flush(self, report: Report, only: str | None = None) -> None:
-        for model in [only] if only else list(self._pairs):
-            pred, truth = self._pairs.pop(model, ([], []))
-            if not pred:
+        for model in [only] if only else list(self._pending):
+            items = self._pending.pop(model, _Pending()).items
+            if not items:
                 continue
             try:
-                resp = self._client.post(f"/v2/models/{model}/feedback",
-                                         json={"predicted_label": pred, "true_label": truth})
+                resp = None
+                if all(pid for pid, _, _ in items):
+                    resp = self._post(model, {"items": [{"id": pid, "true_label": t} for pid, _, t in items]})
+                    if resp.status_code == 409:  # already recorded (a re-run): sending pairs would count it twice
+                        report.feedback_errors.append(f"{model}: {resp.json().get('error', 'already recorded')}")
+                        continue
+                    if 400 <= resp.status_code < 500:
+                        log.info("feedback by prediction id refused (%s); sending label pairs", resp.status_code)
+                        resp = None
+                if resp is None:
+                    resp = self._post(model, {"predicted_label": [p for _, p, _ in items],
+                                              "true_label": [t for _, _, t in items]})
                 resp.raise_for_status()
-                report.feedback_sent[model] += len(pred)
+                report.feedback_sent[model] += len(items)
                 report.feedback_responses[model] = resp.json()
             except (httpx.HTTPError, ValueError) as exc:
                 report.feedback_errors.append(f"{model}: {exc}")
@@ -167,7 +190,8 @@ def consume_results(messenger: Messenger, *, count: int | None = None, idle_time
             report.labelled[model] += 1
             report.correct[model] += int(int(true) == label)
             if feedback is not None:
-                feedback.add(model, label, int(true), report)
+                pids = output(doc, "prediction_id")
+                feedback.add(model, str(pids[0]) if pids else None, label, int(true), report)
         messenger.ack(message)
         if count is not None and report.results >= count:
             break

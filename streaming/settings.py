@@ -11,7 +11,6 @@ and by flags locally (CLI flags override the environment; see ``streaming.__main
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -32,6 +31,9 @@ class KafkaSettings(BaseSettings):
     sasl_plain_username: str | None = None
     sasl_plain_password: SecretStr | None = None
     ssl_cafile: str | None = None
+    ssl_certfile: str | None = Field(default=None, description="client certificate (mutual TLS)")
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
     # A new consumer group starts at the beginning: with "latest" a group created after the first
     # requests were produced would silently skip them, which is exactly the loss we promise not to have.
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -57,8 +59,11 @@ class KafkaSettings(BaseSettings):
             cfg["sasl_plain_username"] = self.sasl_plain_username
             password = self.sasl_plain_password
             cfg["sasl_plain_password"] = password.get_secret_value() if password else None
-        if self.ssl_cafile:
-            cfg["ssl_cafile"] = self.ssl_cafile
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, name):
+                cfg[name] = getattr(self, name)
+        if self.ssl_password:
+            cfg["ssl_password"] = self.ssl_password.get_secret_value()
         return cfg
 
 
@@ -151,7 +156,3 @@ class BridgeSettings(BaseSettings):
         """The messenger settings this bridge's source and sink use."""
         return MessengerSettings(backend=self.backend, kafka=self.kafka, pubsub=self.pubsub)
 
-
-def env_flag(name: str) -> bool:
-    """True when an environment variable is set to a truthy word (used by CLI defaults)."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -47,7 +47,7 @@ def set_status(server, namespace: str, name: str, status: dict, *, wait_exists: 
         try:
             api.get_namespaced_custom_object(d.GROUP, d.VERSION, namespace, d.PLURAL, name)
             break
-        except Exception:  # noqa: BLE001 - not created yet
+        except Exception:  # not created yet
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

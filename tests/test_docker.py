@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 import json
 import re
 import shlex
@@ -185,19 +186,30 @@ def test_dependencies_are_pinned_by_the_lock_file(dockerfile):
     installs = _pip_installs(dockerfile)
     assert installs
     for words in installs:
-        assert "--constraint" in words and words[words.index("--constraint") + 1] == "requirements.lock" \
-            or words == ["--no-deps", "."], f"unpinned pip install: {words}"
+        pinned = "--constraint" in words and words[words.index("--constraint") + 1] == "requirements.lock"
+        assert pinned or words == ["--no-deps", "."], f"unpinned pip install: {words}"
     lock = _lock()
     for name in args_defaults(parse_dockerfile(dockerfile)).get("BRIDGE_PACKAGES", "").split():
         assert re.sub(r"[-_.]+", "-", name).lower() in lock, f"{name} is not pinned in requirements.lock"
 
 
-def _owning_distribution(module: str) -> str | None:
-    """The installed distribution whose files hold ``module`` (namespace packages such as google.* resolved by the
-    deepest importable name: google.cloud.pubsub is google-cloud-pubsub's, google.protobuf protobuf's)."""
-    import importlib.util
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
-    owners = _file_owners()
+
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
+
+
+def _owning_distribution(module: str) -> str | None:
+    """The installed distribution whose files hold ``module``; namespace packages (google.*) are resolved by the
+    deepest importable name: google.cloud.pubsub_v1 is google-cloud-pubsub's, google.protobuf protobuf's."""
+    import importlib.util
+    from importlib.metadata import distribution
+
     parts = module.split(".")
     for n in range(len(parts), 0, -1):
         try:
@@ -208,24 +220,36 @@ def _owning_distribution(module: str) -> str | None:
             continue
         origins = [spec.origin] if spec.origin and spec.origin != "namespace" else []
         origins += [str(Path(loc) / "__init__.py") for loc in (spec.submodule_search_locations or [])]
-        for origin in origins:
-            owner = owners.get(str(Path(origin).resolve()))
-            if owner:
-                return owner
+        wanted = {str(Path(o).resolve()) for o in origins}
+        for name in _packages_distributions().get(parts[0], []):
+            dist = distribution(name)
+            if any(str(Path(dist.locate_file(f)).resolve()) in wanted for f in dist.files or ()):
+                return _norm(dist.metadata["Name"])
     return None
 
 
-_OWNERS: dict[str, str] = {}
+def _with_dependencies(names: set[str]) -> set[str]:
+    """``names`` and everything they depend on (installed here), as pip would install it."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
+    from packaging.requirements import Requirement
 
-def _file_owners() -> dict[str, str]:
-    if not _OWNERS:
-        from importlib.metadata import distributions
-
-        for dist in distributions():
-            for f in dist.files or ():
-                _OWNERS[str(Path(dist.locate_file(f)).resolve())] = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
-    return _OWNERS
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = _norm(stack.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = distribution(name).requires or []
+        except PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                stack.append(req.name)
+    return seen
 
 
 def test_bridge_image_has_every_distribution_the_bridge_imports():
@@ -235,28 +259,30 @@ def test_bridge_image_has_every_distribution_the_bridge_imports():
         if path.name in NOT_IN_BRIDGE:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
+            # ``from a.b import c``: c may be a module (google.cloud.pubsub_v1) or a name: resolved deepest first
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             for name in names:
                 if name.split(".")[0] not in std and name.split(".")[0] != "streaming":
                     imported.setdefault(name, set()).add(str(path.relative_to(REPO)))
-    packages = {re.sub(r"[-_.]+", "-", p).lower()
-                for p in args_defaults(parse_dockerfile(BRIDGE))["BRIDGE_PACKAGES"].split()}
-    assert "google.cloud.pubsub_v1" in imported or "google.cloud" in imported or any(
-        m.startswith("google.cloud") for m in imported), "the scan must see the Pub/Sub backend's imports"
+    installed = _with_dependencies(set(args_defaults(parse_dockerfile(BRIDGE))["BRIDGE_PACKAGES"].split()))
+    assert any(m.startswith("google.cloud") for m in imported), "the scan must see the Pub/Sub backend's imports"
     for module, where in sorted(imported.items()):
         assert module.split(".")[0] not in ("predictors", "training"), f"{sorted(where)} import {module}"
         owner = _owning_distribution(module)
         assert owner, f"{module} (imported by {sorted(where)}) is not installed here"
-        assert owner in packages, f"{module} (imported by {sorted(where)}) comes from {owner}, which BRIDGE_PACKAGES " \
-                                  "in docker/Dockerfile.bridge does not install"
+        assert owner in installed, (f"{module} (imported by {sorted(where)}) comes from {owner}, which "
+                                    "BRIDGE_PACKAGES in docker/Dockerfile.bridge does not install (nor its deps)")
 
 
 def test_model_packages_are_baked_only_when_asked():
     instructions = parse_dockerfile(PREDICTOR)
     assert args_defaults(instructions)["MODELS"] == "none"
-    stage_of = {i.value.split(" AS ")[-1].strip(): i.stage for i in instructions if i.name == "FROM" and " AS " in i.value}
-    copies = {name: [i.value for i in instructions if i.stage == idx and i.name == "COPY"] for name, idx in stage_of.items()}
+    stage_of = {i.value.split(" AS ")[-1].strip(): i.stage
+                for i in instructions if i.name == "FROM" and " AS " in i.value}
+    copies = {name: [i.value for i in instructions if i.stage == idx and i.name == "COPY"]
+              for name, idx in stage_of.items()}
     assert copies["models-none"] == []
     assert copies["models-baked"] == ["models/ /opt/models/"]
     assert "models-${MODELS} AS models" in [i.value for i in instructions if i.name == "FROM"]
@@ -273,7 +299,7 @@ def _ignored(path: str, patterns: list[str]) -> bool:
         parts = path.split("/")
         prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
         hit = any(fnmatch.fnmatchcase(p, c) or ("**" in c and fnmatch.fnmatchcase(path, c.replace("**/", "*")))
-                  for c in candidates for p in prefixes + [path])
+                  for c in candidates for p in [*prefixes, path])
         if hit:
             excluded = not negate
     return excluded

@@ -25,7 +25,6 @@ from tests.fixtures.k8s import (
     CRD_DIR,
     REPO,
     VALUES_DIR,
-    SchemaValidator,
     by_kind,
     crd_root_schema,
     crd_schemas,
@@ -90,6 +89,24 @@ def test_the_validator_rejects_what_the_cluster_would(schema_validator):
     for obj, message in cases:
         errors = schema_validator.errors(obj)
         assert any(message in e for e in errors), (message, errors)
+
+
+def test_kubernetes_validate_works_offline(monkeypatch):
+    """Built-in schemas ship inside kubernetes-validate: validating must not touch the network."""
+    import socket
+
+    import kubernetes_validate
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("kubernetes-validate tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    (deployment,) = by_kind(render(None), "Deployment")
+    assert kubernetes_validate.validate(deployment, "1.36.0", strict=True) == "1.36"
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.36.0", strict=True)
 
 
 def test_crd_converter_semantics():
@@ -211,8 +228,8 @@ def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch)
     values_objects = render(values_file)
     for container in bridge_containers(values_objects):
         assert container["command"] == ["python", "-m", "streaming", "bridge"]
-        captured = {}
-        monkeypatch.setattr(streaming.bridge, "run_bridge", lambda s: captured.setdefault("settings", s))
+        captured: dict = {}
+        monkeypatch.setattr(streaming.bridge, "run_bridge", lambda s, _c=captured: _c.setdefault("settings", s))
         for var in [v for v in os.environ if v.startswith("KCP_")]:
             monkeypatch.delenv(var)
         secrets = {}
@@ -245,9 +262,14 @@ def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch)
             assert s.kafka.sasl_mechanism == secrets["KCP_KAFKA_SASL_MECHANISM"]
             assert s.kafka.sasl_plain_username == secrets["KCP_KAFKA_SASL_PLAIN_USERNAME"]
             assert s.kafka.sasl_plain_password.get_secret_value() == secrets["KCP_KAFKA_SASL_PLAIN_PASSWORD"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         if "KCP_KAFKA_SSL_CAFILE" in env:
-            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
             assert s.kafka.ssl_cafile == f"{mounts['kafka-tls']}/ca.crt"
+        if "KCP_KAFKA_SSL_CERTFILE" in env:
+            assert (s.kafka.ssl_certfile, s.kafka.ssl_keyfile) == (f"{mounts['kafka-tls']}/user.crt",
+                                                                    f"{mounts['kafka-tls']}/user.key")
+            (volume,) = [v for v in values_objects_volumes(container, values_objects) if v["name"] == "kafka-tls"]
+            assert {i["key"] for i in volume["secret"]["items"]} == {"ca.crt", "user.crt", "user.key"}
         # every KCP_ variable the chart sets is one the settings know (a typo would be silently ignored)
         for name in env:
             assert _known_setting(name), f"{name} is not a streaming setting"
@@ -255,10 +277,17 @@ def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch)
         assert probe_port == "metrics" and container["ports"][0]["containerPort"] == s.health_port
 
 
+def values_objects_volumes(container: dict, objects: list[dict]) -> list[dict]:
+    """The volumes of the Deployment that runs ``container``."""
+    (dep,) = [d for d in by_kind(objects, "Deployment") if container in d["spec"]["template"]["spec"]["containers"]]
+    return dep["spec"]["template"]["spec"]["volumes"]
+
+
 def _known_setting(var: str) -> bool:
     from streaming.settings import BridgeSettings, KafkaSettings, V2ClientSettings
 
-    for prefix, model in (("KCP_KAFKA_", KafkaSettings), ("KCP_V2_", V2ClientSettings), ("KCP_BRIDGE_", BridgeSettings)):
+    known = (("KCP_KAFKA_", KafkaSettings), ("KCP_V2_", V2ClientSettings), ("KCP_BRIDGE_", BridgeSettings))
+    for prefix, model in known:
         if var.startswith(prefix) and var.removeprefix(prefix).lower() in model.model_fields:
             return True
     return False

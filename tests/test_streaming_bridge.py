@@ -38,8 +38,8 @@ def topics(kafka_broker: KafkaBroker) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bridge(kafka_broker: KafkaBroker, topics: dict[str, str], model_server: ServerHandle,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
-    handle = launch_bridge(kafka_broker, topics, tmp_path_factory.mktemp("bridge"), group=f"e2e-{uuid.uuid4().hex[:6]}",
-                           grpc_target=model_server.grpc_target)
+    handle = launch_bridge(kafka_broker.env(), topics, tmp_path_factory.mktemp("bridge"),
+                           group=f"e2e-{uuid.uuid4().hex[:6]}", grpc_target=model_server.grpc_target)
     yield handle
     assert handle.stop() == 0, handle.log()[-3000:]  # SIGTERM: drains and exits cleanly
 
@@ -233,6 +233,34 @@ def test_rest_protocol(kafka_broker, kafka_topics, bridges, model_server) -> Non
     assert out(results[f"{run}-row"].json(), "label_name") == ["setosa"]
     dead = collect(kafka_broker, t["dlq"], until=lambda got: len(got) >= 1)
     assert dead[0].key_str == f"{run}-bad" and dead[0].header_str("kcp-dlq-status") == "400"
+
+
+def test_bridge_over_pubsub(pubsub_emulator, bridges, model_server) -> None:
+    """The bridge is broker-neutral: the same command on the Pub/Sub backend, against the emulator."""
+    run = uuid.uuid4().hex[:6]
+    t = {"requests": f"ps-req-{run}", "results": f"ps-res-{run}", "dlq": f"ps-dlq-{run}"}
+    settings = pubsub_emulator.messenger_settings()
+    env = {"KCP_PUBSUB_EMULATOR_HOST": pubsub_emulator.host, "KCP_PUBSUB_PROJECT": pubsub_emulator.project}
+    with Messenger(t["results"], "pubsub", group="reader", settings=settings) as results, \
+            Messenger(t["dlq"], "pubsub", group="reader", settings=settings) as dead:
+        results.receive(timeout_s=0.1)  # subscriptions exist before the bridge publishes anything
+        dead.receive(timeout_s=0.1)
+        bridges(t, broker_env=env, group="bridge", grpc_target=model_server.grpc_target,
+                extra_args=["--backend", "pubsub"])
+        with Messenger(t["requests"], "pubsub", settings=settings) as requests:
+            requests.send({"id": f"{run}-1", "features": SETOSA}, key=f"{run}-1")
+            requests.send(image_messages("mnist", count=1, seed=2, run_id=run)[0].value, key=f"{run}-img")
+            requests.send(b"\xff not json", key=f"{run}-bad")
+        got: dict[str, Message] = {}
+        for m in results.messages(idle_timeout_s=60):
+            got[m.key_str or ""] = m
+            results.ack(m)
+            if {f"{run}-1", f"{run}-mnist-0"} <= set(got):
+                break
+        bad = next(iter(dead.messages(idle_timeout_s=60)))
+    assert out(got[f"{run}-1"].json(), "label_name") == ["setosa"]
+    assert got[f"{run}-mnist-0"].json()["model_name"] == "mnist"
+    assert bad.key_str == f"{run}-bad" and bad.header_str("kcp-dlq-kind") == "undecodable"
 
 
 def test_cli_help_for_every_command() -> None:

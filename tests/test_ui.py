@@ -9,6 +9,7 @@ loopback, or threw an uncaught JavaScript error.
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ def digit_photo(mnist_digits: tuple[np.ndarray, np.ndarray], index: int, tmp_pat
 
 def image_body(data: bytes) -> dict:
     return {"inputs": [bytes_tensor("input-0", [data])]}
+
+
+def drop_file(page: Page, path: Path) -> None:
+    """Drag and drop ``path`` onto the drop zone, as the browser does for a file dragged from the desktop."""
+    page.eval_on_selector("#drop-zone", """(zone, [name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        zone.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
 
 
 def canvas_pixels(page: Page, selector: str) -> np.ndarray:
@@ -164,8 +176,11 @@ def test_feedback_changes_the_confusion_matrix_live(
     ui_page.shot("confirmed")
 
     # A correction lands off the diagonal: true label chosen in the form, predicted by the model.
+    # (This digit arrives by drag and drop.)
+    first_id = page.locator("#prediction-id").inner_text()
     path, _ = digit_photo(mnist_digits, 6, tmp_path)
-    page.get_by_label("Choose a PNG or JPEG image").set_input_files(path)
+    drop_file(page, path)
+    expect(page.locator("#prediction-id")).not_to_have_text(first_id)
     expect(page.get_by_role("button", name="Yes, this was right")).to_be_enabled()
     predicted = int(page.locator("#predicted-label").inner_text())
     true = (predicted + 1) % 10

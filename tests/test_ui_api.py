@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import joblib
 import numpy as np
 import pytest
 
@@ -164,6 +165,39 @@ def test_card_tells_the_page_what_to_ask_for(client: httpx.Client) -> None:
     assert 1 <= mnist["top_k"] <= 10
     missing = client.get("/v2/models/no-such-model/card")
     assert missing.status_code == 404 and "does not exist" in missing.json()["error"]
+
+
+def test_mount_ui_in_any_app_with_an_explicit_model_lookup(tmp_path: Path) -> None:
+    """The server may hand mount_ui its repository directly; readiness is honoured (503, not 500)."""
+    from fastapi import FastAPI
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from starlette.testclient import TestClient
+
+    from predictors.models import ServingContext, model_for
+    from predictors.package import LabelsFile, PackageConfig, save_package
+    from predictors.settings import ServerSettings
+    from predictors.ui import mount_ui
+
+    data = load_iris()
+    (tmp_path / "iris").mkdir()
+    joblib.dump(LogisticRegression(max_iter=500).fit(data.data, data.target), tmp_path / "iris" / "model.joblib")
+    package = save_package(tmp_path / "iris", PackageConfig(
+        format_version=1, name="iris", version="7", framework="sklearn", task="tabular_classification",
+        artifact="model.joblib", inputs=[{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]),
+        LabelsFile(labels=[0, 1, 2]))
+    model = model_for(package, ServingContext(settings=ServerSettings(prediction_log=False)))
+    app = FastAPI()
+    mount_ui(app, models={"iris": model}.get)
+    with TestClient(app) as http:
+        assert http.get("/ui/").status_code == 200
+        not_ready = http.get("/v2/models/iris/card")
+        assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
+        model.load()
+        card = http.get("/v2/models/iris/card").json()
+        assert card["version"] == "7" and card["feature_names"] is None
+        assert [entry["name"] for entry in card["labels"]] == ["0", "1", "2"]
+        assert http.get("/v2/models/other/card").status_code == 404
 
 
 # --- auth and /docs ---------------------------------------------------------------------------

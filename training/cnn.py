@@ -206,7 +206,7 @@ def _optimizer(spec: CNNSpec, steps_per_epoch: int) -> Any:
     total = spec.epochs * steps_per_epoch
     lr: Any = opt.learning_rate
     if opt.schedule == "cosine":
-        warmup = min(int(round(opt.warmup_epochs * steps_per_epoch)), total - 1)
+        warmup = min(round(opt.warmup_epochs * steps_per_epoch), total - 1)
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=opt.learning_rate * (0.1 if warmup else 1.0),
             decay_steps=max(total - warmup, 1), alpha=opt.min_lr_fraction,
@@ -329,7 +329,7 @@ def train(
     wall, cpu = time.perf_counter(), time.process_time()
     history = model.fit(
         make_dataset(spec, x_train, y_train, seed), steps_per_epoch=steps_per_epoch, epochs=spec.epochs,
-        validation_data=validation, validation_batch_size=1024, callbacks=[_EpochTimer()],
+        validation_data=validation, validation_batch_size=1024, callbacks=[_EpochTimer()], shuffle=False,
         verbose=_verbosity(verbose))
     seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items() if k != "learning_rate"}

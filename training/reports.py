@@ -36,7 +36,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: S
         "macro_avg": {"precision": float(macro[0]), "recall": float(macro[1]), "f1": float(macro[2])},
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-        "n": int(len(y_true)),
+        "n": len(y_true),
     }
 
 
@@ -104,7 +104,8 @@ def summary_line(name: str, metrics: Mapping[str, Any]) -> str:
     if "validation" in metrics and "accuracy" in metrics["validation"]:
         parts.append(f"validation {metrics['validation']['accuracy']:.4f}")
     if metrics.get("training_seconds") is not None:
-        parts.append(f"training {metrics['training_seconds']:.1f}s wall / {metrics.get('training_cpu_seconds', 0):.1f}s CPU")
+        cpu = metrics.get("training_cpu_seconds", 0.0)
+        parts.append(f"training {metrics['training_seconds']:.1f}s wall / {cpu:.1f}s CPU")
     if metrics.get("quick"):
         parts.append("(quick mode)")
     return ", ".join(parts)

@@ -121,9 +121,6 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
 {{- fail "bridge.mode=knative delivers CloudEvents over HTTP: it needs the REST port, but kserve.knativeProtocol=grpc exposes only gRPC" }}
 {{- end }}
 {{- else }}
-{{- if $a.clientCert }}
-{{- fail "bridge.kafka.auth.clientCert: the bridge (python -m streaming bridge) has no client-certificate settings yet; use SASL over TLS, or bridge.mode=knative" }}
-{{- end }}
 {{- if and $knative (ne .Values.kserve.knativeProtocol .Values.bridge.deployment.protocol) }}
 {{- fail (printf "bridge.deployment.protocol=%s, but in Knative mode the InferenceService serves only %s (kserve.knativeProtocol)" .Values.bridge.deployment.protocol .Values.kserve.knativeProtocol) }}
 {{- end }}

@@ -700,9 +700,9 @@
     table.tFoot.replaceChildren(...[["Macro average", cumulative.macro_avg], ["Weighted average", cumulative.weighted_avg]]
       .map(([title, avg]) => el("tr", {},
         el("th", { scope: "row", text: title }),
-        el("td", { class: "num", text: fixed(avg.precision) }),
-        el("td", { class: "num", text: fixed(avg.recall) }),
-        el("td", { class: "num", text: fixed(avg.f1) }),
+        el("td", { class: "num", text: cumulative.count ? fixed(avg.precision) : "–" }),
+        el("td", { class: "num", text: cumulative.count ? fixed(avg.recall) : "–" }),
+        el("td", { class: "num", text: cumulative.count ? fixed(avg.f1) : "–" }),
         el("td", { class: "num", text: String(avg.support) }))));
     renderConfusion(cumulative.confusion_matrix);
   }
