@@ -13,6 +13,8 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 MODEL_DIR ?= models
+IMAGE_REGISTRY ?= ghcr.io/example
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .PHONY: help setup apt venv tools train serve demo test lint bench k8s-validate manifests images clean
 
@@ -59,15 +61,15 @@ lint: venv
 bench: venv ## benchmarks (never part of make test); results in bench/results/ and bench/RESULTS.md
 	$(PY) -m bench all
 
-k8s-validate: venv tools ## helm lint/template + schema validation of every rendered object
-	$(PY) -m pytest -q tests/test_helm.py tests/test_k8s_validate.py
+k8s-validate: venv tools ## helm lint/template, schemas + real API-server dry-run, deploy tooling, Dockerfiles
+	$(PY) -m pytest -q tests/test_helm.py tests/test_k8s_validate.py tests/test_deploy.py tests/test_docker.py
 
-manifests: tools ## regenerate manifests/ from the chart's default values
+manifests: tools ## regenerate manifests/ and the chart's dashboard copy from the chart
 	bash scripts/render-manifests.sh
 
 images: ## build the predictor and bridge images (needs a Docker engine)
-	docker build -f docker/Dockerfile.predictor -t kserve-classifiers/predictor:0.1.0 .
-	docker build -f docker/Dockerfile.bridge -t kserve-classifiers/bridge:0.1.0 .
+	docker build -f docker/Dockerfile.predictor -t $(IMAGE_REGISTRY)/kserve-classifiers-predictor:$(IMAGE_TAG) .
+	docker build -f docker/Dockerfile.bridge -t $(IMAGE_REGISTRY)/kserve-classifiers-bridge:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .demo

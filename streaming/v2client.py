@@ -11,8 +11,11 @@ Errors are sorted by what the bridge should do about them:
 * **server error** (HTTP 500, gRPC ``INTERNAL``/``UNKNOWN``): retried ``max_server_error_retries``
   times, then given up. A healthy server answering 500 to one request repeatedly is a poison
   message, and must not block its partition for ever.
-* **rejected** (4xx, ``INVALID_ARGUMENT``/``NOT_FOUND``/``UNAUTHENTICATED``...): never retried; the
-  bridge dead-letters the message with the server's reason.
+* **unauthorized** (HTTP 401/403, gRPC ``UNAUTHENTICATED``/``PERMISSION_DENIED``): retried forever
+  like an outage. A wrong or missing API key is the deployment's fault, not the message's; dead-
+  lettering every message until someone fixes the Secret would empty the topic into the DLQ.
+* **rejected** (other 4xx: ``INVALID_ARGUMENT``, ``NOT_FOUND``...): never retried; the bridge
+  dead-letters the message with the server's reason.
 
 gRPC stubs come from ``streaming.v2_grpc`` (committed, generated from the spec's proto).
 REST sends BYTES tensors with the V2 binary-data extension (``Inference-Header-Content-Length``),
@@ -46,7 +49,7 @@ CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "
 
 
 class V2Error(Exception):
-    """A failed V2 call. ``kind`` is ``outage``, ``server-error`` or ``rejected``; ``status`` is HTTP-like."""
+    """A failed V2 call: ``kind`` is outage, unauthorized, server-error or rejected; ``status`` is HTTP-like."""
 
     def __init__(self, kind: str, status: int, message: str) -> None:
         super().__init__(message)
@@ -56,7 +59,7 @@ class V2Error(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.kind in ("outage", "server-error")
+        return self.kind in ("outage", "unauthorized", "server-error")
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
@@ -65,6 +68,8 @@ class V2Error(Exception):
 def _http_kind(status: int) -> str:
     if status in (408, 429, 502, 503, 504):
         return "outage"
+    if status in (401, 403):
+        return "unauthorized"
     if status >= 500:
         return "server-error"
     return "rejected"
@@ -72,7 +77,7 @@ def _http_kind(status: int) -> str:
 
 _GRPC_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: ("rejected", 400), grpc.StatusCode.NOT_FOUND: ("rejected", 404),
-    grpc.StatusCode.UNAUTHENTICATED: ("rejected", 401), grpc.StatusCode.PERMISSION_DENIED: ("rejected", 403),
+    grpc.StatusCode.UNAUTHENTICATED: ("unauthorized", 401), grpc.StatusCode.PERMISSION_DENIED: ("unauthorized", 403),
     grpc.StatusCode.FAILED_PRECONDITION: ("rejected", 400), grpc.StatusCode.OUT_OF_RANGE: ("rejected", 400),
     grpc.StatusCode.ALREADY_EXISTS: ("rejected", 409), grpc.StatusCode.UNIMPLEMENTED: ("rejected", 501),
     grpc.StatusCode.UNAVAILABLE: ("outage", 503), grpc.StatusCode.DEADLINE_EXCEEDED: ("outage", 504),

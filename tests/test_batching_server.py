@@ -10,9 +10,10 @@ from ``/metrics``.
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from predictors.package import Batching, LabelsFile, PackageConfig, TensorSpec, save_package
-from tests.fixtures.server import ServerHandle, start_model_server
+from tests.fixtures.server import REPO, ServerHandle, start_model_server
 from tests.support.v2 import raw_stub
 
 IRIS_NAMES = ["setosa", "versicolor", "virginica"]
@@ -53,7 +54,7 @@ def _iris_package(path: Path, name: str, estimator: Any, batching: Batching) -> 
 
 
 _BUILD_CNN = """
-import json, os, sys
+import os, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 keras.utils.set_random_seed(7)
@@ -65,8 +66,7 @@ model = keras.Sequential([
 head = model.layers[-1]
 kernel, bias = head.get_weights()
 head.set_weights([kernel * 20.0, bias])
-for path in json.loads(sys.argv[1]):
-    model.save(os.path.join(path, "model.keras"))
+model.save(sys.argv[1])
 """
 
 
@@ -75,13 +75,20 @@ def _image_packages(root: Path, names: dict[str, Batching]) -> None:
 
     Built in a child process: TensorFlow loaded into the test process makes grpc_tools' protoc
     (used by the raw gRPC stub) crash, and keeps hundreds of MB resident for the whole session.
+    The file is cached in .pytest_cache by the build script's hash (a TensorFlow start saved per run).
     """
-    paths = [root / name for name in names]
-    for path in paths:
+    digest = hashlib.sha256(_BUILD_CNN.encode()).hexdigest()[:16]
+    cached = REPO / ".pytest_cache" / "batching-cnn" / digest / "model.keras"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"partial-{os.getpid()}.keras")  # renamed into place: safe for parallel runs
+        subprocess.run([sys.executable, "-c", _BUILD_CNN, str(partial)], check=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=STARTUP_S)
+        os.replace(partial, cached)
+    for name, batching in names.items():
+        path = root / name
         path.mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", _BUILD_CNN, json.dumps([str(p) for p in paths])], check=True,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=STARTUP_S)
-    for path, batching in zip(paths, names.values(), strict=True):
+        shutil.copyfile(cached, path / "model.keras")
         save_package(path, PackageConfig(format_version=1, name=path.name, version="1", framework="keras",
                                          task="image_classification", artifact="model.keras",
                                          inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, 28, 28])],

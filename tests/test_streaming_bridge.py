@@ -70,7 +70,7 @@ def v2_request(rid: str, model: str, name: str, datatype: str, array: np.ndarray
     return {"id": rid, "model_name": model, "inputs": [tensor]}
 
 
-def test_every_input_form_gets_a_result(bridge, sender, kafka_broker, topics) -> None:
+def test_every_input_form_gets_a_result(bridge, sender, kafka_broker, topics, model_server) -> None:
     run = uuid.uuid4().hex[:6]
     x, y = load_test_images("fashion-mnist")
     digits, _ = load_test_images("mnist")
@@ -91,8 +91,10 @@ def test_every_input_form_gets_a_result(bridge, sender, kafka_broker, topics) ->
     results = wait_results(kafka_broker, topics["results"], {*sent, f"{run}-raw-png"})
     docs = {k: m.json() for k, m in results.items()}
 
+    with model_server.client() as client:
+        versions = {m: client.get(f"/v2/models/{m}").json()["versions"][0] for m in ("iris", "mnist", "fashion-mnist")}
     for rid, doc in docs.items():
-        assert doc["id"] == rid and doc["model_version"] == "1", doc
+        assert doc["id"] == rid and doc["model_version"] == versions[doc["model_name"]], doc
         assert results[rid].header_str(CORRELATION_HEADER) == rid
         assert {"label", "label_name", "probabilities"} <= {o["name"] for o in doc["outputs"]}
         assert len(out(doc, "label")) == 1

@@ -75,7 +75,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka_broker, kafka_topic
 
 
 @contextlib.contextmanager
-def serve_on(http_port: int, grpc_port: int, tmp_path: Path) -> Iterator[subprocess.Popen]:
+def serve_on(http_port: int, grpc_port: int, tmp_path: Path, api_key: str | None = None) -> Iterator[subprocess.Popen]:
     """The model server on *fixed* ports, so it can come back where the bridge expects it.
 
     It serves only the trained iris package (a model directory holding a link to it): no Keras
@@ -88,6 +88,8 @@ def serve_on(http_port: int, grpc_port: int, tmp_path: Path) -> Iterator[subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith("KCP_")}
     env.update({"OPENBLAS_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'feedback.db'}"})
+    if api_key:
+        env["KCP_API_KEY"] = api_key
     log = open(tmp_path / f"server-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "predictors", "serve", "--model_dir", str(model_dir),
                              "--host", "127.0.0.1", "--http_port", str(http_port), "--grpc_port", str(grpc_port)],
@@ -118,15 +120,16 @@ def test_model_server_outage_is_waited_out_without_dead_letters(kafka_broker, ka
     http_port, grpc_port = free_port(), free_port()
     run = uuid.uuid4().hex[:6]
     first_half, second_half = requests(run, 20), requests(run, 30, start=20)
-    with serve_on(http_port, grpc_port, tmp_path):
-        bridge = bridges(t, group=f"outage-{run}", grpc_target=f"127.0.0.1:{grpc_port}")
+    key = f"key-{run}"  # a keyed server: the bridge's bearer token (KCP_API_KEY, shared with the server) works
+    with serve_on(http_port, grpc_port, tmp_path, api_key=key):
+        bridge = bridges(t, group=f"outage-{run}", grpc_target=f"127.0.0.1:{grpc_port}", env={"KCP_API_KEY": key})
         send_all(kafka_broker, t["requests"], first_half)
         collect(kafka_broker, t["results"], until=lambda got: len(got) >= len(first_half))
     # server stopped: connection refused / UNAVAILABLE from here on
     send_all(kafka_broker, t["requests"], second_half)
     wait_for(lambda: bridge.metric("kcp_bridge_retries_total") >= 3, timeout=60, what="retries during the outage")
     assert bridge.health()["pending"] > 0, "requests wait in the bridge instead of being dropped"
-    with serve_on(http_port, grpc_port, tmp_path):
+    with serve_on(http_port, grpc_port, tmp_path, api_key=key):
         expected = {key for key, _ in first_half + second_half}
         results = collect(kafka_broker, t["results"], until=lambda got: expected <= set(ids_of(got)), timeout=120)
     assert set(ids_of(results)) == expected

@@ -113,6 +113,7 @@
       ? "The server refused the API key. Enter the right key in the API key field at the top and choose “Use key”."
       : "This server needs an API key. Enter it in the API key field at the top and choose “Use key”.");
     $("api-key").setAttribute("aria-invalid", "true");
+    $("key-state").textContent = state.key ? "The server refused this key." : "The server needs a key.";
     $("api-key").focus();
   }
 
@@ -233,7 +234,8 @@
 
   function modelFromHash() {
     const match = /(?:^#|&)model=([^&]+)/.exec(window.location.hash);
-    return match ? decodeURIComponent(match[1]) : null;
+    if (!match) return null;
+    try { return decodeURIComponent(match[1]); } catch { return null; }
   }
 
   async function selectModel(name, { focus = true } = {}) {
