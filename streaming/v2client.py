@@ -65,7 +65,7 @@ class V2Error(Exception):
         return f"{self.status} {self.message}"
 
 
-def _http_kind(status: int) -> str:
+def http_error_kind(status: int) -> str:
     if status in (408, 429, 502, 503, 504):
         return "outage"
     if status in (401, 403):
@@ -310,7 +310,7 @@ class RestTransport:
                 detail = resp.json().get("error") or resp.text
             except ValueError:
                 detail = resp.text
-            raise V2Error(_http_kind(resp.status_code), resp.status_code, f"HTTP {resp.status_code}: {detail}")
+            raise V2Error(http_error_kind(resp.status_code), resp.status_code, f"HTTP {resp.status_code}: {detail}")
         try:
             return resp.json()
         except ValueError as exc:

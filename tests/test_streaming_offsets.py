@@ -1,4 +1,4 @@
-"""Ordered offset commits, micro-batch merge/split, and the V2 wire encodings (pure logic)."""
+"""Ordered offset commits, micro-batch merge/split, V2 wire encodings and error classes (no broker needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ import pytest
 
 from streaming.batching import MicroBatcher
 from streaming.offsets import OffsetTracker
+from streaming.settings import V2ClientSettings
 from streaming.tensors import BatchSplitError, InferRequest, InferResponse, Tensor, merge, split
-from streaming.v2client import V2Error, deserialize_bytes, from_grpc, from_rest, serialize_bytes, to_grpc, to_rest
+from streaming.v2client import (
+    V2Client,
+    V2Error,
+    deserialize_bytes,
+    from_grpc,
+    from_rest,
+    http_error_kind,
+    serialize_bytes,
+    to_grpc,
+    to_rest,
+)
+from tests.fixtures.ports import free_port
 
 
 def test_commit_point_is_the_lowest_unfinished_offset() -> None:
@@ -111,3 +123,28 @@ def test_numeric_data_of_the_wrong_kind_is_rejected_not_coerced() -> None:
     assert info.value.kind == "rejected" and info.value.status == 400
     with pytest.raises(V2Error):
         to_grpc(InferRequest("m", [Tensor("x", "FP32", [1], ["a"])]))
+
+
+def test_error_classes_decide_retry_or_dead_letter() -> None:
+    assert [http_error_kind(s) for s in (400, 404, 401, 403, 429, 500, 503)] == [
+        "rejected", "rejected", "unauthorized", "unauthorized", "outage", "server-error", "outage"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_connection_refused_is_an_outage(protocol: str) -> None:
+    port = free_port()  # nothing listens here
+    settings = V2ClientSettings(protocol=protocol, grpc_target=f"127.0.0.1:{port}", rest_url=f"http://127.0.0.1:{port}",
+                                timeout_s=5)
+
+    async def call() -> V2Error:
+        client = V2Client(settings)
+        try:
+            await client.transport.infer(InferRequest("iris", [Tensor("input-0", "FP32", [1, 1], [1.0])]))
+        except V2Error as exc:
+            return exc
+        finally:
+            await client.close()
+        raise AssertionError("a call to a closed port succeeded")
+
+    error = asyncio.run(call())
+    assert error.kind == "outage" and error.retryable

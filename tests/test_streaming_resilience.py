@@ -123,8 +123,14 @@ def test_model_server_outage_is_waited_out_without_dead_letters(kafka_broker, ka
     key = f"key-{run}"  # a keyed server: the bridge's bearer token (KCP_API_KEY, shared with the server) works
     with serve_on(http_port, grpc_port, tmp_path, api_key=key):
         bridge = bridges(t, group=f"outage-{run}", grpc_target=f"127.0.0.1:{grpc_port}", env={"KCP_API_KEY": key})
+        # a second group whose bridge has the wrong key: refused calls are retried, never dead-lettered
+        wrong = bridges(t, group=f"wrong-key-{run}", grpc_target=f"127.0.0.1:{grpc_port}",
+                        env={"KCP_V2_API_KEY": "not-the-key"})
         send_all(kafka_broker, t["requests"], first_half)
         collect(kafka_broker, t["results"], until=lambda got: len(got) >= len(first_half))
+        wait_for(lambda: wrong.metric("kcp_bridge_retries_total") >= 2, timeout=60, what="wrong-key retries")
+        assert wrong.metric("kcp_bridge_produced_total") == 0 and wrong.metric("kcp_bridge_dead_lettered_total") == 0
+        wrong.stop(signal.SIGKILL)
     # server stopped: connection refused / UNAVAILABLE from here on
     send_all(kafka_broker, t["requests"], second_half)
     wait_for(lambda: bridge.metric("kcp_bridge_retries_total") >= 3, timeout=60, what="retries during the outage")

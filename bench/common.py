@@ -1,0 +1,227 @@
+"""What every benchmark shares: the machine record, server processes, the load generator, tables and JSON.
+
+Each benchmark starts what it measures as real processes on loopback, drives them with
+:mod:`bench.loadgen` in another process, and reports throughput and latency together with
+the load average at the time — on a shared two-core machine the load average is part of the
+result.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.loadgen import LoadResult, LoadSpec, Protocol
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+WORK = BENCH / ".work"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were taken: they mean little without it."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "loadavg_at_start": loadavg()}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen | None = None,
+               interval: float = 0.05) -> float:
+    """Poll until true; returns the seconds it took. Fails early if ``process`` dies."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {process.returncode}")
+        try:
+            if predicate():
+                return time.perf_counter() - start
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+@dataclass
+class Service:
+    """A process started by a benchmark, with its log file; always stopped by :func:`service`."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    http_port: int = 0
+    grpc_port: int = 0
+    ready_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@contextmanager
+def service(name: str, cmd: Sequence[str], *, env: dict[str, str] | None = None, ready_url: str | None = None,
+            ready: Callable[[], bool] | None = None, timeout: float = 300.0, cwd: Path = REPO,
+            http_port: int = 0, grpc_port: int = 0) -> Iterator[Service]:
+    """Start ``cmd``, wait until ready (an HTTP 200 on ``ready_url`` or ``ready()``), yield, then stop it."""
+    logs = WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}-{os.getpid()}-{int(time.time())}.log"
+    run_env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=cwd,
+                                   start_new_session=True)
+    svc = Service(name, process, log_path, http_port, grpc_port)
+    try:
+        check = ready
+        if check is None and ready_url is not None:
+            def check() -> bool:
+                return http_ok(ready_url)
+        if check is not None:
+            try:
+                wait_until(check, timeout, f"{name} readiness", process)
+            except (RuntimeError, TimeoutError) as exc:
+                raise RuntimeError(f"{exc}\n--- {log_path} ---\n{svc.log_tail()}") from exc
+        svc.ready_s = time.perf_counter() - started
+        yield svc
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group we created (servers fork workers), then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def our_server(name: str, model_dir: Path, *, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+               timeout: float = 300.0):  # noqa: ANN201 - a context manager of Service
+    """``python -m predictors serve`` on loopback with its own feedback database."""
+    http_port, grpc_port = free_port(), free_port()
+    db_dir = Path(tempfile.mkdtemp(prefix="bench-feedback-", dir=WORK if WORK.exists() else None))
+    run_env = {"KCP_FEEDBACK_DB_URL": f"sqlite:///{db_dir / 'feedback.db'}", **(env or {})}
+    cmd = [PYTHON, "-m", "predictors", "serve", "--model_dir", str(model_dir), "--host", "127.0.0.1",
+           "--http_port", str(http_port), "--grpc_port", str(grpc_port), *extra_args]
+    return service(name, cmd, env=run_env, ready_url=f"http://127.0.0.1:{http_port}/v2/health/ready",
+                   timeout=timeout, http_port=http_port, grpc_port=grpc_port)
+
+
+def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, requests: int,
+             warmup: int | None = None) -> LoadResult:
+    """Run :mod:`bench.loadgen` in its own process and return its result."""
+    spec = LoadSpec(protocol=protocol, target=target, body_b64=base64.b64encode(body).decode(),
+                    concurrency=concurrency, requests=requests,
+                    warmup=warmup if warmup is not None else max(100, min(1000, requests // 10)))
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=WORK, delete=False) as f:
+        json.dump(asdict(spec), f)
+        spec_path = f.name
+    try:
+        done = subprocess.run([PYTHON, "-m", "bench.loadgen", spec_path], cwd=REPO, capture_output=True, text=True,
+                              timeout=1800, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    finally:
+        os.unlink(spec_path)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table (also valid Markdown), printed and kept for RESULTS.md."""
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    text = "\n".join([f"### {title}", "", line, rule, *body, ""])
+    print(text, flush=True)
+    return text
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """bench/results/<name>.json (latest) and a timestamped copy."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    data = json.dumps(payload, indent=2, default=str) + "\n"
+    latest = RESULTS / f"{name}.json"
+    latest.write_text(data, encoding="utf-8")
+    (RESULTS / f"{name}-{stamp}.json").write_text(data, encoding="utf-8")
+    print(f"wrote {latest.relative_to(REPO)}", flush=True)
+    return latest
+
+
+def have(command: str) -> bool:
+    return shutil.which(command) is not None
