@@ -1,4 +1,4 @@
-"""``python -m streaming {bridge,produce,results,broker}``: the streaming command line.
+"""``python -m streaming {bridge,produce,results,broker,demo}``: the streaming command line.
 
 Flags override the ``KCP_*`` environment (see :mod:`streaming.settings`); anything not given on
 the command line comes from the environment, then from the defaults. Exit status is 0 on success,
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--replication-factor", type=int, default=1)
     for q in (ks, kr, kt, kc):
         q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    d = sub.add_parser("demo", help="end to end on embedded defaults: broker, server, bridge, data, feedback report")
+    d.add_argument("--model-dir", type=Path, default=Path("models"), help="trained packages (quick ones if missing)")
+    d.add_argument("--work-dir", type=Path, default=Path(".demo"), help="logs, feedback database, quick packages")
+    d.add_argument("--iris-delay", type=float, default=0.02, help="seconds between Iris rows")
+    d.add_argument("--images", type=int, default=20, help="Fashion-MNIST images to send (half as many MNIST)")
+    d.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -221,6 +228,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streaming.demo import run_demo
+
+    return run_demo(args.model_dir, args.work_dir, iris_delay=args.iris_delay, images=args.images)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
@@ -230,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kafka-python's own IO loop warns "blocking the event loop" when the CPU is busy; that is its
     # internal thread, not the bridge's asyncio loop, so the warning only misleads here.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results, "broker": cmd_broker}
+    commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results, "broker": cmd_broker,
+                "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
