@@ -166,12 +166,36 @@ def our_server(name: str, model_dir: Path, *, extra_args: Sequence[str] = (), en
                    timeout=timeout, http_port=http_port, grpc_port=grpc_port)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (MLServer runs inference in children)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, requests: int,
-             warmup: int | None = None) -> LoadResult:
-    """Run :mod:`bench.loadgen` in its own process and return its result."""
+             warmup: int | None = None, server_pid: int | None = None) -> LoadResult:
+    """Run :mod:`bench.loadgen` in its own process and return its result.
+
+    With ``server_pid``, also the server's CPU milliseconds per request (warm-up included in both
+    counts): unlike throughput on a shared machine, that figure barely depends on other load.
+    """
     spec = LoadSpec(protocol=protocol, target=target, body_b64=base64.b64encode(body).decode(),
                     concurrency=concurrency, requests=requests,
                     warmup=warmup if warmup is not None else max(100, min(1000, requests // 10)))
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=WORK, delete=False) as f:
         json.dump(asdict(spec), f)
@@ -181,9 +205,13 @@ def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, req
                               timeout=1800, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     finally:
         os.unlink(spec_path)
+    cpu_after = cpu_seconds(server_pid) if server_pid else 0.0
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    result = LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    if server_pid:
+        result.server_cpu_ms = 1000.0 * (cpu_after - cpu_before) / (spec.requests + spec.warmup)
+    return result
 
 
 # --- reporting -------------------------------------------------------------------------------------

@@ -48,13 +48,14 @@ def _drive(svc: Any, label: str, requests: int, cases: list[tuple[str, int]]) ->
         target = f"{svc.http_url}/v2/models/iris/infer" if protocol == "rest" else svc.grpc_target
         body = rest_body() if protocol == "rest" else grpc_body()
         load = loadavg()
-        result = run_load(protocol, target, body, concurrency, requests)
+        result = run_load(protocol, target, body, concurrency, requests, server_pid=svc.process.pid)
         if result.errors:
             raise RuntimeError(f"{label} {protocol} c={concurrency}: {result.errors} errors, first: {result.first_error}")
         rows.append({"server": label, "protocol": protocol, "concurrency": concurrency, "loadavg": load,
                      **asdict(result)})
         print(f"  {label:<28} {protocol:<4} c={concurrency:<3} {result.throughput:8.0f} req/s  "
-              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  (load {load[0]})", flush=True)
+              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU {result.server_cpu_ms:5.2f} ms/req "
+              f"(load {load[0]})", flush=True)
     return rows
 
 

@@ -58,6 +58,7 @@ class LoadResult:
     mean_ms: float
     max_ms: float
     first_error: str | None = None
+    server_cpu_ms: float | None = None  # filled in by the caller, who can see the server process
 
 
 async def _closed_loop(spec: LoadSpec, send) -> LoadResult:  # noqa: ANN001 - an async callable

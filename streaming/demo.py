@@ -38,9 +38,10 @@ def _say(message: str) -> None:
 
 def ensure_packages(model_dir: Path, work_dir: Path) -> Path:
     """The committed packages when present; otherwise quick-trained ones (seconds) in the work dir."""
-    if all((model_dir / name / "config.json").is_file() for name in REQUIRED) and (model_dir / "iris" / "test.csv").is_file():
-        _say(f"model packages: {', '.join(sorted(p.name for p in model_dir.iterdir() if (p / 'config.json').is_file()))}"
-             f" from {model_dir}")
+    trained = all((model_dir / name / "config.json").is_file() for name in REQUIRED)
+    if trained and (model_dir / "iris" / "test.csv").is_file():
+        names = sorted(p.name for p in model_dir.iterdir() if (p / "config.json").is_file())
+        _say(f"model packages: {', '.join(names)} from {model_dir}")
         return model_dir
     target = work_dir / "models"
     _say(f"{model_dir} lacks trained packages; training quick ones into {target} (make train builds the full ones)")
@@ -103,7 +104,7 @@ def format_report(report: dict[str, Any]) -> str:
     cm = m["confusion_matrix"]
     width = max(4, *(len(str(v)) for row in cm["matrix"] for v in row))
     lines.append("  confusion matrix (rows: true, columns: predicted)")
-    lines.append("  " + " " * 14 + " ".join(f"{str(label):>{width}}" for label in cm["labels"]))
+    lines.append("  " + " " * 14 + " ".join(f"{label!s:>{width}}" for label in cm["labels"]))
     for name, row in zip(cm["names"], cm["matrix"], strict=True):
         lines.append(f"  {name[:14]:<14}" + " ".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
@@ -142,7 +143,7 @@ def run_demo(model_dir: Path, work_dir: Path, *, iris_delay: float = 0.02, image
         ], work_dir / "bridge.log", env))
         _say(f"bridge consuming kcp-requests -> V2 gRPC -> kcp-results (health http://127.0.0.1:{health_port})")
 
-        iris_rows = sum(1 for _ in open(models / "iris" / "test.csv")) - 1
+        iris_rows = len((models / "iris" / "test.csv").read_text().splitlines()) - 1
         _say(f"producing {iris_rows} Iris test rows, {images} Fashion-MNIST and {images // 2} MNIST test images")
         _run([py, "-m", "streaming", "produce", "iris", "--csv", str(models / "iris" / "test.csv"),
               "--delay", str(iris_delay), "--log-level", "WARNING"], env)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import struct
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -46,6 +47,9 @@ CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "
                   "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
                   "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
                   "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+MODEL_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class V2Error(Exception):
@@ -329,6 +333,49 @@ class RestTransport:
         await self._client.aclose()
 
 
+class PerModelTransport:
+    """One transport per model, for targets like ``{model}-predictor.ns.svc:8081``.
+
+    In Kubernetes each model is its own InferenceService with its own address; a target
+    (or REST URL) containing ``{model}`` is filled in with the request's model name. Names
+    must be DNS labels, so a message cannot steer the bridge to an arbitrary host.
+    """
+
+    def __init__(self, settings: V2ClientSettings) -> None:
+        self.settings = settings
+        self._transports: dict[str, GrpcTransport | RestTransport] = {}
+
+    def _for(self, model: str) -> GrpcTransport | RestTransport:
+        transport = self._transports.get(model)
+        if transport is None:
+            if not MODEL_NAME.fullmatch(model):
+                raise V2Error("rejected", 400, f"model name '{model}' is not a DNS label; cannot route it")
+            s = self.settings
+            filled = s.model_copy(update={"grpc_target": s.grpc_target.replace("{model}", model),
+                                          "rest_url": s.rest_url.replace("{model}", model)})
+            transport = GrpcTransport(filled) if s.protocol == "grpc" else RestTransport(filled)
+            self._transports[model] = transport
+        return transport
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self._for(request.model_name).infer(request)
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        return await self._for(model).metadata(model, version)
+
+    async def close(self) -> None:
+        for transport in self._transports.values():
+            await transport.close()
+        self._transports.clear()
+
+
+def make_transport(settings: V2ClientSettings) -> GrpcTransport | RestTransport | PerModelTransport:
+    address = settings.grpc_target if settings.protocol == "grpc" else settings.rest_url
+    if "{model}" in address:
+        return PerModelTransport(settings)
+    return GrpcTransport(settings) if settings.protocol == "grpc" else RestTransport(settings)
+
+
 # --- retries -------------------------------------------------------------------------------
 
 
@@ -338,8 +385,7 @@ class V2Client:
     def __init__(self, settings: V2ClientSettings | None = None, *, transport: Transport | None = None,
                  on_retry: Callable[[V2Error], None] | None = None) -> None:
         self.settings = settings or V2ClientSettings()
-        self.transport: Any = transport or (GrpcTransport(self.settings) if self.settings.protocol == "grpc"
-                                            else RestTransport(self.settings))
+        self.transport: Any = transport or make_transport(self.settings)
         self.on_retry = on_retry
 
     async def infer(self, request: InferRequest) -> InferResponse:

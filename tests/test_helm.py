@@ -206,7 +206,8 @@ def test_knative_mode_renders_kafka_source_and_sink():
 def test_bridge_deployment_targets_the_chosen_inference_service():
     (dep,) = by_kind(helm_template(), "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--grpc-target") + 1] == "iris-predictor.classifiers.svc.cluster.local:8081"
+    # no bridge.model: each request goes to the InferenceService named like its model
+    assert args[args.index("--grpc-target") + 1] == "{model}-predictor.classifiers.svc.cluster.local:8081"
     (dep,) = by_kind(helm_template([VALUES_DIR / "multi-model.yaml"]), "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--rest-url") + 1] == "http://iris-predictor.classifiers.svc.cluster.local"

@@ -271,3 +271,25 @@ def test_cli_help_for_every_command() -> None:
         done = subprocess.run([sys.executable, "-m", "streaming", command, "--help"], capture_output=True, text=True,
                               cwd=REPO, timeout=60)
         assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_per_model_target_routes_by_model_name():
+    """``{model}`` in the target gives each model its own address (one InferenceService per model)."""
+    import asyncio
+
+    from streaming.settings import V2ClientSettings
+    from streaming.v2client import PerModelTransport, V2Error, make_transport
+
+    settings = V2ClientSettings(grpc_target="{model}-predictor.ns.svc:8081")
+    transport = make_transport(settings)
+    assert isinstance(transport, PerModelTransport)
+    assert transport._for("iris").settings.grpc_target == "iris-predictor.ns.svc:8081"
+    assert transport._for("fashion-mnist").settings.grpc_target == "fashion-mnist-predictor.ns.svc:8081"
+    for hostile in ("evil.com:80#", "a/b", "UPPER", ""):
+        try:
+            transport._for(hostile)
+        except V2Error as exc:
+            assert exc.kind == "rejected" and exc.status == 400
+        else:
+            raise AssertionError(f"{hostile!r} was routed")
+    asyncio.run(transport.close())

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from kserve import Model
@@ -30,6 +30,7 @@ from predictors.codecs import as_text, to_numpy
 from predictors.errors import BadInput, PayloadTooLarge
 from predictors.fetch import ImageFetcher
 from predictors.package import ModelPackage
+from predictors.prediction_log import GroupCommitLog, PredictionLog
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,6 @@ OUTPUTS: dict[str, tuple[str, str]] = {  # name -> (datatype, shape description)
 }
 
 
-class PredictionLog(Protocol):
-    """Where served predictions are recorded so feedback can refer to them by id."""
-
-    def record_predictions(self, model: str, version: str, rows: list[tuple[str, int]]) -> None: ...
-
-
 @dataclass
 class ServingContext:
     """Services shared by all models of one server."""
@@ -59,10 +54,19 @@ class ServingContext:
     settings: ServerSettings = field(default_factory=ServerSettings)
     fetcher: ImageFetcher | None = None
     prediction_log: PredictionLog | None = None
+    _log_writer: GroupCommitLog | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.fetcher is None:
             self.fetcher = ImageFetcher(self.settings.fetch)
+
+    def log_writer(self) -> GroupCommitLog | None:
+        """The shared group-commit writer for the prediction log; None when logging is off."""
+        if self.prediction_log is None or not self.settings.prediction_log:
+            return None
+        if self._log_writer is None:
+            self._log_writer = GroupCommitLog(self.prediction_log)
+        return self._log_writer
 
 
 @dataclass
@@ -243,14 +247,15 @@ class PackageModel(Model):
         return {name: v for name, v in values.items() if name in allowed}
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
-        log = self.context.prediction_log
-        if log is None or not self.context.settings.prediction_log:
+        """Record predictions before answering (feedback may follow at once); concurrent requests share
+        one transaction (see :mod:`predictors.prediction_log`)."""
+        writer = self.context.log_writer()
+        if writer is None:
             return
-        rows = [(pid, int(label)) for pid, label in zip(prediction_ids, labels, strict=True)]
+        rows = list(zip(prediction_ids, labels.tolist(), strict=True))
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, log.record_predictions, self.name, self.config.version, rows)
-        except Exception:
+            await writer.record(self.name, self.config.version, rows)
+        except Exception:  # a logging failure must not fail the prediction
             logger.exception("could not record predictions for model %s", self.name)
 
 
