@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, process
         try:
             if predicate():
                 return time.perf_counter() - start
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # not up yet
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
@@ -155,7 +155,7 @@ def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
 
 
 def our_server(name: str, model_dir: Path, *, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-               timeout: float = 300.0):  # noqa: ANN201 - a context manager of Service
+               timeout: float = 300.0) -> AbstractContextManager[Service]:
     """``python -m predictors serve`` on loopback with its own feedback database."""
     http_port, grpc_port = free_port(), free_port()
     db_dir = Path(tempfile.mkdtemp(prefix="bench-feedback-", dir=WORK if WORK.exists() else None))

@@ -23,7 +23,6 @@ from bench.common import WORK, loadavg, machine, our_server, run_load, table, wr
 from bench.loadgen import LoadResult
 from bench.mlserver import PINS, mlserver
 from bench.packages import iris
-from predictors.package import Batching
 
 ROW = [5.9, 3.0, 5.1, 1.8]
 CONCURRENCY = (1, 16)
@@ -50,12 +49,13 @@ def _drive(svc: Any, label: str, requests: int, cases: list[tuple[str, int]]) ->
         load = loadavg()
         result = run_load(protocol, target, body, concurrency, requests, server_pid=svc.process.pid)
         if result.errors:
-            raise RuntimeError(f"{label} {protocol} c={concurrency}: {result.errors} errors, first: {result.first_error}")
+            raise RuntimeError(f"{label} {protocol} c={concurrency}: {result.errors} errors, "
+                               f"first: {result.first_error}")
         rows.append({"server": label, "protocol": protocol, "concurrency": concurrency, "loadavg": load,
                      **asdict(result)})
         print(f"  {label:<28} {protocol:<4} c={concurrency:<3} {result.throughput:8.0f} req/s  "
-              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  server CPU {result.server_cpu_ms:5.2f} ms/req "
-              f"(load {load[0]})", flush=True)
+              f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+              f"server CPU {result.server_cpu_ms:5.2f} ms/req (load {load[0]})", flush=True)
     return rows
 
 

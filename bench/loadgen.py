@@ -20,6 +20,7 @@ import base64
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -61,7 +62,7 @@ class LoadResult:
     server_cpu_ms: float | None = None  # filled in by the caller, who can see the server process
 
 
-async def _closed_loop(spec: LoadSpec, send) -> LoadResult:  # noqa: ANN001 - an async callable
+async def _closed_loop(spec: LoadSpec, send: Callable[[], Awaitable[str | None]]) -> LoadResult:
     """Run warm-up then the timed phase with ``spec.concurrency`` workers sharing a request counter."""
     latencies = np.zeros(spec.requests, dtype=np.float64)
     errors: list[str] = []
@@ -109,7 +110,7 @@ async def run_rest(spec: LoadSpec) -> LoadResult:
                     payload = await response.read()
                     if response.status != 200:
                         return f"HTTP {response.status}: {payload[:200]!r}"
-            except Exception as exc:  # noqa: BLE001 - counted, and the first one reported
+            except Exception as exc:  # counted, and the first one reported
                 return f"{type(exc).__name__}: {exc}"
             return None
 

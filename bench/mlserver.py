@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy
 import sklearn
 
-from bench.common import BENCH, WORK, free_port, service
+from bench.common import BENCH, WORK, Service, free_port, service
 
 VENV = BENCH / ".venv-mlserver"
 PINS = ["mlserver==1.7.1", "mlserver-sklearn==1.7.1", f"scikit-learn=={sklearn.__version__}",
@@ -47,7 +48,8 @@ def ensure_venv() -> Path:
     return exe
 
 
-def mlserver(name: str, model_file: Path, model_name: str = "iris", parallel_workers: int = 1):  # noqa: ANN201
+def mlserver(name: str, model_file: Path, model_name: str = "iris",
+             parallel_workers: int = 1) -> AbstractContextManager[Service]:
     """Serve ``model_file`` with ``mlserver_sklearn.SKLearnModel``; a context manager of :class:`Service`."""
     exe = ensure_venv()
     root = WORK / f"mlserver-{name}"

@@ -53,7 +53,9 @@ def decode(data: bytes, step: DecodeStep) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"image refused as a decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidImage(f"bytes are not a valid {'/'.join(ALLOWED_FORMATS)} image (format not recognised)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImage(f"bytes are not a valid {'/'.join(ALLOWED_FORMATS)} image: {exc}") from exc
     return image
 

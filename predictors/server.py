@@ -146,7 +146,7 @@ class ClassifierServer(kserve.ModelServer):
             except ImportError:
                 pass
             else:
-                mount_ui(app)
+                mount_ui(app, self.repository.get_model)
         app.add_middleware(RESTMetricsMiddleware)
         if self.api_key is not None:
             app.add_middleware(RESTAuthMiddleware, key=self.api_key)

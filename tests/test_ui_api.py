@@ -7,21 +7,26 @@ contracts it relies on, and the bad-input and auth behaviour of the two helper r
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import joblib
 import numpy as np
 import pytest
+import uvicorn
 
 from predictors.ui import STATIC_DIR
 from tests.fixtures.digits import photo_of_digit
+from tests.fixtures.ports import free_port, wait_for
 from tests.fixtures.server import REPO, TRAINED_MODELS, ServerHandle, start_model_server
 from tests.support.v2 import bytes_tensor, output, tensor
 
@@ -172,7 +177,6 @@ def test_mount_ui_in_any_app_with_an_explicit_model_lookup(tmp_path: Path) -> No
     from fastapi import FastAPI
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
-    from starlette.testclient import TestClient
 
     from predictors.models import ServingContext, model_for
     from predictors.package import LabelsFile, PackageConfig, save_package
@@ -189,7 +193,7 @@ def test_mount_ui_in_any_app_with_an_explicit_model_lookup(tmp_path: Path) -> No
     model = model_for(package, ServingContext(settings=ServerSettings(prediction_log=False)))
     app = FastAPI()
     mount_ui(app, models={"iris": model}.get)
-    with TestClient(app) as http:
+    with serve_app(app) as base_url, httpx.Client(base_url=base_url) as http:
         assert http.get("/ui/").status_code == 200
         not_ready = http.get("/v2/models/iris/card")
         assert not_ready.status_code == 503 and "not ready" in not_ready.json()["error"]
@@ -198,6 +202,21 @@ def test_mount_ui_in_any_app_with_an_explicit_model_lookup(tmp_path: Path) -> No
         assert card["version"] == "7" and card["feature_names"] is None
         assert [entry["name"] for entry in card["labels"]] == ["0", "1", "2"]
         assert http.get("/v2/models/other/card").status_code == 404
+
+
+@contextlib.contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on a free loopback port; yield its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=30, what="uvicorn startup")
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 # --- auth and /docs ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from starlette.responses import RedirectResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from predictors.ui.api import ModelLookup, build_ui_router, lookup_from_kserve_routes
+from predictors.ui.api import ModelLookup, build_ui_router
 
 STATIC_DIR = Path(__file__).parent / "static"
 UI_PATH = "/ui"
@@ -56,14 +56,13 @@ class _SecuredStatic:
         await self.files(scope, receive, send_with_headers)
 
 
-def mount_ui(app: FastAPI, models: ModelLookup | None = None) -> None:
+def mount_ui(app: FastAPI, models: ModelLookup) -> None:
     """Add the page (``/ui/``), its static files and the helper routes to ``app``.
 
-    ``models(name)`` returns the served model or ``None``. The server calls this before KServe
-    registers its own routes, so without ``models`` the lookup is resolved on first use from
-    KServe's V2 endpoints (the data plane that also answers ``/infer``).
+    ``models(name)`` returns the served model or ``None`` (the server passes its repository's
+    ``get_model``, so the page sees exactly the models the API serves).
     """
-    app.include_router(build_ui_router(models or lookup_from_kserve_routes(app)))
+    app.include_router(build_ui_router(models))
 
     async def to_slash() -> RedirectResponse:
         # Relative, so the redirect also works behind a proxy that serves the server under a prefix.

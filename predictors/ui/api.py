@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 from predictors.codecs import parse_rest_request
@@ -31,30 +31,6 @@ from predictors.errors import BadInput, ClientError, UnknownModel
 
 ModelLookup = Callable[[str], Any]
 """``lookup(name)``: the served model called ``name``, or ``None``."""
-
-
-def lookup_from_kserve_routes(app: FastAPI) -> ModelLookup:
-    """A lookup through KServe's data plane, found on first use among the app's V2 routes.
-
-    Why: the server mounts the UI before KServe registers its endpoints and hands
-    ``mount_ui`` only the app; KServe's V2 endpoint objects hold the data plane (and its
-    model registry) that answers ``/infer``, so the page sees the very models the API serves.
-    """
-    found: list[Any] = []
-
-    def lookup(name: str) -> Any:
-        if not found:
-            for route in iter_route_contexts(app.router.routes):  # also walks included routers
-                owner = getattr(route.endpoint, "__self__", None)
-                registry = getattr(getattr(owner, "dataplane", None), "model_registry", None)
-                if registry is not None:
-                    found.append(registry)
-                    break
-            else:
-                raise ModelNotReady(name, "the server has not finished starting")
-        return found[0].get_model(name)
-
-    return lookup
 
 
 class _JSONErrorRoute(APIRoute):
@@ -141,4 +117,4 @@ def build_ui_router(lookup: ModelLookup) -> APIRouter:
     return router
 
 
-__all__ = ["ModelLookup", "build_ui_router", "describe", "lookup_from_kserve_routes"]
+__all__ = ["ModelLookup", "build_ui_router", "describe"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +82,12 @@ class RawV2Stub:
 @functools.cache
 def _descriptor_pool() -> Any:
     from google.protobuf import descriptor_pb2, descriptor_pool
-    from grpc_tools import protoc
 
-    out = Path(REPO / ".pytest_cache" / "v2-proto.pb")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if protoc.main(["protoc", f"-I{SPECS}", "--include_imports", f"--descriptor_set_out={out}",
-                    str(SPECS / "open_inference_grpc.proto")]) != 0:
-        raise RuntimeError("protoc failed on open_inference_grpc.proto")
+    out = Path(tempfile.mkdtemp(prefix="v2-proto-")) / "v2-proto.pb"
+    # protoc runs in its own process: grpc_tools' in-process protoc can crash a process that has
+    # already loaded other protobuf descriptors.
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{SPECS}", "--include_imports",
+                    f"--descriptor_set_out={out}", str(SPECS / "open_inference_grpc.proto")], check=True)
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for f in files.file:
