@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from bench.loadgen import LoadResult, LoadSpec, Protocol
 
@@ -212,6 +213,113 @@ def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, req
     if server_pid:
         result.server_cpu_ms = 1000.0 * (cpu_after - cpu_before) / (spec.requests + spec.warmup)
     return result
+
+
+@dataclass
+class Contender:
+    """One server in an interleaved comparison: how to reach it for a given protocol."""
+
+    label: str
+    service: Service
+    body: Callable[[Protocol], bytes]
+    target: Callable[[Protocol], str]
+    cases: Sequence[tuple[Protocol, int]] | None = None  # None: every case of the comparison
+
+
+def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, int]], requests: int,
+               rounds: int) -> list[dict[str, Any]]:
+    """Run every (contender, case) ``rounds`` times, alternating contenders within each round.
+
+    On a machine whose other load comes and goes, back-to-back A-then-B runs would mostly
+    measure when each ran; alternating them round by round and taking medians (throughput,
+    server CPU per request) and pooled percentiles (latency) puts both under the same
+    conditions. Returns one row per (contender, case).
+    """
+    runs: dict[tuple[str, Protocol, int], list[tuple[LoadResult, list[float]]]] = {}
+    for r in range(rounds):
+        for protocol, concurrency in cases:
+            for c in contenders:
+                if c.cases is not None and (protocol, concurrency) not in c.cases:
+                    continue
+                load = loadavg()
+                result = run_load(protocol, c.target(protocol), c.body(protocol), concurrency, requests,
+                                  server_pid=c.service.process.pid)
+                if result.errors:
+                    raise RuntimeError(f"{c.label} {protocol} c={concurrency}: {result.errors} errors, "
+                                       f"first: {result.first_error}")
+                runs.setdefault((c.label, protocol, concurrency), []).append((result, load))
+                print(f"  round {r + 1}/{rounds}  {c.label:<40} {protocol:<4} c={concurrency:<3} "
+                      f"{result.throughput:8.0f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+                      f"server CPU {result.server_cpu_ms or 0:5.2f} ms/req  (load {load[0]})", flush=True)
+    rows = []
+    for (label, protocol, concurrency), results in runs.items():
+        latencies = np.concatenate([np.asarray(res.latencies_ms) for res, _ in results])
+        throughputs = [res.throughput for res, _ in results]
+        rows.append({
+            "server": label, "protocol": protocol, "concurrency": concurrency, "rounds": len(results),
+            "requests_per_round": requests, "throughput": float(np.median(throughputs)),
+            "throughput_runs": [round(t, 1) for t in throughputs],
+            "p50_ms": float(np.percentile(latencies, 50)), "p90_ms": float(np.percentile(latencies, 90)),
+            "p99_ms": float(np.percentile(latencies, 99)), "max_ms": float(latencies.max()),
+            "server_cpu_ms": float(np.median([res.server_cpu_ms or 0.0 for res, _ in results])),
+            "loadavg": round(float(np.mean([load[0] for _, load in results])), 2),
+        })
+    return rows
+
+
+# --- profiling ---------------------------------------------------------------------------------
+
+PROFILES = BENCH / "profiles"
+
+
+@contextmanager
+def profiled(pid: int, name: str, enabled: bool, gil: bool = False) -> Iterator[None]:
+    """Sample ``pid`` with py-spy while the block runs (if ``enabled``), then print where its time went.
+
+    Writes ``bench/profiles/<name>.txt`` (py-spy's raw collapsed stacks: feed it to
+    speedscope or flamegraph.pl) and prints the functions with the most samples. ``gil``
+    samples only the thread holding the GIL, i.e. Python work rather than waiting.
+    """
+    if not enabled:
+        yield
+        return
+    spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+    PROFILES.mkdir(parents=True, exist_ok=True)
+    out = PROFILES / f"{name}.txt"
+    cmd = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(out),
+           "--nonblocking", *(["--gil"] if gil else [])]
+    spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy_proc.send_signal(signal.SIGINT)
+        spy_proc.wait(timeout=60)
+    print(f"  profile of {name} ({out.relative_to(REPO)}):")
+    for line in summarize_profile(out):
+        print(f"    {line}")
+
+
+def summarize_profile(path: Path, top: int = 25) -> list[str]:
+    """The ``top`` functions by inclusive share of samples (each stack counted once per function)."""
+    total = 0
+    inclusive: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            fn = frame.split(" (")[0]
+            where = frame.rsplit("(", 1)[-1].split(":")[0].split("site-packages/")[-1] if "(" in frame else ""
+            key = f"{fn} ({where})"
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + n
+    skip = ("threading.py", "runpy", "asyncio/", "contextlib", "concurrent/futures")
+    ranked = [(k, v) for k, v in sorted(inclusive.items(), key=lambda kv: -kv[1]) if not any(s in k for s in skip)]
+    return [f"{100 * v / max(total, 1):5.1f}%  {k}" for k, v in ranked[:top]]
 
 
 # --- reporting -------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class LoadResult:
     max_ms: float
     first_error: str | None = None
     server_cpu_ms: float | None = None  # filled in by the caller, who can see the server process
+    latencies_ms: list[float] | None = None  # every timed request, for percentiles pooled over runs
 
 
 async def _closed_loop(spec: LoadSpec, send: Callable[[], Awaitable[str | None]]) -> LoadResult:
@@ -92,7 +93,7 @@ async def _closed_loop(spec: LoadSpec, send: Callable[[], Awaitable[str | None]]
         requests=spec.requests, errors=len(errors), seconds=seconds, throughput=spec.requests / seconds,
         p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
         p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean()), max_ms=float(ms.max()),
-        first_error=errors[0] if errors else None)
+        first_error=errors[0] if errors else None, latencies_ms=[round(x, 4) for x in ms.tolist()])
 
 
 async def run_rest(spec: LoadSpec) -> LoadResult:

@@ -8,20 +8,46 @@ registered first (Starlette matches routes in order) and parses with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import ModelNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictors.codecs import parse_rest_request
 from predictors.errors import ClientError, PayloadTooLarge, UnknownModel
+
+
+class JSONErrorRoute(APIRoute):
+    """Answers client errors (ours and KServe's) as ``{"error": ...}`` with their status.
+
+    Done in the route rather than by an app exception handler so a router behaves the same in
+    whatever app mounts it (the feedback and UI routers are mounted into KServe's app).
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ClientError as exc:
+                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
+            except ModelNotFound as exc:
+                return JSONResponse({"error": str(exc)}, status_code=404)
+            except InvalidInput as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            except ModelNotReady as exc:
+                return JSONResponse({"error": str(exc)}, status_code=503)
+
+        return handle
 
 
 class _TooLarge(Exception):

@@ -6,7 +6,7 @@ request topic, prints every prediction as it arrives on the result topic, submit
 true labels as feedback, prints each model's feedback report, and stops everything —
 also on Ctrl-C or an error — leaving no process behind.
 
-The demo drives the same command lines a user would run by hand (see docs/streaming.md),
+The demo drives the same command lines a user would run by hand (see the README, "Streaming"),
 so what it shows is what the README documents. It talks to the model server only over
 HTTP/gRPC; it never imports it.
 """

@@ -113,6 +113,7 @@ class KafkaBackend:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=min(s.heartbeat_interval_ms, s.session_timeout_ms // 3),
             max_poll_interval_ms=s.max_poll_interval_ms,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
 
     def subscribe(self, topic: str, group: str | None) -> None:

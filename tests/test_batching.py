@@ -113,19 +113,37 @@ def test_a_lone_request_is_flushed_without_batch_mates(classifier, rows):
     assert predict.calls == [2]
 
 
-def test_a_full_batch_goes_without_waiting_out_the_latency_bound(classifier, rows):
-    """With an hour of allowed latency the batch still goes as soon as it is full."""
+def test_with_concurrent_clients_a_batch_waits_for_mates_and_goes_when_full(classifier, rows):
+    """Once arrivals show concurrency, a part-full batch waits (up to an hour here) and goes as soon as it is full."""
     predict = Recording(classifier.predict_proba)
 
     async def main() -> None:
-        batcher = Batcher("unit-full", predict, max_batch_size=3, max_latency_ms=3_600_000)
-        first = asyncio.ensure_future(batcher.submit(rows[0:1]))
-        await asyncio.sleep(0)  # the worker picks up the first request and waits for more
-        await asyncio.gather(first, batcher.submit(rows[1:2]), batcher.submit(rows[2:3]))
+        batcher = Batcher("unit-full", predict, max_batch_size=4, max_latency_ms=3_600_000)
+        await asyncio.gather(*(batcher.submit(rows[i:i + 1]) for i in range(8)))  # 8 clients at once
+        early = [asyncio.ensure_future(batcher.submit(rows[i:i + 1])) for i in (8, 9)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the worker takes these two and, expecting more, waits
+        await asyncio.gather(*early, batcher.submit(rows[10:11]), batcher.submit(rows[11:12]))
         batcher.close()
 
     run(main())
-    assert predict.calls == [3]
+    assert predict.calls == [4, 4, 4]  # without waiting the last batch would have gone as 2 + 2
+
+
+def test_one_client_at_a_time_never_waits_for_batch_mates(classifier, rows):
+    """A lone client sends its next request only after this answer: waiting for a batch-mate (an hour here)
+    would only add latency, so the batcher does not."""
+    predict = Recording(classifier.predict_proba)
+
+    async def main() -> list[np.ndarray]:
+        batcher = Batcher("unit-sparse", predict, max_batch_size=64, max_latency_ms=3_600_000)
+        answers = [await batcher.submit(rows[i:i + 1]) for i in range(5)]
+        batcher.close()
+        return answers
+
+    for i, answer in enumerate(run(main())):
+        np.testing.assert_allclose(answer, classifier.predict_proba(rows[i:i + 1]), rtol=1e-12)
+    assert predict.calls == [1, 1, 1, 1, 1]
 
 
 def test_requests_arriving_while_the_model_is_busy_form_the_next_batch(classifier, rows):

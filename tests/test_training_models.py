@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -22,7 +23,7 @@ TARGETS = {"iris": 0.9, "mnist": 0.97, "fashion-mnist": 0.92}
 MAX_PACKAGE_BYTES = 5 * 1024 * 1024
 
 
-def _keras(package_dir: Path):  # noqa: ANN202 - keras is imported lazily
+def _keras(package_dir: Path) -> Any:
     import keras
 
     return keras.models.load_model(package_dir / "model.keras", compile=False)
@@ -74,13 +75,12 @@ RENDERINGS = [(40, (80, 60), "PNG", "RGB"), (160, (400, 300), "JPEG", "RGB"), (2
 def _render(digit: int, font_file: str, size: int, canvas: tuple[int, int], fmt: str, mode: str,
             rng: np.random.Generator) -> bytes:
     """Dark ink on light paper, somewhere off-centre in a larger canvas, encoded as a file would be."""
-    from pathlib import Path as _P
-
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.truetype(str(_P(matplotlib.get_data_path()) / "fonts" / "ttf" / font_file), size)
-    offset = (int(rng.integers(0, max(1, canvas[0] - size * 0.7))), int(rng.integers(0, max(1, canvas[1] - size * 1.2))))
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / font_file), size)
+    offset = (int(rng.integers(0, max(1, canvas[0] - size * 0.7))),
+              int(rng.integers(0, max(1, canvas[1] - size * 1.2))))
     if mode == "RGBA":  # transparent background: the server composites it on white
         image = Image.new("RGBA", canvas, (0, 0, 0, 0))
         ImageDraw.Draw(image).text(offset, str(digit), font=font, fill=(20, 20, 20, 255))
@@ -106,7 +106,7 @@ def test_trained_mnist_reads_rendered_digits_after_server_preprocessing(trained_
                 images.append(run_image_pipeline(data, package.config.preprocessing))
                 labels.append(digit)
     x = np.stack(images)
-    assert x.shape == (len(labels), 28, 28) and 0.0 <= x.min() and x.max() <= 1.0
+    assert x.shape == (len(labels), 28, 28) and x.min() >= 0.0 and x.max() <= 1.0
     predicted = np.asarray(model.predict_on_batch(x)).argmax(axis=1)
     accuracy = float((predicted == np.array(labels)).mean())
     assert accuracy >= 0.9, f"rendered-digit accuracy {accuracy:.3f}"

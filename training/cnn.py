@@ -199,14 +199,19 @@ def build_model(spec: CNNSpec) -> Any:
     return keras.Model(inputs, outputs, name=spec.name.replace("-", "_"))
 
 
-def _optimizer(spec: CNNSpec, steps_per_epoch: int) -> Any:
+def steps_per_epoch(spec: CNNSpec, n_train: int) -> int:
+    """How many batches make one epoch (the last partial batch is dropped)."""
+    return max(math.floor(n_train / min(spec.batch_size, n_train)), 1)
+
+
+def _optimizer(spec: CNNSpec, epoch_steps: int) -> Any:
     import keras
 
     opt = spec.optimizer
-    total = spec.epochs * steps_per_epoch
+    total = spec.epochs * epoch_steps
     lr: Any = opt.learning_rate
     if opt.schedule == "cosine":
-        warmup = min(round(opt.warmup_epochs * steps_per_epoch), total - 1)
+        warmup = min(round(opt.warmup_epochs * epoch_steps), total - 1)
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=opt.learning_rate * (0.1 if warmup else 1.0),
             decay_steps=max(total - warmup, 1), alpha=opt.min_lr_fraction,
@@ -240,7 +245,7 @@ def make_dataset(spec: CNNSpec, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
     c = spec.channels
     steps = list(spec.augmentation)
     num_classes = spec.num_classes
-    smoothing = spec.label_smoothing
+    one_hot = spec.label_smoothing > 0
 
     def prepare(i: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         xb, yb = batch
@@ -248,8 +253,8 @@ def make_dataset(spec: CNNSpec, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
         images = augment(images, steps, tf.stack([tf.constant(seed, tf.int64), i]))
         if c == 1:
             images = tf.reshape(images, [-1, h, w])
-        if smoothing:
-            yb = tf.one_hot(yb, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+        if one_hot:  # the loss applies the label smoothing
+            yb = tf.one_hot(yb, num_classes)
         return images, yb
 
     batch = min(spec.batch_size, len(x))
@@ -304,13 +309,13 @@ def train(
         raise ValueError(f"labels must be 0..{spec.num_classes - 1}")
     keras.utils.set_random_seed(seed)
     model = build_model(spec)
-    steps_per_epoch = max(len(x_train) // min(spec.batch_size, len(x_train)), 1)
+    steps = steps_per_epoch(spec, len(x_train))
     loss: Any
     if spec.label_smoothing:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=spec.label_smoothing)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
-    model.compile(optimizer=_optimizer(spec, steps_per_epoch), loss=loss, metrics=["accuracy"], jit_compile=False)
+    model.compile(optimizer=_optimizer(spec, steps), loss=loss, metrics=["accuracy"], jit_compile=False)
 
     validation = None
     if x_val is not None and y_val is not None and len(x_val):
@@ -328,7 +333,7 @@ def train(
 
     wall, cpu = time.perf_counter(), time.process_time()
     history = model.fit(
-        make_dataset(spec, x_train, y_train, seed), steps_per_epoch=steps_per_epoch, epochs=spec.epochs,
+        make_dataset(spec, x_train, y_train, seed), steps_per_epoch=steps, epochs=spec.epochs,
         validation_data=validation, validation_batch_size=1024, callbacks=[_EpochTimer()], shuffle=False,
         verbose=_verbosity(verbose))
     seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
@@ -358,6 +363,3 @@ def export(model: Any, spec: CNNSpec, directory: str | Path) -> Path:
     return path
 
 
-def steps_per_epoch(spec: CNNSpec, n_train: int) -> int:
-    """How many batches make one epoch (the last partial batch is dropped)."""
-    return max(math.floor(n_train / min(spec.batch_size, n_train)), 1)

@@ -26,7 +26,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
-from predictors.package import FORMAT_VERSION, LabelsFile, ModelPackage, PackageConfig, TensorSpec, save_package
+from predictors.package import (
+    FORMAT_VERSION,
+    Batching,
+    LabelsFile,
+    ModelPackage,
+    PackageConfig,
+    TensorSpec,
+    save_package,
+)
 from training import reports
 from training.datasets import Tabular, load_iris
 
@@ -127,6 +135,8 @@ def package_config(data: Tabular, version: str = "1") -> PackageConfig:
                     "tuned with GridSearchCV.",
         inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, n])],
         feature_names=list(data.feature_names),
+        # Iris rows are microseconds of work: group what is already queued, never wait for more.
+        batching=Batching(max_batch_size=32, max_latency_ms=0),
     )
 
 

@@ -42,8 +42,9 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: S
 
 def environment() -> dict[str, Any]:
     """Where the numbers were measured: timings mean little without the machine they came from."""
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+            "load_average_1_5_15m": load}
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,

@@ -28,15 +28,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
 from predictors.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
@@ -44,6 +43,7 @@ from predictors.feedback import prometheus
 from predictors.feedback.metrics import ClassificationMetrics, compute_metrics, confusion_from_pairs
 from predictors.feedback.store import MAX_ID_LENGTH, DuplicateFeedback, FeedbackStore, UnknownPredictions
 from predictors.package import LabelsFile
+from predictors.rest import JSONErrorRoute
 
 MAX_ITEMS = 10_000
 """Most labels (Katonic form) or items (id form) in one submission."""
@@ -132,25 +132,6 @@ def _reason(exc: ClientError) -> str:
         if isinstance(exc, kind):
             return reason
     return "invalid_body"
-
-
-class _JSONErrorRoute(APIRoute):
-    """Answers every :class:`ClientError` (from the handler or a dependency) as ``{"error": ...}``.
-
-    Done in the route rather than by an app exception handler so the router behaves the same in
-    whatever app mounts it.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ClientError as exc:
-                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
-
-        return handle
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -264,7 +245,7 @@ def build_feedback_router(
     if not (math.isfinite(window_seconds) and 0 < window_seconds <= MAX_WINDOW_SECONDS):
         raise ValueError(f"window_seconds must be in (0, {MAX_WINDOW_SECONDS:.0f}], got {window_seconds}")
     default_window = float(window_seconds)
-    router = APIRouter(dependencies=list(dependencies), route_class=_JSONErrorRoute, tags=["feedback"])
+    router = APIRouter(dependencies=list(dependencies), route_class=JSONErrorRoute, tags=["feedback"])
 
     def labels_of(model_name: str, submission: bool) -> LabelsFile:
         try:

@@ -16,42 +16,21 @@ and every failure is a 4xx/503 ``{"error": ...}`` answered here, whatever app mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import ModelNotReady
 
 from predictors.codecs import parse_rest_request
-from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.errors import BadInput, UnknownModel
+from predictors.rest import JSONErrorRoute
 
 ModelLookup = Callable[[str], Any]
 """``lookup(name)``: the served model called ``name``, or ``None``."""
-
-
-class _JSONErrorRoute(APIRoute):
-    """Answer client errors as ``{"error": ...}`` with their status, independent of app handlers."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ClientError as exc:
-                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
-            except ModelNotFound as exc:
-                return JSONResponse({"error": str(exc)}, status_code=404)
-            except InvalidInput as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-            except ModelNotReady as exc:
-                return JSONResponse({"error": str(exc)}, status_code=503)
-
-        return handle
 
 
 def _ready_model(lookup: ModelLookup, name: str) -> Any:
@@ -84,7 +63,7 @@ def describe(model: Any) -> dict[str, Any]:
 
 def build_ui_router(lookup: ModelLookup) -> APIRouter:
     """The ``/preprocess`` and ``/card`` routes over the models ``lookup`` finds."""
-    router = APIRouter(route_class=_JSONErrorRoute, tags=["ui"])
+    router = APIRouter(route_class=JSONErrorRoute, tags=["ui"])
 
     @router.post("/v2/models/{model_name}/preprocess")
     async def preprocess(model_name: str, request: Request) -> Response:

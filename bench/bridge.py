@@ -1,0 +1,162 @@
+"""Kafka bridge end to end: produce N Iris requests, wait for all N results; the bridge vs the reference loop.
+
+Everything runs on loopback: the embedded tansu broker (``python -m streaming broker run``), our
+model server (Iris), the bridge (``python -m streaming bridge``, shipped defaults, gRPC to the
+server) and the load process (:mod:`bench.streamload`). The baseline is the reference
+design's loop (:mod:`bench.reference_loop`: consume one message, call REST synchronously,
+print, next) over the same requests in the same run.
+
+Reported: results/s for a burst of N requests (produce all, wait for every result), the
+reference loop's results/s, and end-to-end latency percentiles at a steady offered 1,000
+messages/s. Targets: ≥ 5,000 results/s on 2 cores; ≥ 10× the reference loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    PYTHON,
+    REPO,
+    WORK,
+    cpu_seconds,
+    free_port,
+    http_ok,
+    loadavg,
+    machine,
+    our_server,
+    profiled,
+    service,
+    table,
+    write_result,
+)
+from bench.packages import iris
+from bench.streamload import StreamResult, StreamSpec
+
+REQUESTS, RESULTS, DEAD = "bench-requests", "bench-results", "bench-dead-letters"
+PARTITIONS = 3
+STEADY_RATES = (1000.0, 250.0)  # the asked-for rate, and one well inside the bridge's capacity here
+
+
+def iris_csv(path: Path) -> Path:
+    """All 150 Iris rows with labels, in the CSV layout ``streaming produce iris`` reads."""
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([*data.feature_names, "label", "label_name"])
+        for x, y in zip(data.data, data.target, strict=True):
+            writer.writerow([*(f"{v:g}" for v in x), int(y), data.target_names[y]])
+    return path
+
+
+def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[2]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stream(spec: StreamSpec) -> StreamResult:
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=WORK, delete=False) as f:
+        json.dump(asdict(spec), f)
+    try:
+        return StreamResult(**_run_json([PYTHON, "-m", "bench.streamload", f.name], spec.timeout_s + 120))
+    finally:
+        os.unlink(f.name)
+
+
+def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int = 1000,
+        quick: bool = False, profile: bool = False) -> dict[str, Any]:
+    if quick:
+        count, steady_seconds, reference_count = 3000, 5.0, 300
+    info = machine()
+    models = WORK / "bridge-models"
+    package = iris(models)
+    csv_path = iris_csv(WORK / "bridge-iris.csv")
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    broker_cmd = [PYTHON, "-m", "streaming", "broker", "run", "--host", "127.0.0.1", "--port", str(port),
+                  "--topics", f"{REQUESTS}:{PARTITIONS},{RESULTS}:{PARTITIONS},{DEAD}:1"]
+
+    def broker_ready() -> bool:
+        from streaming.broker import create_topics
+
+        create_topics(bootstrap, {REQUESTS: PARTITIONS, RESULTS: PARTITIONS, DEAD: 1})
+        return True
+
+    run_id = time.strftime("b%H%M%S")
+    with service("broker", broker_cmd, ready=broker_ready, timeout=120) as broker_svc, \
+            our_server("bridge-iris", models) as server:
+        health = free_port()
+        bridge_cmd = [PYTHON, "-m", "streaming", "bridge", "--bootstrap-servers", bootstrap,
+                      "--request-topic", REQUESTS, "--result-topic", RESULTS, "--dead-letter-topic", DEAD,
+                      "--group", f"bench-bridge-{run_id}", "--protocol", "grpc", "--grpc-target", server.grpc_target,
+                      "--health-host", "127.0.0.1", "--health-port", str(health), "--log-level", "WARNING"]
+        with service("bridge", bridge_cmd, ready_url=f"http://127.0.0.1:{health}/readyz", timeout=180) as bridge_svc:
+            warm = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), 500, f"{run_id}w"))
+            print(f"  warm-up: {warm.received}/{warm.count} results", flush=True)
+            load_burst = loadavg()
+            procs = {"broker (tansu)": broker_svc, "model server": server, "bridge": bridge_svc}
+            cpu_before = {name: cpu_seconds(svc.process.pid) for name, svc in procs.items()}
+            with profiled(bridge_svc.process.pid, "bridge-burst", profile):
+                burst = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), count, f"{run_id}b"))
+            cpu_ms_per_result = {name: round(1000 * (cpu_seconds(svc.process.pid) - cpu_before[name]) / count, 3)
+                                 for name, svc in procs.items()}
+            print(f"  CPU ms per result during the burst: {cpu_ms_per_result}", flush=True)
+            print(f"  burst: {burst.received}/{count} results in {burst.seconds:.2f} s = "
+                  f"{burst.results_per_s:,.0f}/s (load {load_burst[0]})", flush=True)
+            steady: dict[float, StreamResult] = {}
+            load_steady: dict[float, list[float]] = {}
+            for rate in STEADY_RATES:
+                load_steady[rate] = loadavg()
+                steady[rate] = stream(StreamSpec("steady", bootstrap, REQUESTS, RESULTS, str(csv_path),
+                                                 int(rate * steady_seconds), f"{run_id}s{int(rate)}", rate=rate))
+                print(f"  steady {rate:,.0f}/s: p50 {steady[rate].p50_ms:.1f} ms  p99 {steady[rate].p99_ms:.1f} ms "
+                      f"({steady[rate].received}/{steady[rate].count}; load {load_steady[rate][0]})", flush=True)
+            bridge_alive = http_ok(f"http://127.0.0.1:{health}/healthz")
+        # The reference loop reads the same requests, after the bridge has stopped (one consumer at a time).
+        load_ref = loadavg()
+        reference = _run_json([PYTHON, "-m", "bench.reference_loop", bootstrap, REQUESTS, f"bench-ref-{run_id}",
+                               server.http_url, str(reference_count)], timeout=1800)
+        print(f"  reference loop: {reference['count']} results in {reference['seconds']:.2f} s = "
+              f"{reference['results_per_s']:,.0f}/s (load {load_ref[0]})", flush=True)
+
+    ratio = burst.results_per_s / reference["results_per_s"]
+    targets = {
+        "ge_5000_results_per_s": {"value": round(burst.results_per_s), "target": 5000,
+                                  "met": burst.results_per_s >= 5000},
+        "ge_10x_reference_loop": {"value": round(ratio, 1), "target": 10.0, "met": ratio >= 10.0},
+        "p99_at_1000_per_s_ms": {"value": round(steady[1000.0].p99_ms, 1), "target": None, "met": None},
+    }
+    text = table(
+        f"Kafka bridge end to end (Iris, tansu broker, gRPC to the model server) — burst of {count}, "
+        f"steady offered rates for {steady_seconds:g} s each",
+        ["consumer", "messages", "results/s", "p50 ms", "p99 ms", "× reference", "load avg"],
+        [["bridge, burst", burst.count, burst.results_per_s, burst.p50_ms, burst.p99_ms, ratio, load_burst[0]],
+         *([f"bridge, steady {rate:,.0f}/s offered", r.count, r.results_per_s, r.p50_ms, r.p99_ms, "",
+            load_steady[rate][0]] for rate, r in steady.items()),
+         ["reference loop (1 at a time, sync REST)", reference["count"], reference["results_per_s"], "", "", 1.0,
+          load_ref[0]]])
+    for name, t in targets.items():
+        print(f"  target {name}: {t['value']} ({'met' if t['met'] else 'MISSED' if t['met'] is False else 'reported'})")
+    payload = {"benchmark": "bridge", "machine": info, "package": package.source, "burst": asdict(burst),
+               "steady": {str(rate): asdict(r) for rate, r in steady.items()}, "reference": reference,
+               "bridge_healthy_after": bridge_alive,
+               "cpu_ms_per_result_burst": cpu_ms_per_result,
+               "targets": targets, "table": text, "loadavg": {"burst": load_burst, "steady": load_steady,
+                                                               "reference": load_ref},
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_result("bridge", payload)
+    return payload

@@ -1,0 +1,119 @@
+"""Load for the Kafka bridge benchmark: produce Iris requests, wait for every result, time each one.
+
+Runs as its own process (``python -m bench.streamload SPEC.json``) so its Kafka clients do not
+share an interpreter with anything measured. Two modes:
+
+* ``burst``: produce ``count`` requests as fast as the producer goes, then wait until a result
+  for every request id has arrived; results/s = count / (last result - first send).
+* ``steady``: produce at ``rate`` messages/s for ``count`` messages (paced on a clock, not
+  on acknowledgements) and report end-to-end latency percentiles at that rate.
+
+Per-message latency = result received - request handed to the producer. Requests use the
+streaming package's own producer API (:func:`streaming.producers.iris_messages`, the
+``features`` form); results are read with a group-less :class:`streaming.messenger.Messenger`
+(a tail of the results topic), matched by request id.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+
+@dataclass
+class StreamSpec:
+    mode: Literal["burst", "steady"]
+    bootstrap: str
+    request_topic: str
+    result_topic: str
+    csv: str
+    count: int
+    run_id: str
+    rate: float = 1000.0
+    timeout_s: float = 600.0
+
+
+@dataclass
+class StreamResult:
+    mode: str
+    count: int
+    received: int
+    seconds: float
+    results_per_s: float
+    produce_seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    offered_rate: float | None = None
+
+
+def run(spec: StreamSpec) -> StreamResult:
+    from streaming.messenger import Messenger
+    from streaming.producers import iris_messages, repeat
+    from streaming.settings import KafkaSettings, MessengerSettings
+
+    settings = MessengerSettings(kafka=KafkaSettings(bootstrap_servers=spec.bootstrap))
+    base = iris_messages(Path(spec.csv), form="features", run_id=spec.run_id)
+    times = -(-spec.count // len(base))
+    messages = list(repeat(base, times))[:spec.count]
+    sent_at: dict[str, float] = {}
+    received_at: dict[str, float] = {}
+    done = threading.Event()
+
+    def collect() -> None:
+        with Messenger(spec.result_topic, settings=settings) as tail:
+            deadline = time.monotonic() + spec.timeout_s
+            while len(received_at) < spec.count and time.monotonic() < deadline:
+                for m in tail.receive(timeout_s=0.2, max_messages=2000):
+                    key = m.key_str
+                    if key is not None and key.startswith(spec.run_id) and key not in received_at:
+                        received_at[key] = time.perf_counter()
+        done.set()
+
+    consumer = threading.Thread(target=collect, daemon=True)
+    consumer.start()
+    time.sleep(2.0)  # let the tail join and position itself before the first request goes out
+    with Messenger(spec.request_topic, settings=settings) as producer:
+        futures = []
+        start = time.perf_counter()
+        for i, m in enumerate(messages):
+            if spec.mode == "steady":
+                due = start + i / spec.rate
+                pause = due - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+            sent_at[m.key] = time.perf_counter()
+            futures.append(producer.send_async(m.value, key=m.key, headers=m.headers))
+        producer.flush(timeout_s=120)
+        for f in futures:
+            f.result(timeout=120)
+        produce_seconds = time.perf_counter() - start
+    done.wait(spec.timeout_s)
+    end = max(received_at.values()) if received_at else time.perf_counter()
+    latencies = np.asarray([1000.0 * (received_at[k] - sent_at[k]) for k in received_at if k in sent_at])
+    if not len(latencies):
+        latencies = np.asarray([float("nan")])
+    return StreamResult(
+        mode=spec.mode, count=spec.count, received=len(received_at), seconds=end - start,
+        results_per_s=len(received_at) / (end - start), produce_seconds=produce_seconds,
+        p50_ms=float(np.percentile(latencies, 50)), p90_ms=float(np.percentile(latencies, 90)),
+        p99_ms=float(np.percentile(latencies, 99)), max_ms=float(np.max(latencies)),
+        offered_rate=spec.rate if spec.mode == "steady" else None)
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        spec = StreamSpec(**json.load(f))
+    print(json.dumps(asdict(run(spec))))
+
+
+if __name__ == "__main__":
+    main()
