@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import struct
@@ -144,7 +145,8 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server stops oversized downloads
+            self.wfile.write(body)
 
     def log_message(self, *args) -> None:
         pass
