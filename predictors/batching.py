@@ -21,8 +21,9 @@ Why it is *adaptive* and not a fixed timer:
   seconds — the offered concurrency — and waits only while that peak exceeds what is
   already waiting here. A single client sending one request at a time therefore never
   waits for a batch-mate that cannot come (its next request follows this answer), while
-  16 or 64 concurrent clients fill batches. Measured on Fashion-MNIST (bench/RESULTS.md), a fixed
-  2 ms wait cost 20 % of throughput at concurrency 1 and gained 8 % at concurrency 64.
+  16 or 64 concurrent clients fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
+  wait on Fashion-MNIST cost 20 % of throughput at concurrency 1; bench/RESULTS.md has the
+  current figures.)
 
 Correctness rules the tests pin down:
 

@@ -25,6 +25,11 @@ from predictors.codecs import parse_rest_request
 from predictors.errors import ClientError, PayloadTooLarge, UnknownModel
 
 
+def client_error_response(exc: ClientError) -> JSONResponse:
+    """The one ``{"error": ...}`` body and status for a :class:`ClientError`, app- or route-level."""
+    return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
+
+
 class JSONErrorRoute(APIRoute):
     """Answers client errors (ours and KServe's) as ``{"error": ...}`` with their status.
 
@@ -39,7 +44,7 @@ class JSONErrorRoute(APIRoute):
             try:
                 return await handler(request)
             except ClientError as exc:
-                return JSONResponse({"error": exc.reason}, status_code=int(exc.status))
+                return client_error_response(exc)
             except ModelNotFound as exc:
                 return JSONResponse({"error": str(exc)}, status_code=404)
             except InvalidInput as exc:
@@ -104,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def client_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ClientError)
-        return JSONResponse(status_code=int(exc.status), content={"error": exc.reason})
+        return client_error_response(exc)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -150,4 +155,5 @@ def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"], tags=["V2"])
 
 
-__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "BodyLimitMiddleware", "install_error_handlers", "register_infer_route"]
+__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "BodyLimitMiddleware", "JSONErrorRoute", "client_error_response",
+           "install_error_handlers", "register_infer_route"]
