@@ -22,10 +22,10 @@ import pytest
 import yaml
 
 from tests.fixtures.k8s import (
-    CRD_DIR,
     REPO,
     VALUES_DIR,
     by_kind,
+    crd_dir,
     crd_root_schema,
     crd_schemas,
     crd_to_jsonschema,
@@ -149,7 +149,7 @@ def test_every_crd_version_converts():
     schemas = crd_schemas()
     assert {("serving.kserve.io/v1beta1", "InferenceService"), ("sources.knative.dev/v1beta1", "KafkaSource"),
             ("sources.knative.dev/v1", "KafkaSource"), ("eventing.knative.dev/v1alpha1", "KafkaSink")} <= set(schemas)
-    (crd,) = [d for d in load_yaml_documents(CRD_DIR / "eventing.knative.dev_kafkasinks.yaml")
+    (crd,) = [d for d in load_yaml_documents(crd_dir() / "eventing.knative.dev_kafkasinks.yaml")
               if d.get("kind") == "CustomResourceDefinition"]
     schema = crd_root_schema(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "eventing.knative.dev",
                              "v1alpha1", "KafkaSink")

@@ -1,4 +1,9 @@
-"""The Open Inference Protocol from ../shared/specs, for checking real responses against it."""
+"""The Open Inference Protocol, for checking real responses against it.
+
+The REST schemas come from the spec among the reference files (``$KCP_SHARED_DIR``, default ``../shared``; absent:
+the test skips with the one reason of :mod:`tests.fixtures.shared`). The gRPC messages come from the project's own
+proto in ``streaming/v2_grpc/``, so the gRPC tests run on any clone.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,14 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-SPECS = REPO.parent / "shared" / "specs"
+from tests.fixtures.shared import shared_path
+
+PROTO = Path(__file__).resolve().parents[2] / "streaming" / "v2_grpc" / "open_inference_grpc.proto"
 
 
 @functools.cache
 def _spec() -> dict[str, Any]:
-    return yaml.safe_load((SPECS / "open_inference_rest.yaml").read_text())
+    return yaml.safe_load(shared_path("specs", "open_inference_rest.yaml").read_text())
 
 
 def assert_conforms(document: Any, schema_name: str) -> None:
@@ -57,7 +63,7 @@ def output(response: dict[str, Any], name: str) -> np.ndarray:
 
 
 class RawV2Stub:
-    """gRPC stub built from the shared ``open_inference_grpc.proto`` at test time.
+    """gRPC stub built from the project's ``open_inference_grpc.proto`` at test time.
 
     The proto is compiled with grpcio-tools into a descriptor set and loaded into a
     private descriptor pool, so it does not clash with KServe's copy of the same
@@ -86,8 +92,8 @@ def _descriptor_pool() -> Any:
     out = Path(tempfile.mkdtemp(prefix="v2-proto-")) / "v2-proto.pb"
     # protoc runs in its own process: grpc_tools' in-process protoc can crash a process that has
     # already loaded other protobuf descriptors.
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{SPECS}", "--include_imports",
-                    f"--descriptor_set_out={out}", str(SPECS / "open_inference_grpc.proto")], check=True)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO.parent}", "--include_imports",
+                    f"--descriptor_set_out={out}", str(PROTO)], check=True)
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for f in files.file:
