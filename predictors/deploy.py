@@ -87,6 +87,7 @@ class DeploySpec:
     feedback_db_secret: str | None = None
     feedback_db_secret_key: str = "url"
     service_account: str | None = None
+    url_input: bool = True
     http_port: int = 8080
     grpc_port: int = 8081
     cpu: str = "500m"
@@ -122,6 +123,7 @@ def inference_service(spec: DeploySpec) -> dict[str, Any]:
             "name": spec.feedback_db_secret, "key": spec.feedback_db_secret_key}}})
     else:
         env.append({"name": "KCP_FEEDBACK_DB_URL", "value": "sqlite:////var/lib/kcp/feedback.db"})
+    env.append({"name": "KCP_URL_FETCH_ENABLED", "value": str(spec.url_input).lower()})
     ports = [{"name": "http1", "containerPort": spec.http_port, "protocol": "TCP"}]
     if not knative:  # Knative allows one port per container: REST only there
         ports.append({"name": "h2c", "containerPort": spec.grpc_port, "protocol": "TCP"})
@@ -150,6 +152,7 @@ def inference_service(spec: DeploySpec) -> dict[str, Any]:
                         "prometheus.io/path": "/metrics"},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "data", "emptyDir": {}}],
     }
@@ -385,6 +388,8 @@ def add_deploy_arguments(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--feedback-db-secret", help="Secret holding the feedback database URL (default: SQLite in the pod)")
     d.add_argument("--feedback-db-secret-key", default="url")
     d.add_argument("--service-account", help="service account with the storage credentials (s3://, gs://)")
+    d.add_argument("--no-url-input", dest="url_input", action="store_false",
+                   help="refuse BYTES inputs holding http(s) URLs (the server then fetches nothing)")
     d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Ready")
     d.add_argument("--dry-run", action="store_true", help="print the manifest as JSON and apply nothing")
     _cluster_flags(d)
@@ -401,7 +406,8 @@ def _spec_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {"deployment_mode": args.deployment_mode, "min_replicas": args.min_replicas,
                "max_replicas": args.max_replicas, "api_key_secret": args.api_key_secret,
                "api_key_secret_key": args.api_key_secret_key, "feedback_db_secret": args.feedback_db_secret,
-               "feedback_db_secret_key": args.feedback_db_secret_key, "service_account": args.service_account}
+               "feedback_db_secret_key": args.feedback_db_secret_key, "service_account": args.service_account,
+               "url_input": args.url_input}
     if args.image:
         options["image"] = args.image
     return options

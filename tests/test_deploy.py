@@ -77,7 +77,8 @@ def test_manifest_is_the_charts_inference_service():
                                             max_replicas=3, api_key_secret=api_secret))
     chart_pred, our_pred = chart_isvc["spec"]["predictor"], ours["spec"]["predictor"]
     assert our_pred["containers"] == chart_pred["containers"]
-    for key in ("minReplicas", "maxReplicas", "annotations", "securityContext", "volumes"):
+    for key in ("minReplicas", "maxReplicas", "annotations", "securityContext", "volumes",
+                "automountServiceAccountToken"):
         assert our_pred[key] == chart_pred[key], key
     assert ours["metadata"]["annotations"] == chart_isvc["metadata"]["annotations"]
     assert ours["metadata"]["name"] == "iris" and ours["metadata"]["namespace"] == "classifiers"

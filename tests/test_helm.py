@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.fixtures.k8s import CHART, REPO, VALUES_DIR, by_kind, helm_args, helm_template, run, tool
+from tests.support.netpol import Pod, allowed, selects
 
 VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
 INVALID = sorted((VALUES_DIR / "invalid").glob("*.yaml"))
@@ -179,20 +180,29 @@ def test_grafana_dashboard_configmap_is_the_project_dashboard():
     assert not by_kind(helm_template(set_values={"grafanaDashboard.enabled": "false"}), "ConfigMap")
 
 
-def test_knative_mode_renders_kafka_source_and_sink():
+def test_knative_mode_renders_kafka_source_and_sinks():
     objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
     assert not by_kind(objects, "Deployment"), "no bridge Deployment in knative mode"
     (source,) = by_kind(objects, "KafkaSource")
-    (sink,) = by_kind(objects, "KafkaSink")
+    sinks = {s["metadata"]["name"]: s for s in by_kind(objects, "KafkaSink")}
+    assert set(sinks) == {"kcp-kserve-classifiers-results", "kcp-kserve-classifiers-dead-letters"}
+    sink, dead = sinks["kcp-kserve-classifiers-results"], sinks["kcp-kserve-classifiers-dead-letters"]
     assert source["spec"]["topics"] == ["image-requests"]
     assert source["spec"]["consumerGroup"] == "fashion-knative"
     assert source["spec"]["sink"] == {"ref": {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
                                               "name": "fashion-mnist"}, "uri": "/v2/models/fashion-mnist/infer"}
+    assert source["spec"]["delivery"] == {
+        "retry": 3, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S", "timeout": "PT30S",
+        "deadLetterSink": {"ref": {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink",
+                                   "name": "kcp-kserve-classifiers-dead-letters"}}}
     sasl = source["spec"]["net"]["sasl"]
     assert sasl["enable"] is True and sasl["password"]["secretKeyRef"] == {"name": "kafka-auth", "key": "password"}
     assert source["spec"]["net"]["tls"]["cert"]["secretKeyRef"]["key"] == "user.crt"
     assert sink["spec"]["topic"] == "image-results"
-    assert sink["spec"]["auth"]["secret"]["ref"]["name"] == "kafka-auth"
+    assert dead["spec"]["topic"] == "kcp-dead-letters", "the dead-letter sink writes bridge.kafka.deadLetterTopic"
+    for s in (sink, dead):
+        assert s["spec"]["auth"]["secret"]["ref"]["name"] == "kafka-auth"
+        assert s["spec"]["bootstrapServers"] == ["kafka-0.kafka.svc:9093", "kafka-1.kafka.svc:9093"]
     isvcs = {i["metadata"]["name"]: i for i in by_kind(objects, "InferenceService")}
     logger = isvcs["fashion-mnist"]["spec"]["predictor"]["logger"]
     assert logger["mode"] == "response"
@@ -201,6 +211,15 @@ def test_knative_mode_renders_kafka_source_and_sink():
     (role,) = by_kind(objects, "ClusterRole")
     assert role["metadata"]["labels"]["duck.knative.dev/addressable"] == "true"
     assert isvcs["iris"]["spec"]["predictor"]["minReplicas"] == 0
+
+
+def test_knative_retries_and_dead_letters_follow_the_values():
+    objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {
+        "bridge.knative.retry": "6", "bridge.knative.backoffDelay": "PT2S", "bridge.knative.timeout": "",
+        "bridge.knative.deadLetterSink": "false"})
+    (source,) = by_kind(objects, "KafkaSource")
+    assert source["spec"]["delivery"] == {"retry": 6, "backoffPolicy": "exponential", "backoffDelay": "PT2S"}
+    assert [s["spec"]["topic"] for s in by_kind(objects, "KafkaSink")] == ["image-results"]
 
 
 def test_bridge_deployment_targets_the_chosen_inference_service():
@@ -251,3 +270,153 @@ def test_notes_render_with_the_model_urls():
                     "--set", "models[0].name=iris", "--set", "models[0].storageUri=pvc://m/iris",
                     "--set", "models[0].maxReplicas=3"])
     assert "WARNING: the feedback database is SQLite" in defaults.stdout
+
+
+# --- hardening: NetworkPolicy, PodDisruptionBudgets, service account tokens, image digests ---------------------
+
+
+def predictor_pod(isvc: dict) -> Pod:
+    """A predictor pod of ``isvc`` as KServe creates it: the labels the chart puts on the predictor."""
+    return Pod("classifiers", isvc["spec"]["predictor"]["labels"])
+
+
+BRIDGE = Pod("classifiers", {"app.kubernetes.io/name": "kserve-classifiers", "app.kubernetes.io/instance": "kcp",
+                             "app.kubernetes.io/component": "bridge"})
+HELM_TEST = Pod("classifiers", {**BRIDGE.labels, "app.kubernetes.io/component": "test"})
+STRANGER = Pod("classifiers", {"app": "something-else"})
+PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+DISPATCHER = Pod("knative-eventing", {"app": "kafka-source-dispatcher"})
+KUBE_DNS = Pod("kube-system", {"k8s-app": "kube-dns"})
+
+
+def reach(objects: list[dict], other: Pod, port: int, direction: str = "Ingress", protocol: str = "TCP") -> bool:
+    """Whether every predictor pod accepts from / may reach ``other`` on ``port``."""
+    policies = by_kind(objects, "NetworkPolicy")
+    results = {allowed(policies, predictor_pod(i), other, port, direction=direction, protocol=protocol)
+               for i in by_kind(objects, "InferenceService")}
+    assert len(results) == 1, "the models' pods must be treated alike"
+    return results.pop()
+
+
+def test_network_policy_admits_only_the_bridge_the_test_pod_and_prometheus():
+    objects = helm_template()
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert reach(objects, BRIDGE, 8081) and reach(objects, BRIDGE, 8080)
+    assert reach(objects, HELM_TEST, 8080)
+    assert not reach(objects, BRIDGE, 9999), "only the predictor's ports"
+    assert not reach(objects, STRANGER, 8080), "another pod of the namespace"
+    assert not reach(objects, Pod("default", BRIDGE.labels), 8080), "a bridge-labelled pod of another namespace"
+    assert reach(objects, PROMETHEUS, 8080) and not reach(objects, PROMETHEUS, 8081), "Prometheus: /metrics only"
+    assert not reach(objects, DISPATCHER, 8080), "no KafkaSource in deployment mode"
+    policies = by_kind(objects, "NetworkPolicy")
+    assert allowed(policies, BRIDGE, STRANGER, 8090, direction="Ingress"), "the policy selects only predictors"
+
+
+def test_network_policy_egress_dns_and_url_input_only_by_default():
+    objects = helm_template()
+    assert reach(objects, KUBE_DNS, 53, "Egress", "UDP") and reach(objects, KUBE_DNS, 53, "Egress", "TCP")
+    assert not reach(objects, Pod("kube-system", {"k8s-app": "other"}), 53, "Egress", "UDP")
+    assert reach(objects, Pod(ip="93.184.216.34"), 443, "Egress"), "URL input on: public addresses"
+    assert reach(objects, Pod(ip="2606:2800:220:1::1"), 80, "Egress")
+    for private in ("10.0.0.5", "172.20.1.1", "192.168.1.1", "169.254.169.254", "127.0.0.1", "fd00::1", "fe80::1"):
+        assert not reach(objects, Pod(ip=private), 443, "Egress"), private
+    assert not reach(objects, Pod(ip="10.0.0.5"), 5432, "Egress"), "no database configured: SQLite in the pod"
+    assert not reach(objects, STRANGER, 8080, "Egress")
+
+    off = helm_template(set_values={"predictor.urlInput.enabled": "false"})
+    assert not reach(off, Pod(ip="93.184.216.34"), 443, "Egress"), "URL input off, pvc:// models: no internet"
+    assert reach(off, KUBE_DNS, 53, "Egress", "UDP")
+    (isvc,) = by_kind(off, "InferenceService")
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_URL_FETCH_ENABLED"] == "false"
+
+
+def test_network_policy_egress_database_downloads_and_allowed_networks():
+    objects = helm_template([VALUES_DIR / "postgresql.yaml"], {"predictor.urlInput.enabled": "false"})
+    assert reach(objects, Pod(ip="10.1.2.3"), 5432, "Egress"), "the feedback database"
+    assert not reach(objects, Pod(ip="10.1.2.3"), 5433, "Egress")
+    multi = helm_template([VALUES_DIR / "multi-model.yaml"], {"predictor.urlInput.enabled": "false"})
+    assert reach(multi, Pod(ip="52.216.0.10"), 443, "Egress"), "s3:// and gs:// models are downloaded"
+    assert not reach(multi, Pod(ip="52.216.0.10"), 80, "Egress") and not reach(multi, Pod(ip="10.0.0.9"), 443, "Egress")
+    opened = helm_template([VALUES_DIR / "network-open.yaml"])
+    assert reach(opened, Pod(ip="10.20.3.4"), 8443, "Egress"), "predictor.urlInput.allowedNetworks"
+    assert reach(opened, Pod("db", {"app": "postgres"}), 5432, "Egress"), "feedbackDatabase.to"
+    assert not reach(opened, Pod(ip="10.1.2.3"), 5432, "Egress"), "only the listed database peers"
+    assert reach(opened, Pod(ip="10.30.0.7"), 9000, "Egress"), "egress.extra (an in-cluster object store)"
+    (isvc, *_) = by_kind(opened, "InferenceService")
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["KCP_URL_ALLOWED_NETWORKS"] == "10.20.0.0/16"
+
+
+def test_network_policy_opens_to_listed_namespaces_and_the_knative_dispatcher():
+    opened = helm_template([VALUES_DIR / "network-open.yaml"])
+    assert reach(opened, Pod("ingress-nginx", {"any": "pod"}), 8080), "networkPolicy.ingress.namespaces"
+    assert not reach(opened, Pod("elsewhere", {"any": "pod"}), 8080)
+    assert not reach(opened, PROMETHEUS, 8080), "prometheus.enabled=false"
+    assert reach(opened, Pod("monitoring", {"app": "grafana-agent"}), 8080), "ingress.extra"
+    source = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"kserve.deploymentMode": "Standard",
+                                                                         "models[0].minReplicas": "1",
+                                                                         "models[0].autoscaling.scaleMetric": "cpu",
+                                                                         "models[1].minReplicas": "1",
+                                                                         "models[1].autoscaling.scaleMetric": "cpu"})
+    assert reach(source, DISPATCHER, 8080), "the KafkaSource dispatcher delivers the requests"
+    assert not reach(source, Pod("knative-eventing", {"app": "kafka-broker-receiver"}), 8080)
+    assert not reach(source, BRIDGE, 8080), "no bridge Deployment in knative mode"
+    assert reach(source, Pod("knative-eventing", {"app": "kafka-sink-receiver"}), 8080, "Egress"), \
+        "the inference logger posts responses to the KafkaSink receiver"
+    serverless = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
+    assert reach(serverless, Pod("knative-serving", {"app": "activator"}), 8012), "Knative: via the activator"
+    assert not reach(serverless, STRANGER, 8012)
+    assert not by_kind(helm_template(set_values={"networkPolicy.enabled": "false"}), "NetworkPolicy")
+
+
+def test_pod_disruption_budgets_for_models_with_more_than_one_replica():
+    objects = helm_template([VALUES_DIR / "multi-model.yaml"])
+    pdbs = {p["metadata"]["name"]: p for p in by_kind(objects, "PodDisruptionBudget")}
+    assert set(pdbs) == {"kcp-kserve-classifiers-iris-predictor", "kcp-kserve-classifiers-mnist-predictor",
+                         "kcp-kserve-classifiers-fashion-mnist-predictor", "kcp-kserve-classifiers-bridge"}
+    for isvc in by_kind(objects, "InferenceService"):
+        pdb = pdbs[f"kcp-kserve-classifiers-{isvc['metadata']['name']}-predictor"]
+        assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+        for other in by_kind(objects, "InferenceService"):
+            assert selects(pdb["spec"]["selector"], predictor_pod(other).labels) == (other is isvc), \
+                "each budget covers exactly its own model's pods"
+    (bridge,) = by_kind(objects, "Deployment")
+    assert selects(pdbs["kcp-kserve-classifiers-bridge"]["spec"]["selector"],
+                   bridge["spec"]["template"]["metadata"]["labels"])
+    one = helm_template(set_values={"models[0].name": "iris", "models[0].storageUri": "pvc://m/iris",
+                                    "models[0].maxReplicas": "1"})
+    assert not by_kind(one, "PodDisruptionBudget"), "one replica, one bridge: no budget"
+    assert len(by_kind(helm_template(), "PodDisruptionBudget")) == 1, "defaults: iris scales to 3"
+    assert not by_kind(helm_template(set_values={"podDisruptionBudget.enabled": "false"}), "PodDisruptionBudget")
+
+
+def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
+    """Every pod spec the chart renders (InferenceService predictors, Deployments, helm test Pods)."""
+    specs = [(f"InferenceService/{o['metadata']['name']}", o["spec"]["predictor"])
+             for o in by_kind(objects, "InferenceService")]
+    specs += [(f"Deployment/{o['metadata']['name']}", o["spec"]["template"]["spec"])
+              for o in by_kind(objects, "Deployment")]
+    return specs + [(f"Pod/{o['metadata']['name']}", o["spec"]) for o in by_kind(objects, "Pod")]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
+def test_no_pod_gets_a_service_account_token(values_file):
+    specs = pod_specs(render(values_file))
+    assert specs
+    for where, spec in specs:
+        assert spec.get("automountServiceAccountToken") is False, where
+
+
+def test_image_digests_pin_the_images():
+    predictor = "sha256:" + "a" * 64
+    bridge = "sha256:" + "b" * 64
+    objects = helm_template(set_values={"predictor.image.digest": predictor, "bridge.deployment.image.digest": bridge})
+    images = {where: [c["image"] for c in spec["containers"]] for where, spec in pod_specs(objects)}
+    repo = "ghcr.io/example/kserve-classifiers"
+    assert images == {"InferenceService/iris": [f"{repo}-predictor@{predictor}"],
+                      "Deployment/kcp-kserve-classifiers-bridge": [f"{repo}-bridge@{bridge}"],
+                      "Pod/kcp-kserve-classifiers-test-iris": [f"{repo}-predictor@{predictor}"]}
+    tagged = {c["image"] for _, spec in pod_specs(helm_template()) for c in spec["containers"]}
+    assert tagged == {f"{repo}-predictor:0.1.0", f"{repo}-bridge:0.1.0"}

@@ -44,13 +44,17 @@ app.kubernetes.io/part-of: kserve-classifiers
 {{- end }}
 {{- end }}
 
-{{/* "<registry>/<repository>:<tag>". Call with (dict "ctx" $ "repository" "...") */}}
+{{/* "<registry>/<repository>:<tag>", or "<registry>/<repository>@<digest>" when the image has a digest.
+Call with (dict "ctx" $ "image" .Values.predictor.image) */}}
 {{- define "kcp.image" -}}
-{{- $tag := default .ctx.Chart.AppVersion .ctx.Values.image.tag -}}
+{{- $repository := .image.repository -}}
 {{- if .ctx.Values.image.registry -}}
-{{- printf "%s/%s:%s" (trimSuffix "/" .ctx.Values.image.registry) .repository $tag -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .ctx.Values.image.registry) .image.repository -}}
+{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" $repository .image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .repository $tag -}}
+{{- printf "%s:%s" $repository (default .ctx.Chart.AppVersion .ctx.Values.image.tag) -}}
 {{- end -}}
 {{- end }}
 
@@ -115,7 +119,7 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
 {{- end }}
 {{- if eq .Values.bridge.mode "knative" }}
 {{- if .Values.apiKey.enabled }}
-{{- fail "bridge.mode=knative: a KafkaSource cannot send the API key header, so requests would be refused with 401; set apiKey.enabled=false (and restrict access with a NetworkPolicy or mesh policy) or use bridge.mode=deployment" }}
+{{- fail "bridge.mode=knative: a KafkaSource cannot send the API key header, so requests would be refused with 401; set apiKey.enabled=false (networkPolicy.enabled then confines the predictors to the KafkaSource dispatcher) or use bridge.mode=deployment" }}
 {{- end }}
 {{- if and $knative (eq .Values.kserve.knativeProtocol "grpc") }}
 {{- fail "bridge.mode=knative delivers CloudEvents over HTTP: it needs the REST port, but kserve.knativeProtocol=grpc exposes only gRPC" }}
@@ -126,4 +130,16 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* NetworkPolicy peers for "the internet": every IPv4 and IPv6 address except networkPolicy.egress's private ranges. */}}
+{{- define "kcp.publicInternet" -}}
+- ipBlock:
+    cidr: 0.0.0.0/0
+    except:
+      {{- toYaml .Values.networkPolicy.egress.privateRanges | nindent 6 }}
+- ipBlock:
+    cidr: ::/0
+    except:
+      {{- toYaml .Values.networkPolicy.egress.privateRangesV6 | nindent 6 }}
 {{- end }}
