@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from tests.fixtures.k8s import (
     load_yaml_documents,
 )
 from tests.fixtures.ports import free_port, port_open, wait_for
-from tests.fixtures.server import ServerHandle
+from tests.fixtures.server import ServerHandle, start_model_server
 
 VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
 IDS = [p.stem if p else "defaults" for p in VALUE_SETS]
@@ -339,3 +340,55 @@ def test_server_starts_with_the_rendered_args(tmp_path):
         assert httpx.get(f"{handle.http_url}/v2/models").status_code == 401, "the API key from the env is enforced"
     finally:
         handle.stop()
+
+
+def run_helm_test_pod(pod: dict, base_url: str, api_key: str) -> subprocess.CompletedProcess[str]:
+    """Run a rendered ``helm test`` Pod's command with its env, only the predictor URL swapped for loopback and the
+    API key Secret reference resolved to ``api_key``."""
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert {e["name"] for e in container["env"] if "valueFrom" in e} <= {"KCP_API_KEY"}
+    assert env["KCP_TEST_URL"] == f"http://{env['KCP_TEST_MODEL']}-predictor.classifiers.svc.cluster.local"
+    env["KCP_TEST_URL"] = base_url
+    if any(e["name"] == "KCP_API_KEY" for e in container["env"]):
+        env["KCP_API_KEY"] = api_key
+    assert container["command"] == ["python", "-c"]
+    return subprocess.run([sys.executable, "-c", *container["args"]], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_helm_test_pods_infer_and_read_feedback_of_every_model(tmp_path):
+    """The rendered ``helm test`` Pods, run against a real keyed server holding the trained packages: each sends one
+    V2 inference (zeros from the metadata, or the model's testRequest) and reads the model's feedback report; a
+    wrong key, an unknown model and a request the model refuses all fail the test."""
+    model_dir = _trained_models()
+    values = tmp_path / "values.yaml"
+    katonic = {"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": [
+        '{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}']}]}
+    values.write_text(yaml.safe_dump({"models": [
+        {"name": "iris", "storageUri": "pvc://m/iris"}, {"name": "mnist", "storageUri": "pvc://m/mnist"},
+        {"name": "iris-katonic", "storageUri": "pvc://m/iris-katonic", "testRequest": katonic},
+        {"name": "absent", "storageUri": "pvc://m/absent"}]}))
+    pods = {p["metadata"]["labels"]["kserve-classifiers/model"]: p for p in by_kind(helm_template([values]), "Pod")}
+    assert set(pods) == {"iris", "mnist", "iris-katonic", "absent"}
+    for pod in pods.values():
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    with start_model_server(model_dir, tmp_path, api_key="helm-test-key") as server:
+        for model in ("iris", "mnist", "iris-katonic"):
+            proc = run_helm_test_pod(pods[model], server.http_url, "helm-test-key")
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert proc.stdout.startswith(f"{model}: inference helm-test-") and "feedback report" in proc.stdout
+        wrong_key = run_helm_test_pod(pods["iris"], server.http_url, "not-the-key")
+        assert wrong_key.returncode != 0 and "answered 401" in wrong_key.stderr
+        absent = run_helm_test_pod(pods["absent"], server.http_url, "helm-test-key")
+        assert absent.returncode != 0 and "/v2/models/absent answered 404" in absent.stderr
+        mnist_pod = copy.deepcopy(pods["mnist"])
+        mnist_pod["spec"]["containers"][0]["env"].append({"name": "KCP_TEST_REQUEST", "value": json.dumps(
+            {"inputs": [{"name": "input-0", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}]})})
+        refused = run_helm_test_pod(mnist_pod, server.http_url, "helm-test-key")
+        assert refused.returncode != 0 and "/v2/models/mnist/infer answered 400" in refused.stderr
+        bytes_pod = copy.deepcopy(pods["iris-katonic"])
+        container = bytes_pod["spec"]["containers"][0]
+        container["env"] = [e for e in container["env"] if e["name"] != "KCP_TEST_REQUEST"]
+        no_request = run_helm_test_pod(bytes_pod, server.http_url, "helm-test-key")
+        assert no_request.returncode != 0 and "give this model a testRequest" in no_request.stderr

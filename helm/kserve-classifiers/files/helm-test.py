@@ -1,7 +1,7 @@
 """`helm test`: one V2 inference and one feedback call against one InferenceService, with the release's API key.
 
 Env: KCP_TEST_URL (the predictor's base URL), KCP_TEST_MODEL, KCP_API_KEY (absent: no key), KCP_TEST_REQUEST
-(a V2 inference request as JSON; absent: zeros shaped by the model's metadata). The feedback call reads the
+(a V2 inference request as JSON; absent: zeros shaped like the first input in the model's metadata). The feedback call reads the
 model's feedback report rather than posting labels: a smoke test must not add made-up ground truth to the
 accuracy the model is judged by. Exit status 0 only if every call answered 200 with the expected body.
 """
@@ -33,14 +33,13 @@ def call(path, body=None):
 
 
 def zeros_request(metadata):
-    inputs = []
-    for tensor in metadata["inputs"]:
-        if tensor["datatype"] == "BYTES":
-            sys.exit(f"{MODEL}: input {tensor['name']} is BYTES; give this model a testRequest in the chart's values")
-        shape = [1 if d < 0 else d for d in tensor["shape"]]
-        inputs.append({"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"],
-                       "data": [0] * math.prod(shape)})
-    return {"inputs": inputs}
+    """Zeros for the model's first input, its data (the others, like "ids", are optional)."""
+    tensor = metadata["inputs"][0]
+    if tensor["datatype"] == "BYTES":
+        sys.exit(f"{MODEL}: input {tensor['name']} is BYTES; give this model a testRequest in the chart's values")
+    shape = [1 if d < 0 else d for d in tensor["shape"]]
+    return {"inputs": [{"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"],
+                        "data": [0] * math.prod(shape)}]}
 
 
 request = json.loads(os.environ["KCP_TEST_REQUEST"]) if os.environ.get("KCP_TEST_REQUEST") else None
