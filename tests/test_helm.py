@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.fixtures.k8s import CHART, REPO, VALUES_DIR, by_kind, helm_args, helm_template, run, tool
+from tests.fixtures.k8s import CHART, REPO, VALUES_DIR, by_kind, helm_args, helm_template, run, secrets_api, tool
 from tests.support.netpol import Pod, allowed, selects
 
 VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
@@ -106,8 +108,6 @@ def test_api_key_secret_generated_or_fixed_or_existing():
     (secret,) = by_kind(helm_template(), "Secret")
     key = base64.b64decode(secret["data"]["api-key"]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{40}", key), "a generated key is 40 random letters and digits"
-    template = (CHART / "templates" / "secret-apikey.yaml").read_text()
-    assert 'lookup "v1" "Secret"' in template, "an installed key must be reused on upgrade"
     (isvc,) = by_kind(helm_template(), "InferenceService")
     env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
@@ -420,3 +420,33 @@ def test_image_digests_pin_the_images():
                       "Pod/kcp-kserve-classifiers-test-iris": [f"{repo}-predictor@{predictor}"]}
     tagged = {c["image"] for _, spec in pod_specs(helm_template()) for c in spec["containers"]}
     assert tagged == {f"{repo}-predictor:0.1.0", f"{repo}-bridge:0.1.0"}
+
+
+def test_generated_api_key_is_kept_across_renders_against_the_cluster(tmp_path):
+    """`lookup`: with the release's Secret in the cluster, every render (helm upgrade, helm template --dry-run=server)
+    carries its key on; without one, a fresh random key. Rendered by real helm against a loopback core/v1 API
+    holding the Secret, from a copy of the chart with only the API key template (the API serves Secrets only)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("tests", "dashboards", "files"))
+    for template in (chart / "templates").iterdir():
+        if template.name not in ("_helpers.tpl", "secret-apikey.yaml"):
+            template.unlink()
+    name = "kcp-kserve-classifiers-api-key"
+
+    def key(kubeconfig: Path, *extra: str) -> str:
+        proc = run([tool("helm"), "template", "kcp", str(chart), "--namespace", "classifiers", "--dry-run=server",
+                    "--disable-openapi-validation", "--kubeconfig", str(kubeconfig), *extra])
+        (secret,) = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        assert secret["metadata"]["name"] == name
+        return base64.b64decode(secret["data"]["api-key"]).decode()
+
+    with secrets_api([], tmp_path) as empty:
+        first, second = key(empty), key(empty)
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", first) and first != second, "no Secret yet: a new random key"
+    installed = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "data": {"api-key": base64.b64encode(
+        first.encode()).decode()}, "metadata": {
+        "name": name, "namespace": "classifiers", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "kcp", "meta.helm.sh/release-namespace": "classifiers"}}}
+    with secrets_api([installed], tmp_path) as cluster:
+        assert key(cluster) == first and key(cluster) == first, "the installed key is carried on"
+        assert key(cluster, "--set", "apiKey.value=rotated") == "rotated", "an explicit apiKey.value wins"
