@@ -2,19 +2,26 @@
 
 A model server that fetches arbitrary URLs is an SSRF hole: it could be pointed at the
 cloud metadata service, the Kubernetes API or anything on the pod network. So every
-URL is resolved first and refused if any address it resolves to is loopback,
-link-local, private, multicast, reserved or unspecified, unless the address falls in an
-explicitly allowed network. The connection is then pinned to the checked address (no
-second DNS lookup an attacker could rebind), redirects are followed by hand and each hop
-is checked again, and the body is streamed with a size cap and a timeout.
+URL is resolved first and refused if any address it resolves to is not globally routable
+(:attr:`ipaddress.IPv4Address.is_global`: loopback, link-local, private, shared address space
+100.64.0.0/10, documentation and benchmark ranges, multicast, reserved; IPv4 embedded in IPv6
+as mapped, 6to4, NAT64 or Teredo addresses is checked as IPv4), unless the address falls in an
+explicitly allowed network. The connection is then pinned to a checked address (no second DNS
+lookup an attacker could rebind); the resolved addresses are tried in turn, IPv4 first unless
+configured otherwise (a dual-stack host whose IPv6 route is broken still answers), each checked
+again just before connecting. Redirects are followed by hand and each hop is checked again. The
+body is streamed with a size cap and a per-read timeout, and the whole fetch (every hop, DNS,
+connects, body) runs under one deadline, so a server dripping bytes cannot hold it open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -23,13 +30,29 @@ from pydantic import BaseModel, Field
 from predictors.errors import DisallowedURL, FetchFailed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""``(host, port) -> addresses``; the default asks the system resolver (``getaddrinfo``)."""
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _env(name: str, default: str) -> str:
+    """``KCP_<name>``: read here, as the default of a field, because predictors.settings maps only
+    the older ``KCP_URL_*`` variables explicitly."""
+    return os.environ.get(f"KCP_{name}") or default
 
 
 class FetchSettings(BaseModel):
     """Limits for image URL fetching (env ``KCP_URL_*``, see predictors.settings)."""
 
     enabled: bool = True
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, description="per connect / read")
+    deadline_s: float = Field(default_factory=lambda: float(_env("URL_DEADLINE_S", "15")), gt=0,
+                              description="the whole fetch, redirects included (KCP_URL_DEADLINE_S)")
+    address_order: Literal["ipv4_first", "ipv6_first"] = Field(
+        default_factory=lambda: _env("URL_ADDRESS_ORDER", "ipv4_first"),
+        description="which family of a host's addresses is tried first (KCP_URL_ADDRESS_ORDER)")
     max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_redirects: int = Field(default=3, ge=0)
     allowed_networks: list[str] = Field(default_factory=list, description="CIDRs exempt from the private-address ban")
@@ -44,33 +67,50 @@ def is_url(value: bytes | str) -> bool:
     return head.startswith("http://") or head.startswith("https://")
 
 
-def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return not (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_multicast
-                or addr.is_reserved or addr.is_unspecified)
+def _embedded_ipv4(addr: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to (mapped, 6to4, NAT64, Teredo server and client)."""
+    if isinstance(addr, ipaddress.IPv4Address):
+        return []
+    found = [a for a in (addr.ipv4_mapped, addr.sixtofour) if a is not None]
+    if addr in _NAT64:
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.teredo is not None:
+        found.extend(addr.teredo)
+    return found
+
+
+def _public(addr: IPAddress) -> bool:
+    return all(a.is_global and not a.is_multicast for a in (addr, *_embedded_ipv4(addr)))
 
 
 def check_address(address: str, allowed: Sequence[IPNetwork]) -> None:
+    """Refuse (``DisallowedURL``) an address that is not global, unless it is in an allowed network."""
     addr = ipaddress.ip_address(address)
     if any(addr in net for net in allowed):
         return
     if not _public(addr):
-        raise DisallowedURL(f"address {address} is loopback, link-local or private; not allowed")
+        raise DisallowedURL(f"address {address} is not a public address (loopback, link-local, private, "
+                            "shared or reserved); not allowed")
 
 
-async def resolve_checked(host: str, port: int, allowed: Sequence[IPNetwork]) -> str:
-    """Resolve ``host`` and check every address; return the one to connect to."""
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses ``getaddrinfo`` gives for ``host`` (TCP), in its order, without repeats."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise FetchFailed(f"cannot resolve host '{host}': {exc.strerror}") from exc
-    addresses = sorted({info[4][0] for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def resolve_checked(host: str, port: int, allowed: Sequence[IPNetwork],
+                          resolve: Resolver = system_resolver, ipv6_first: bool = False) -> list[str]:
+    """Resolve ``host`` and check every address; return them in the order to try (one family first)."""
+    addresses = await resolve(host, port)
     if not addresses:
         raise FetchFailed(f"host '{host}' has no addresses")
     for address in addresses:  # refuse if ANY address is internal: DNS answers can be mixed on purpose
         check_address(address, allowed)
-    return addresses[0]
+    return sorted(addresses, key=lambda a: (ipaddress.ip_address(a).version == 4) == ipv6_first)
 
 
 def _parse(url: str) -> tuple[str, str, int]:
@@ -88,22 +128,49 @@ def _parse(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
-class ImageFetcher:
-    """Fetch image bytes from URLs under :class:`FetchSettings`."""
+class _Unreachable(Exception):
+    """Connecting to one address failed; the next address may still answer."""
 
-    def __init__(self, settings: FetchSettings | None = None) -> None:
+
+class ImageFetcher:
+    """Fetch image bytes from URLs under :class:`FetchSettings`.
+
+    ``resolve`` replaces the system resolver (a host's addresses are the one thing a test on
+    loopback cannot get from real DNS); every address it gives still goes through the guard.
+    """
+
+    def __init__(self, settings: FetchSettings | None = None, resolve: Resolver = system_resolver) -> None:
         self.settings = settings or FetchSettings()
         self._allowed = self.settings.networks()
+        self._resolve = resolve
 
     async def fetch(self, url: str) -> bytes:
+        """The image at ``url``; ``DisallowedURL`` or ``FetchFailed`` (both 400) otherwise."""
         if not self.settings.enabled:
             raise DisallowedURL("image URL fetching is disabled on this server")
         if len(url) > 4096:
             raise DisallowedURL("URL is longer than 4096 characters")
+        try:
+            async with asyncio.timeout(self.settings.deadline_s):
+                return await self._follow(url)
+        except TimeoutError as exc:
+            raise FetchFailed(f"fetching {url} took longer than the {self.settings.deadline_s:g}s limit") from exc
+
+    async def _follow(self, url: str) -> bytes:
         for _ in range(self.settings.max_redirects + 1):
             scheme, host, port = _parse(url)
-            address = await resolve_checked(host, port, self._allowed)
-            response_or_redirect = await self._get_pinned(url, scheme, host, port, address)
+            addresses = await resolve_checked(host, port, self._allowed, self._resolve,
+                                              self.settings.address_order == "ipv6_first")
+            failures: list[str] = []
+            for address in addresses:
+                check_address(address, self._allowed)  # the guard again, right before this connection
+                try:
+                    response_or_redirect = await self._get_pinned(url, scheme, host, port, address)
+                    break
+                except _Unreachable as exc:
+                    failures.append(f"{address}: {exc}")
+            else:
+                raise FetchFailed(f"cannot connect to {host} ({'; '.join(failures)[:500]})")
             if isinstance(response_or_redirect, bytes):
                 return response_or_redirect
             url = response_or_redirect
@@ -143,6 +210,8 @@ class ImageFetcher:
                     return bytes(body)
                 finally:
                     await response.aclose()
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Unreachable(str(exc) or type(exc).__name__) from exc
         except httpx.TimeoutException as exc:
             raise FetchFailed(f"fetching {url} timed out after {s.timeout_s}s") from exc
         except httpx.HTTPError as exc:

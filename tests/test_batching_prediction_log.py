@@ -85,7 +85,7 @@ def test_concurrent_callers_share_transactions(store):
     assert store.prediction_count("iris") == 51
 
 
-def test_models_and_versions_are_written_separately_and_later_ids_win(store):
+def test_models_and_versions_are_written_separately_and_first_ids_stay(store):
     counting = CountingStore(store, hold_first=True)
     writer = GroupCommitLog(counting)
 
@@ -93,7 +93,7 @@ def test_models_and_versions_are_written_separately_and_later_ids_win(store):
         first = asyncio.ensure_future(writer.record("iris", "1", [("warm", 0)]))
         await asyncio.to_thread(counting.started.wait, LIVENESS_S)
         queued = [writer.record("iris", "1", [("x", 0)]), writer.record("mnist", "2", [("y", 7)]),
-                  writer.record("iris", "1", [("x", 2)])]  # a client re-using an id: the last answer is kept
+                  writer.record("iris", "1", [("x", 2)])]  # a client re-using an id: the first answer is kept
         tasks = [asyncio.ensure_future(q) for q in queued]
         await asyncio.sleep(0)
         counting.release.set()
@@ -101,9 +101,9 @@ def test_models_and_versions_are_written_separately_and_later_ids_win(store):
 
     run(main())
     assert sorted(counting.calls[1:]) == [("iris", "1", 2), ("mnist", "2", 1)]
-    # feedback joins with the logged prediction: "x" must carry the later predicted label, 2
+    # feedback joins with the logged prediction: "x" must carry the first predicted label, 0
     store.add_feedback_by_ids("iris", [("x", 2)])
-    assert store.confusion("iris", [0, 1, 2])[2, 2] == 1
+    assert store.confusion("iris", [0, 1, 2])[2, 0] == 1
 
 
 def test_a_failed_write_reaches_its_callers_and_the_writer_recovers(store):

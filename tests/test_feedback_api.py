@@ -413,6 +413,7 @@ def test_parallel_feedback_for_the_same_ids_counts_each_once(any_store: Feedback
 def test_database_waits_do_not_block_the_event_loop(tmp_path: Path) -> None:
     """While a POST waits for the SQLite write lock, the same server keeps answering other requests."""
     store = FeedbackStore(f"sqlite:///{tmp_path / 'feedback.db'}")
+    assert store.check().available  # the first contact creates the tables (and WAL) before the lock is taken
     model = unique("iris")
     try:
         with serve_feedback(store) as url:
@@ -437,3 +438,73 @@ def test_database_waits_do_not_block_the_event_loop(tmp_path: Path) -> None:
             assert store.feedback_count(model) == 1
     finally:
         store.close()
+
+
+# --- idempotent resends and an unreachable database ------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["katonic", "ids"])
+def test_a_resent_submission_id_answers_the_first_submission_and_counts_nothing_twice(
+        client: httpx.Client, shared_store: FeedbackStore, form: str) -> None:
+    model = unique("iris")
+    if form == "katonic":
+        body: dict[str, Any] = {"predicted_label": [0, 1, 2], "true_label": [0, 2, 2]}
+    else:
+        shared_store.record_predictions(model, "1", [("a", 0), ("b", 1), ("c", 2)])
+        body = {"items": [{"id": "a", "true_label": 0}, {"id": "b", "true_label": 2}, {"id": "c", "true_label": 2}]}
+    body["submission_id"] = "retry-me"
+    first = client.post(f"/v2/models/{model}/feedback", json=body)
+    assert first.status_code == 200, first.text
+    counted = sample("classifier_feedback_total", {"model": model, "true_label": "2", "predicted_label": "1"})
+    again = client.post(f"/v2/models/{model}/feedback", json=body)
+    assert again.status_code == 200, again.text
+    assert again.json() == {**first.json(), "replayed": True}
+    assert first.json()["replayed"] is False
+    assert shared_store.feedback_count(model) == 3
+    assert sample("classifier_feedback_total",
+                  {"model": model, "true_label": "2", "predicted_label": "1"}) == counted == 1
+
+    other = client.post(f"/v2/models/{model}/feedback",
+                        json={"predicted_label": [0], "true_label": [1], "submission_id": "retry-me"})
+    assert other.status_code == 409 and "retry-me" in other.json()["error"]
+    assert shared_store.feedback_count(model) == 3
+
+
+@pytest.mark.parametrize("submission_id", ["", "x" * 129, 7, None])
+def test_bad_submission_ids_are_400(client: httpx.Client, shared_store: FeedbackStore, submission_id: Any) -> None:
+    model = unique("iris")
+    r = client.post(f"/v2/models/{model}/feedback",
+                    json={"predicted_label": [0], "true_label": [0], "submission_id": submission_id})
+    if submission_id is None:  # null means "not given"
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400 and "submission_id" in r.json()["error"]
+    assert shared_store.feedback_count(model) == 0
+
+
+def test_unreachable_database_is_503_with_retry_after(tmp_path: Path) -> None:
+    """A SQLite file whose directory is missing (an unmounted volume) cannot be opened: every route says 503."""
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'not-mounted' / 'feedback.db'}", retry_after_s=30)
+    model = unique("iris")
+    with serve_feedback(store) as url, httpx.Client(base_url=url, timeout=60) as c:
+        route = f"/v2/models/{model}/feedback"
+        for method, path, body in (("POST", route, {"predicted_label": [0], "true_label": [0]}),
+                                   ("POST", route, {"items": [{"id": "a", "true_label": 0}]}),
+                                   ("GET", route, None), ("GET", "/v2/feedback/store", None)):
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503, r.text
+            if path != "/v2/feedback/store":  # the state route reports; the others tell clients when to retry
+                assert 1 <= int(r.headers["retry-after"]) <= 30
+            assert "unreachable" in r.json()["error"] or "unable to open" in r.json()["error"]
+        assert sample("classifier_feedback_rejected_total", {"model": model, "reason": "unavailable"}) == 2
+        assert sample("classifier_feedback_store_up") == 0
+        # a client error is still a client error while the database is down
+        assert c.post(f"/v2/models/{model}/feedback", json={"predicted_label": [0]}).status_code == 400
+
+        (tmp_path / "not-mounted").mkdir()  # the volume appears
+        store.retry_after_s = 0.2
+        wait_for(lambda: c.get("/v2/feedback/store").status_code == 200, timeout=60, what="the store to recover")
+        assert sample("classifier_feedback_store_up") == 1
+        r = c.post(f"/v2/models/{model}/feedback", json={"predicted_label": [0], "true_label": [0]})
+        assert r.status_code == 200, r.text
+    store.close()

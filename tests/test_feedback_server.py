@@ -8,9 +8,12 @@ committed trained packages.
 
 from __future__ import annotations
 
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import joblib
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from sklearn.metrics import confusion_matrix
 from sklearn.model_selection import train_test_split
 
 from predictors.package import LabelsFile, PackageConfig, TensorSpec, save_package
+from tests.fixtures.ports import wait_for
+from tests.fixtures.postgres import PostgresServer
 from tests.fixtures.server import ServerHandle, start_model_server
 
 API_KEY = "feedback-e2e-key"
@@ -127,3 +132,55 @@ def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str
             metrics = c.get("/metrics").text
         assert 'classifier_feedback_total{model="iris"' in metrics
         assert 'classifier_feedback_accuracy{model="iris"}' in metrics
+
+
+def test_predictions_are_served_while_the_feedback_database_is_down(iris_data: dict[str, Any], tmp_path: Path,
+                                                                    stoppable_postgres: PostgresServer) -> None:
+    """The server starts with PostgreSQL stopped, and PostgreSQL is stopped and started again under load:
+    no prediction fails, feedback is refused with 503 + Retry-After while it is down and accepted after."""
+    pg = stoppable_postgres
+    env = {"KCP_FEEDBACK_DB_URL": pg.create_database("feedback"), "KCP_FEEDBACK_DB_RETRY_S": "1"}
+    pg.stop()
+    x = iris_data["x"]
+    statuses: list[int] = []
+    done = threading.Event()
+
+    with start_model_server(iris_data["model_dir"], tmp_path, env=env) as server:
+        def load() -> None:
+            tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": x[0].tolist()}
+            with server.client() as c:
+                while not done.is_set():
+                    statuses.append(c.post("/v2/models/iris/infer", json={"inputs": [tensor]}).status_code)
+
+        def feedback_for_a_new_prediction(c: httpx.Client) -> httpx.Response:
+            ids, _ = infer(server, x[:1], f"probe-{uuid.uuid4().hex}")
+            return c.post("/v2/models/iris/feedback", json={"items": [{"id": ids[0], "true_label": 0}]})
+
+        clients = [threading.Thread(target=load) for _ in range(2)]
+        for t in clients:
+            t.start()
+        try:
+            with server.client() as c:
+                for _ in range(2):  # down at start-up, then down again after having worked
+                    refused = c.post("/v2/models/iris/feedback", json={"predicted_label": [0], "true_label": [0]})
+                    assert refused.status_code == 503, refused.text
+                    assert "unreachable" in refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
+                    assert c.get("/v2/feedback/store").json()["available"] is False
+                    assert "classifier_feedback_store_up 0.0" in c.get("/metrics").text
+                    assert c.get("/v2/health/ready").status_code == 200  # readiness does not depend on it
+
+                    pg.start()
+                    wait_for(lambda: c.get("/v2/feedback/store").status_code == 200, timeout=60,
+                             what="the server to reach PostgreSQL again")
+                    accepted = feedback_for_a_new_prediction(c)
+                    assert accepted.status_code == 200, accepted.text
+                    assert "classifier_feedback_store_up 1.0" in c.get("/metrics").text
+                    pg.stop()
+                    wait_for(lambda: c.get("/v2/feedback/store").status_code == 503, timeout=60,
+                             what="the server to notice PostgreSQL is gone")
+        finally:
+            done.set()
+            for t in clients:
+                t.join(timeout=60)
+    assert len(statuses) > 0 and set(statuses) == {200}, f"{len(statuses)} predictions: {set(statuses)}"
+

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from predictors.errors import BadInput
 from predictors.feedback import DuplicateFeedback, FeedbackStore, UnknownPredictions
-from predictors.feedback.store import MAX_ID_LENGTH, feedback, prediction_log
+from predictors.feedback.store import MAX_ID_LENGTH, SubmissionIdReused, feedback, prediction_log
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -79,12 +79,74 @@ def test_prediction_ids_are_per_model(store: FeedbackStore) -> None:
     assert store.confusion("iris", [0, 1, 2])[1, 0] == 1
 
 
-def test_relogged_prediction_id_keeps_the_latest_answer(store: FeedbackStore) -> None:
+def test_a_logged_prediction_is_never_overwritten(store: FeedbackStore) -> None:
+    """A client re-using an id cannot change what feedback under that id is counted against."""
     assert store.record_predictions("iris", "1", [("r", 0)]) == 1
-    assert store.record_predictions("iris", "2", [("r", 2), ("r", 1)]) == 1  # last row of a batch wins
-    store.add_feedback_by_ids("iris", [("r", 1)])
-    assert store.confusion("iris", [0, 1, 2])[1, 1] == 1
-    assert store.prediction_count("iris") == 1
+    assert store.record_predictions("iris", "2", [("r", 2), ("s", 1), ("s", 2)]) == 1  # only "s", first answer
+    store.add_feedback_by_ids("iris", [("r", 1), ("s", 1)])
+    assert store.confusion("iris", [0, 1, 2]).tolist() == [[0, 0, 0], [1, 1, 0], [0, 0, 0]]
+    assert store.prediction_count("iris") == 2
+
+
+def test_relogging_an_id_with_feedback_leaves_it_counted_once(store: FeedbackStore) -> None:
+    store.record_predictions("iris", "1", [("r", 0)])
+    store.add_feedback_by_ids("iris", [("r", 0)])
+    assert store.record_predictions("iris", "1", [("r", 2)]) == 0
+    with pytest.raises(DuplicateFeedback):
+        store.add_feedback_by_ids("iris", [("r", 2)])
+    assert store.confusion("iris", [0, 1, 2]).tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_a_resent_submission_id_returns_the_first_answer_and_counts_once(store: FeedbackStore) -> None:
+    store.record_predictions("iris", "1", [("a", 0), ("b", 2)])
+    first = store.add_feedback_by_ids("iris", [("a", 0), ("b", 1)], submission_id="client-1")
+    again = store.add_feedback_by_ids("iris", [("a", 0), ("b", 1)], submission_id="client-1")
+    assert not first.replayed and again.replayed
+    assert (again.submission_id, again.pairs) == (first.submission_id, first.pairs) == (first.submission_id,
+                                                                                        [(0, 0), (1, 2)])
+    katonic = store.add_feedback("iris", [(2, 2), (0, 1)], submission_id="client-2")
+    assert store.add_feedback("iris", [(2, 2), (0, 1)], submission_id="client-2").submission_id == katonic.submission_id
+    assert store.feedback_count("iris") == 4
+    # the same client id for another model is another submission
+    store.add_feedback("mnist", [(2, 2), (0, 1)], submission_id="client-2")
+    assert store.feedback_count("mnist") == 2
+
+
+@pytest.mark.parametrize("resend", [[(2, 2)], [(0, 1), (2, 2)], [(2, 2), (0, 1), (0, 1)]])
+def test_a_submission_id_reused_for_other_content_is_a_conflict(store: FeedbackStore, resend) -> None:
+    store.add_feedback("iris", [(2, 2), (0, 1)], submission_id="k")
+    with pytest.raises(SubmissionIdReused, match="'k'") as exc:
+        store.add_feedback("iris", resend, submission_id="k")
+    assert exc.value.status == 409
+    store.record_predictions("iris", "1", [("a", 0)])
+    with pytest.raises(SubmissionIdReused):
+        store.add_feedback_by_ids("iris", [("a", 0)], submission_id="k")
+    assert store.feedback_count("iris") == 2
+
+
+def test_concurrent_resends_record_one_submission(store: FeedbackStore) -> None:
+    """12 threads send the same named submission at once: one is recorded, all get its answer."""
+    store.record_predictions("iris", "1", [(f"p{i}", i % 3) for i in range(10)])
+    items = [(f"p{i}", (i + 1) % 3) for i in range(10)]
+    answers: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(12)
+
+    def submit() -> None:
+        start.wait()
+        try:
+            answers.append(store.add_feedback_by_ids("iris", items, submission_id="same").submission_id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(answers) == 12 and len(set(answers)) == 1
+    assert store.feedback_count("iris") == 10
 
 
 def test_overlong_prediction_ids_are_not_logged(store: FeedbackStore) -> None:
@@ -210,6 +272,19 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
     finally:
         s.close()
+
+
+def test_prune_deletes_in_batches_and_keeps_the_rest(store: FeedbackStore) -> None:
+    store.record_predictions("iris", "1", [(f"old{i}", 0) for i in range(25)] + [("new", 1)])
+    with store.engine.begin() as conn:
+        conn.execute(update(prediction_log).where(prediction_log.c.prediction_id.like("old%"))
+                     .values(created_at=datetime.now(UTC) - timedelta(days=8)))
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_: statements.append(statement))
+    assert store.prune_predictions(datetime.now(UTC) - timedelta(days=7), batch=10) == 25
+    assert sum(s.startswith("DELETE") for s in statements) == 3  # 10 + 10 + 5, each its own transaction
+    assert store.prediction_count("iris") == 1
 
 
 def test_prune_removes_only_old_predictions(store: FeedbackStore) -> None:

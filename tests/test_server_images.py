@@ -8,6 +8,7 @@ import http.server
 import io
 import struct
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -119,12 +120,14 @@ def test_bad_image_tensors_are_400(client, inputs, message):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("http://127.0.0.1:9/digit.png", "loopback, link-local or private"),
-    ("http://localhost/digit.png", "loopback, link-local or private"),
-    ("http://169.254.169.254/latest/meta-data", "loopback, link-local or private"),
-    ("http://10.0.0.1/digit.png", "loopback, link-local or private"),
-    ("http://[::1]/digit.png", "loopback, link-local or private"),
-    ("http://[::ffff:192.168.0.1]/x.png", "loopback, link-local or private"),
+    ("http://127.0.0.1:9/digit.png", "not a public address"),
+    ("http://localhost/digit.png", "not a public address"),
+    ("http://169.254.169.254/latest/meta-data", "not a public address"),
+    ("http://10.0.0.1/digit.png", "not a public address"),
+    ("http://[::1]/digit.png", "not a public address"),
+    ("http://[::ffff:192.168.0.1]/x.png", "not a public address"),
+    ("http://100.64.0.1/x.png", "not a public address"),  # shared address space (carrier NAT, some pod networks)
+    ("http://[64:ff9b::a9fe:a9fe]/x.png", "not a public address"),  # NAT64 of the metadata endpoint
     ("http://user:pw@example.com/x.png", "credentials"),
     ("https://", "no host"),
 ])
@@ -138,6 +141,9 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, str, bytes, dict]] = {}
 
     def do_GET(self) -> None:
+        if self.path == "/drip.png":
+            self._drip()
+            return
         status, ctype, body, headers = self.routes.get(self.path, (404, "text/plain", b"missing", {}))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
@@ -147,6 +153,18 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server stops oversized downloads
             self.wfile.write(body)
+
+    def _drip(self) -> None:
+        """An image sent one byte every 0.1 s: each read is quick, the whole takes a minute."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "600")
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(600):
+                self.wfile.write(b"\x00")
+                self.wfile.flush()
+                time.sleep(0.1)
 
     def log_message(self, *args) -> None:
         pass
@@ -178,7 +196,7 @@ def allowlisted_server(tmp_path_factory):
     from tests.fixtures.server import TRAINED_MODELS
 
     tmp = tmp_path_factory.mktemp("allowlist")
-    env = {"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32"}
+    env = {"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32", "KCP_URL_DEADLINE_S": "2"}
     with start_model_server(TRAINED_MODELS / "mnist", tmp, env=env) as s, s.client() as c:
         yield c
 
@@ -195,7 +213,8 @@ def test_url_inputs_are_fetched_when_allowed(allowlisted_server, image_site):
     ("/page.html", "content type 'text/html'"),
     ("/missing.png", "HTTP 404"),
     ("/huge.png", "limit"),
-    ("/redirect-to-metadata", "loopback, link-local or private"),
+    ("/redirect-to-metadata", "not a public address"),
+    ("/drip.png", "longer than the 2s limit"),
 ])
 def test_bad_urls_are_400_even_when_allowed(allowlisted_server, image_site, path, message):
     base = image_site[0]

@@ -8,10 +8,19 @@ Routes (all under the router's ``dependencies``, e.g. the server's API-key check
     "true_label": 2}, ...]}``, where each id is the id of an earlier prediction of this model (the
     response id of a single-row request, ``<response id>/<row index>`` for rows of a batch); the
     server then pairs the ground truth with what it really predicted. Answers the metrics of this
-    submission (``batch``) and the ``cumulative`` metrics.
+    submission (``batch``) and the ``cumulative`` metrics. Either form may carry a client
+    ``"submission_id"``: resending the same submission under it answers the first submission
+    again (``"replayed": true``, the same ``submission_id`` and ``batch``) and counts nothing twice;
+    the same id with different content is a 409.
 ``GET /v2/models/{model_name}/feedback`` (alias ``/v2/models/{model_name}/metrics/classification``)
     The cumulative metrics and those of the ``recent`` window (``?window_seconds=``, default from
     :func:`build_feedback_router`).
+``GET /v2/feedback/store``
+    The feedback database's state: 200 ``{"available": true, ...}``, or 503 with the last error
+    while it is unreachable. Inference readiness never depends on it.
+
+While the database is unreachable every feedback route answers 503 ``{"error": ...}`` with a
+``Retry-After`` header, at once (see :class:`predictors.feedback.store.StoreUnavailable`).
 
 Why the body is read and validated here rather than by FastAPI's parameter binding: FastAPI
 answers validation failures with 422 ``{"detail": [...]}``; this API promises every client error
@@ -41,7 +50,15 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from predictors.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
 from predictors.feedback import prometheus
 from predictors.feedback.metrics import ClassificationMetrics, compute_metrics, confusion_from_pairs
-from predictors.feedback.store import MAX_ID_LENGTH, DuplicateFeedback, FeedbackStore, UnknownPredictions
+from predictors.feedback.store import (
+    MAX_ID_LENGTH,
+    MAX_SUBMISSION_ID_LENGTH,
+    DuplicateFeedback,
+    FeedbackStore,
+    StoreUnavailable,
+    SubmissionIdReused,
+    UnknownPredictions,
+)
 from predictors.package import LabelsFile
 from predictors.rest import JSONErrorRoute
 
@@ -61,7 +78,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class KatonicFeedback(_Strict):
+class _Named(_Strict):
+    """The optional client ``submission_id`` that makes a resend idempotent."""
+
+    submission_id: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_SUBMISSION_ID_LENGTH)
+
+
+class KatonicFeedback(_Named):
     """``{"predicted_label": [...], "true_label": [...]}``: pairs given by the client."""
 
     predicted_label: list[StrictInt] = Field(min_length=1)
@@ -82,7 +105,7 @@ class FeedbackItem(_Strict):
     true_label: StrictInt
 
 
-class IdFeedback(_Strict):
+class IdFeedback(_Named):
     """``{"items": [{"id": ..., "true_label": ...}, ...]}``: the server supplies the predicted labels."""
 
     items: list[FeedbackItem] = Field(min_length=1)
@@ -101,6 +124,7 @@ class FeedbackAccepted(BaseModel):
     model_name: str
     submission_id: str
     accepted: int
+    replayed: bool = False
     batch: ClassificationMetrics
     cumulative: ClassificationMetrics
 
@@ -127,7 +151,8 @@ class UnknownLabels(BadInput):
 def _reason(exc: ClientError) -> str:
     """The ``reason`` label of classifier_feedback_rejected_total for an error."""
     for kind, reason in ((UnknownModel, "unknown_model"), (PayloadTooLarge, "too_large"),
-                         (DuplicateFeedback, "duplicate"), (UnknownPredictions, "unknown_id"),
+                         (DuplicateFeedback, "duplicate"), (SubmissionIdReused, "duplicate"),
+                         (UnknownPredictions, "unknown_id"),
                          (MalformedJSON, "malformed_json"), (UnknownLabels, "unknown_label")):
         if isinstance(exc, kind):
             return reason
@@ -223,6 +248,12 @@ def parse_window(value: str | None, default: float) -> float:
     return seconds
 
 
+def unavailable_response(exc: StoreUnavailable) -> JSONResponse:
+    """503 with the reason and ``Retry-After`` (whole seconds, at least 1) for an unreachable store."""
+    return JSONResponse({"error": exc.reason}, status_code=int(exc.status),
+                        headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
+
+
 # --- the router ------------------------------------------------------------------------------
 
 
@@ -246,6 +277,7 @@ def build_feedback_router(
         raise ValueError(f"window_seconds must be in (0, {MAX_WINDOW_SECONDS:.0f}], got {window_seconds}")
     default_window = float(window_seconds)
     router = APIRouter(dependencies=list(dependencies), route_class=JSONErrorRoute, tags=["feedback"])
+    prometheus.watch_store(store)
 
     def labels_of(model_name: str, submission: bool) -> LabelsFile:
         try:
@@ -265,24 +297,28 @@ def build_feedback_router(
                 _check_labels(model_name, labels, "true_label", body.true_label)
                 _check_labels(model_name, labels, "predicted_label", body.predicted_label)
                 pairs = list(zip(body.true_label, body.predicted_label, strict=True))
-                submission = await asyncio.to_thread(store.add_feedback, model_name, pairs)
+                submission = await asyncio.to_thread(store.add_feedback, model_name, pairs, body.submission_id)
             else:
                 _check_labels(model_name, labels, "true_label", [item.true_label for item in body.items])
                 items = [(item.id, item.true_label) for item in body.items]
                 submission = await asyncio.to_thread(
-                    store.add_feedback_by_ids, model_name, items, frozenset(labels.labels))
+                    store.add_feedback_by_ids, model_name, items, frozenset(labels.labels), body.submission_id)
+            cumulative_matrix = await asyncio.to_thread(store.confusion, model_name, labels.labels)
         except ClientError as exc:
             prometheus.observe_rejection(model_name, _reason(exc))
             raise
+        except StoreUnavailable as exc:
+            prometheus.observe_rejection(model_name, "unavailable")
+            return unavailable_response(exc)
 
-        k = len(labels.labels)
-        batch = confusion_from_pairs(submission.pairs, k)
-        cumulative = compute_metrics(await asyncio.to_thread(store.confusion, model_name, labels.labels), labels)
-        prometheus.observe_batch(model_name, batch, labels.labels)
+        batch = confusion_from_pairs(submission.pairs, len(labels.labels))
+        cumulative = compute_metrics(cumulative_matrix, labels)
+        if not submission.replayed:  # a resend was counted the first time
+            prometheus.observe_batch(model_name, batch, labels.labels)
         prometheus.set_cumulative(model_name, cumulative)
         answer = FeedbackAccepted(model_name=model_name, submission_id=submission.submission_id,
-                                  accepted=len(submission.pairs), batch=compute_metrics(batch, labels),
-                                  cumulative=cumulative)
+                                  accepted=len(submission.pairs), replayed=submission.replayed,
+                                  batch=compute_metrics(batch, labels), cumulative=cumulative)
         return JSONResponse(answer.model_dump(mode="json"))
 
     async def get_report(model_name: str, request: Request) -> JSONResponse:
@@ -294,7 +330,10 @@ def build_feedback_router(
         def both() -> tuple[np.ndarray, np.ndarray]:
             return store.confusion(model_name, labels.labels), store.confusion(model_name, labels.labels, since)
 
-        total, recent = await asyncio.to_thread(both)
+        try:
+            total, recent = await asyncio.to_thread(both)
+        except StoreUnavailable as exc:
+            return unavailable_response(exc)
         report = FeedbackReport(
             model_name=model_name,
             cumulative=compute_metrics(total, labels),
@@ -304,4 +343,14 @@ def build_feedback_router(
 
     router.add_api_route("/v2/models/{model_name}/feedback", get_report, methods=["GET"])
     router.add_api_route("/v2/models/{model_name}/metrics/classification", get_report, methods=["GET"])
+
+    @router.get("/v2/feedback/store")
+    async def store_state() -> JSONResponse:
+        """The feedback database's state, checked now (at most one connection attempt per retry period)."""
+        health = await asyncio.to_thread(store.check)
+        return JSONResponse(
+            {"backend": health.backend, "available": health.available, "since": health.since.isoformat(),
+             "error": health.error},
+            status_code=200 if health.available else int(StoreUnavailable.status))
+
     return router

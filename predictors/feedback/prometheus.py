@@ -14,7 +14,10 @@ Why these shapes:
   updated): aggregate them with ``max``/``avg``, never ``sum``.
 * ``classifier_feedback_rejected_total{model, reason}`` counts rejected submissions. ``model`` is
   only set to names that are actually served (``reason="unknown_model"`` uses ``model=""``) so a
-  client cannot grow the label set without bound.
+  client cannot grow the label set without bound. ``reason="unavailable"`` counts submissions
+  refused with 503 because the database was unreachable.
+* ``classifier_feedback_store_up`` is 1 while the feedback database answered the last call and 0
+  while it is unreachable: alert on it; inference readiness deliberately does not depend on it.
 
 They live in ``prometheus_client.REGISTRY``, which KServe's ``/metrics`` route exposes. Note that
 with ``--workers > 1`` each REST worker process has its own counters (KServe's metrics are per
@@ -27,6 +30,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from predictors.feedback.metrics import ClassificationMetrics
+from predictors.feedback.store import FeedbackStore
 
 FEEDBACK_TOTAL = Counter(
     "classifier_feedback",
@@ -49,14 +53,20 @@ FEEDBACK_REJECTED = Counter(
     ["model", "reason"],
 )
 
+FEEDBACK_STORE_UP = Gauge(
+    "classifier_feedback_store_up",
+    "1 while the feedback database answered the last call, 0 while it is unreachable.",
+)
+
 REJECTION_REASONS = ("malformed_json", "invalid_body", "too_large", "unknown_label", "unknown_id",
-                     "duplicate", "unknown_model")
+                     "duplicate", "unknown_model", "unavailable")
 
 EXPORTED_METRIC_NAMES = frozenset({
     "classifier_feedback_total",
     "classifier_feedback_accuracy",
     "classifier_feedback_macro_f1",
     "classifier_feedback_rejected_total",
+    "classifier_feedback_store_up",
 })
 """The sample names these metrics expose (what PromQL and the dashboard refer to)."""
 
@@ -74,6 +84,11 @@ def set_cumulative(model: str, metrics: ClassificationMetrics) -> None:
         return
     FEEDBACK_ACCURACY.labels(model=model).set(metrics.accuracy)
     FEEDBACK_MACRO_F1.labels(model=model).set(metrics.macro_avg.f1)
+
+
+def watch_store(store: FeedbackStore) -> None:
+    """Report ``store``'s last observed state in ``classifier_feedback_store_up`` (read at scrape, no I/O)."""
+    FEEDBACK_STORE_UP.set_function(lambda: float(store.health().available))
 
 
 def observe_rejection(model: str, reason: str) -> None:

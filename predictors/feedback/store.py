@@ -28,14 +28,28 @@ one transaction: all of a submission or none of it.
 The methods are synchronous and may block (disk, network, lock waits): the async server calls
 them through a thread executor, never on the event loop. One ``FeedbackStore`` is safe to share
 between threads; its connection pool hands each thread its own connection.
+
+Outages (why the store opens lazily): inference must not depend on the feedback database. The
+constructor connects to nothing; the tables are created by the first call that reaches the
+database. A call that cannot reach it (refused, connect timeout, statement timeout, a dead pooled
+connection) raises :class:`StoreUnavailable` (503 / UNAVAILABLE with ``Retry-After``) and marks
+the store *down*; for the next ``retry_after_s`` seconds every call fails at once without
+touching the network, so an outage costs callers no waiting, and the first call after that tries
+again. :meth:`FeedbackStore.health` reports the state. PostgreSQL connections carry a connect
+timeout, a server-side ``statement_timeout`` and TCP keepalives; the pool pings a connection
+before handing it out (``pool_pre_ping``), so connections broken by a database restart are
+replaced instead of failing a request.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
+import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -62,7 +76,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from predictors.errors import BadInput, ClientError
 
@@ -73,6 +88,24 @@ MAX_ID_LENGTH = 256
 
 SQLITE_BUSY_TIMEOUT_S = 60.0
 """How long a SQLite writer waits for the write lock before failing; long enough that it never does."""
+
+CONNECT_TIMEOUT_S = 3.0
+"""Default PostgreSQL connect timeout (env ``KCP_FEEDBACK_DB_CONNECT_TIMEOUT_S``); libpq's minimum is 2 s."""
+
+STATEMENT_TIMEOUT_S = 10.0
+"""Default PostgreSQL ``statement_timeout`` (env ``KCP_FEEDBACK_DB_STATEMENT_TIMEOUT_S``)."""
+
+RETRY_AFTER_S = 5.0
+"""Default time a store stays *down* after a failed call (env ``KCP_FEEDBACK_DB_RETRY_S``)."""
+
+PRUNE_BATCH = 1000
+"""Rows deleted per transaction by the retention prune: each write lock is held only briefly."""
+
+MAX_SUBMISSION_ID_LENGTH = 128
+"""Longest client ``submission_id`` accepted."""
+
+_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
+"""SQLAlchemy errors that mean "the database did not answer", not "the request was wrong"."""
 
 _CHUNK = 500  # ids per IN (...) list: well under every driver's bound-parameter limit
 _SCHEMA_LOCK_KEY = 0x6B6370_6662  # pg advisory lock id for concurrent CREATE TABLE by several replicas
@@ -106,6 +139,44 @@ class UnknownPredictions(BadInput):
         more = f" and {len(self.ids) - 20} more" if len(self.ids) > 20 else ""
         super().__init__(f"unknown prediction ids for model {model}: {shown}{more}; "
                          "ids must be response ids of earlier predictions of this model")
+
+
+class SubmissionIdReused(ClientError):
+    """A client ``submission_id`` already names a *different* submission: 409 / ALREADY_EXISTS."""
+
+    status = HTTPStatus.CONFLICT
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+    def __init__(self, model: str, submission_id: str) -> None:
+        super().__init__(f"submission_id {submission_id!r} of model {model} was already used for a different "
+                         "submission; resend exactly the same submission or use a new submission_id")
+
+
+class StoreUnavailable(Exception):
+    """The feedback database cannot be reached now: 503 / UNAVAILABLE, retry after ``retry_after_s``.
+
+    Not a :class:`ClientError`: nothing about the request is wrong, and the server, not the
+    client, is at fault. The feedback API answers it with ``Retry-After``.
+    """
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """The store's state as last observed: what the health route and the ``up`` gauge report."""
+
+    backend: str
+    available: bool
+    since: datetime
+    error: str | None = None
+    retry_after_s: float | None = None
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -156,16 +227,36 @@ feedback = Table(
     Column("created_at", _UTCDateTime, nullable=False),
     UniqueConstraint("model", "prediction_id", name="uq_feedback_model_prediction_id"),
     Index("ix_feedback_model_created_at", "model", "created_at"),
+    Index("ix_feedback_submission_id", "submission_id"),
 )
+
+feedback_submissions = Table(
+    "feedback_submissions",
+    metadata,
+    Column("model", String(63), primary_key=True),
+    Column("client_submission_id", String(MAX_SUBMISSION_ID_LENGTH), primary_key=True),
+    Column("submission_id", String(32), nullable=False),
+    Column("created_at", _UTCDateTime, nullable=False),
+)
+"""Client ``submission_id`` -> the server's id of the submission it named (idempotent resends).
+
+A table of its own because its primary key is what makes a resend race-free: of two concurrent
+submissions with one client id, exactly one inserts its row; the other finds it.
+"""
 
 
 @dataclass(frozen=True)
 class Submission:
-    """One accepted feedback submission: its id and the (true, predicted) pairs it recorded."""
+    """One accepted feedback submission: its id and the (true, predicted) pairs it recorded.
+
+    ``replayed`` is true when this is an earlier submission returned again for a resend with the
+    same client ``submission_id`` (nothing was recorded this time).
+    """
 
     submission_id: str
     pairs: list[tuple[int, int]]
     created_at: datetime
+    replayed: bool = False
 
 
 def _now() -> datetime:
@@ -175,6 +266,17 @@ def _now() -> datetime:
 def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from ``KCP_<name>``, else ``default``; a bad value stops start-up."""
+    raw = os.environ.get(f"KCP_{name}")
+    if raw is None or not raw.strip():
+        return default
+    value = float(raw)
+    if not 0 < value < 86400:
+        raise ValueError(f"KCP_{name} must be a number of seconds in (0, 86400), got {raw!r}")
+    return value
 
 
 def _duplicates(ids: Iterable[str]) -> list[str]:
@@ -193,24 +295,34 @@ class FeedbackStore:
     ``url`` is a SQLAlchemy URL: ``sqlite:///path/feedback.db`` or
     ``postgresql+psycopg://user:pw@host:port/db`` (a plain ``postgresql://`` or ``postgres://``
     URL, as many operators and secrets spell it, means the same: psycopg 3 is the driver installed).
-    Tables are created on construction if missing (idempotent, safe when several replicas start at once).
+    Tables are created by the first call that reaches the database (idempotent, safe when several
+    replicas start at once); construction itself never connects, so it succeeds while the database
+    is down. Timeouts default to the ``KCP_FEEDBACK_DB_*`` environment variables (module constants).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float | None = None,
+                 statement_timeout_s: float | None = None, retry_after_s: float | None = None) -> None:
         for plain in ("postgresql://", "postgres://"):
             if url.startswith(plain):
                 url = "postgresql+psycopg://" + url.removeprefix(plain)
         self.url = url
+        self.connect_timeout_s = connect_timeout_s or _env_seconds("FEEDBACK_DB_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S)
+        self.statement_timeout_s = statement_timeout_s or _env_seconds("FEEDBACK_DB_STATEMENT_TIMEOUT_S",
+                                                                       STATEMENT_TIMEOUT_S)
+        self.retry_after_s = retry_after_s or _env_seconds("FEEDBACK_DB_RETRY_S", RETRY_AFTER_S)
         self.engine: Engine = self._make_engine(url)
         self._is_sqlite = self.engine.dialect.name == "sqlite"
-        self._create_tables()
-        # Built once: constructing the upsert per call was half of the log's CPU per request.
-        self._log_upsert = self._prediction_log_upsert()
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._health = StoreHealth(self.engine.dialect.name, True, _now())
+        self._down_until = 0.0  # time.monotonic() before which calls fail without trying
+        # Built once: constructing the insert per call was half of the log's CPU per request.
+        self._log_insert = self._prediction_log_insert()
 
     # --- set-up -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _make_engine(url: str) -> Engine:
+    def _make_engine(self, url: str) -> Engine:
         if url.startswith("sqlite"):
             if url in ("sqlite://", "sqlite:///:memory:"):
                 raise ValueError("an in-memory SQLite database is not durable; give a file: sqlite:///path.db")
@@ -218,7 +330,16 @@ class FeedbackStore:
                                    pool_size=8, max_overflow=8)
             _configure_sqlite(engine)
             return engine
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        statement_ms = int(self.statement_timeout_s * 1000)
+        connect_args = {
+            "connect_timeout": max(2, round(self.connect_timeout_s)),
+            "options": f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms}",
+            # A peer that vanished (partition) is noticed by the kernel instead of never.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+            "tcp_user_timeout": statement_ms,
+        }
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                             pool_timeout=self.statement_timeout_s, connect_args=connect_args)
 
     def _create_tables(self) -> None:
         with self.engine.begin() as conn:
@@ -226,6 +347,57 @@ class FeedbackStore:
                 # Several replicas starting together would race on CREATE TABLE's catalog rows.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
             metadata.create_all(conn, checkfirst=True)
+
+    # --- availability -----------------------------------------------------------------------
+
+    def health(self) -> StoreHealth:
+        """The state as last observed by a call (no network): ``available`` false while down."""
+        with self._state_lock:
+            return self._health
+
+    def check(self) -> StoreHealth:
+        """Reach the database now (unless inside a down period) and return the resulting state."""
+        with contextlib.suppress(StoreUnavailable), self._read() as conn:
+            conn.execute(text("SELECT 1"))
+        return self.health()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[Any]:
+        """Run a block that uses the database; turn "cannot reach it" into :class:`StoreUnavailable`.
+
+        Yields ``self.engine.connect`` once the schema exists. Inside a down period it raises at
+        once; a block that fails to reach the database starts a new down period.
+        """
+        with self._state_lock:
+            wait = self._down_until - time.monotonic()
+            health = self._health
+        if wait > 0:
+            raise StoreUnavailable(self._unavailable_reason(health.error), wait)
+        try:
+            if not self._schema_ready:
+                with self._schema_lock:  # one creator: concurrent first calls would race on the schema (and WAL)
+                    if not self._schema_ready:
+                        self._create_tables()
+                        self._schema_ready = True
+            yield self.engine.connect
+        except _UNREACHABLE as exc:
+            error = f"{type(exc.orig if getattr(exc, 'orig', None) else exc).__name__}: " + str(
+                getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            with self._state_lock:
+                self._down_until = time.monotonic() + self.retry_after_s
+                if self._health.available:
+                    log.error("feedback database unreachable (%s); retrying every %.0fs", error, self.retry_after_s)
+                    self._health = StoreHealth(self._health.backend, False, _now(), error, self.retry_after_s)
+            raise StoreUnavailable(self._unavailable_reason(error), self.retry_after_s) from exc
+        with self._state_lock:
+            if not self._health.available:
+                log.warning("feedback database reachable again")
+                self._health = StoreHealth(self._health.backend, True, _now())
+
+    def _unavailable_reason(self, error: str | None) -> str:
+        return (f"the feedback database ({self.engine.dialect.name}) is unreachable"
+                f"{f' ({error})' if error else ''}; predictions are served, feedback is not recorded "
+                "now: retry later")
 
     def close(self) -> None:
         """Close all pooled connections. The store must not be used afterwards."""
@@ -239,67 +411,83 @@ class FeedbackStore:
         that reads and then writes fails at once with SQLITE_BUSY when another writer committed in
         between, however long the busy timeout; taking the lock first makes writers queue instead.
         """
-        with self.engine.connect() as conn:
+        with self._reachable() as connect, connect() as conn:
             if self._is_sqlite:
                 conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 yield conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A connection for reads, under the same availability rules as writes."""
+        with self._reachable() as connect, connect() as conn:
+            yield conn
 
     # --- writes -----------------------------------------------------------------------------
 
     def record_predictions(self, model: str, version: str, rows: Sequence[tuple[str, int]]) -> int:
         """Log what the server predicted: ``rows`` of (prediction_id, predicted label).
 
-        A prediction id that is logged again (a client re-using a request id) is overwritten: the
-        log holds the latest answer given under that id, the one the client saw last. Ids longer
-        than :data:`MAX_ID_LENGTH` are skipped (they could never be named in feedback). Returns the
+        A logged prediction is never overwritten: an id already in the log (or twice in ``rows``)
+        keeps its first answer and the later one is skipped with a warning. Feedback joined with an
+        id must pair with the answer first given under it, and a client re-using an id must not
+        change what another client's feedback is counted against. Ids longer than
+        :data:`MAX_ID_LENGTH` are skipped (they could never be named in feedback). Returns the
         number of rows logged.
         """
-        latest: dict[str, int] = {}
+        first: dict[str, int] = {}
+        valid = 0
         for prediction_id, label in rows:
             if not prediction_id or len(prediction_id) > MAX_ID_LENGTH:
                 log.warning("not logging prediction id of length %d for model %s", len(prediction_id), model)
                 continue
-            latest[prediction_id] = int(label)
-        if not latest:
+            first.setdefault(prediction_id, int(label))
+            valid += 1
+        if not first:
             return 0
         now = _now()
         values = [{"model": model, "version": version, "prediction_id": pid, "predicted_label": label,
-                   "created_at": now} for pid, label in latest.items()]
+                   "created_at": now} for pid, label in first.items()]
         with self._write() as conn:
-            conn.execute(self._log_upsert, values)
-        return len(values)
+            logged = len(conn.execute(self._log_insert, values).all())
+        if logged < valid:
+            log.warning("model %s: %d of %d prediction ids were already logged or repeated; kept their first answer",
+                        model, valid - logged, valid)
+        return logged
 
-    def _prediction_log_upsert(self) -> Any:
-        """INSERT ... ON CONFLICT (model, prediction_id) DO UPDATE: a re-used id keeps the latest answer."""
+    def _prediction_log_insert(self) -> Any:
+        """INSERT ... ON CONFLICT (model, prediction_id) DO NOTHING RETURNING: the first answer stays."""
         insert = sqlite.insert if self._is_sqlite else postgresql.insert
-        stmt = insert(prediction_log)
-        return stmt.on_conflict_do_update(
-            index_elements=[prediction_log.c.model, prediction_log.c.prediction_id],
-            set_={"version": stmt.excluded.version, "predicted_label": stmt.excluded.predicted_label,
-                  "created_at": stmt.excluded.created_at},
-        )
+        stmt = insert(prediction_log).on_conflict_do_nothing(
+            index_elements=[prediction_log.c.model, prediction_log.c.prediction_id])
+        return stmt.returning(prediction_log.c.prediction_id)
 
-    def add_feedback(self, model: str, pairs: Sequence[tuple[int, int]]) -> Submission:
+    def add_feedback(self, model: str, pairs: Sequence[tuple[int, int]],
+                     submission_id: str | None = None) -> Submission:
         """Record (true label, predicted label) pairs of the Katonic form, atomically.
 
         Label validity is the caller's business (the API checks them against labels_file.json).
+        ``submission_id`` (the client's) makes a resend idempotent, see :meth:`_submit`.
         """
         if not pairs:
             raise BadInput("a feedback submission needs at least one label")
         clean = [(int(t), int(p)) for t, p in pairs]
-        submission = Submission(uuid.uuid4().hex, clean, _now())
-        rows = [{"model": model, "submission_id": submission.submission_id, "prediction_id": None,
-                 "true_label": t, "predicted_label": p, "created_at": submission.created_at} for t, p in clean]
-        with self._write() as conn:
-            conn.execute(feedback.insert(), rows)
-        return submission
+
+        def record(conn: Connection) -> Submission:
+            submission = Submission(uuid.uuid4().hex, clean, _now())
+            conn.execute(feedback.insert(), [
+                {"model": model, "submission_id": submission.submission_id, "prediction_id": None,
+                 "true_label": t, "predicted_label": p, "created_at": submission.created_at} for t, p in clean])
+            return submission
+
+        return self._submit(model, submission_id, [(None, t, p) for t, p in clean], record)
 
     def add_feedback_by_ids(
         self,
         model: str,
         items: Sequence[tuple[str, int]],
         allowed_predicted: Collection[int] | None = None,
+        submission_id: str | None = None,
     ) -> Submission:
         """Record (prediction_id, true label) items, joining each id with the logged prediction.
 
@@ -307,7 +495,8 @@ class FeedbackStore:
         already have feedback (before or concurrently) raise :class:`DuplicateFeedback`, an id given
         twice raises :class:`BadInput`, and a logged predicted label outside ``allowed_predicted``
         (a model since replaced by one with fewer classes) raises :class:`BadInput`; in every case
-        nothing is recorded.
+        nothing is recorded. A resend with the same ``submission_id`` returns the first answer
+        instead of a :class:`DuplicateFeedback`, see :meth:`_submit`.
         """
         if not items:
             raise BadInput("a feedback submission needs at least one item")
@@ -315,32 +504,97 @@ class FeedbackStore:
         repeated = _duplicates(ids)
         if repeated:
             raise BadInput(f"prediction ids given more than once in one submission: {repeated[:20]}")
+
+        def record(conn: Connection) -> Submission:
+            predicted = self._logged_predictions(conn, model, ids)
+            unknown = [pid for pid in ids if pid not in predicted]
+            if unknown:
+                raise UnknownPredictions(model, unknown)
+            if allowed_predicted is not None:
+                stray = sorted({p for p in predicted.values() if p not in allowed_predicted})
+                if stray:
+                    raise BadInput(f"the logged predictions name labels {stray} that are no longer in "
+                                   f"labels_file.json of model {model}")
+            already = self._ids_with_feedback(conn, model, ids)
+            if already:
+                raise DuplicateFeedback(model, already)
+            submission = Submission(uuid.uuid4().hex, [(int(t), predicted[pid]) for pid, t in items], _now())
+            conn.execute(feedback.insert(), [
+                {"model": model, "submission_id": submission.submission_id, "prediction_id": pid,
+                 "true_label": int(t), "predicted_label": predicted[pid], "created_at": submission.created_at}
+                for pid, t in items])
+            return submission
+
+        def duplicate(conn: Connection) -> ClientError:
+            # Another transaction recorded one of these ids between our check and our insert
+            # (possible on PostgreSQL's READ COMMITTED; SQLite's write lock excludes it).
+            return DuplicateFeedback(model, self._ids_with_feedback(conn, model, ids))
+
+        return self._submit(model, submission_id, [(pid, int(t), None) for pid, t in items], record, duplicate)
+
+    def _submit(
+        self,
+        model: str,
+        client_id: str | None,
+        rows: list[tuple[str | None, int, int | None]],
+        record: Callable[[Connection], Submission],
+        on_conflict: Callable[[Connection], ClientError] | None = None,
+    ) -> Submission:
+        """Run ``record`` in one write transaction, idempotently when the client named the submission.
+
+        With a ``client_id`` the first submission under it is remembered in ``feedback_submissions``
+        in the same transaction; a later one whose ``rows`` (prediction id, true label, predicted
+        label; None where the form does not give it) are the same gets the first submission back
+        with ``replayed`` set and records nothing; different rows raise :class:`SubmissionIdReused`.
+        A concurrent twin (a constraint violation, or a duplicate seen by ``record``) is resolved the
+        same way after the rollback; other constraint violations by ``on_conflict``.
+        """
+        if client_id is not None and not 0 < len(client_id) <= MAX_SUBMISSION_ID_LENGTH:
+            raise BadInput(f"submission_id must have 1 to {MAX_SUBMISSION_ID_LENGTH} characters")
         try:
             with self._write() as conn:
-                predicted = self._logged_predictions(conn, model, ids)
-                unknown = [pid for pid in ids if pid not in predicted]
-                if unknown:
-                    raise UnknownPredictions(model, unknown)
-                if allowed_predicted is not None:
-                    stray = sorted({p for p in predicted.values() if p not in allowed_predicted})
-                    if stray:
-                        raise BadInput(f"the logged predictions name labels {stray} that are no longer in "
-                                       f"labels_file.json of model {model}")
-                already = self._ids_with_feedback(conn, model, ids)
-                if already:
-                    raise DuplicateFeedback(model, already)
-                submission = Submission(uuid.uuid4().hex, [(int(t), predicted[pid]) for pid, t in items], _now())
-                conn.execute(feedback.insert(), [
-                    {"model": model, "submission_id": submission.submission_id, "prediction_id": pid,
-                     "true_label": int(t), "predicted_label": predicted[pid], "created_at": submission.created_at}
-                    for pid, t in items])
-        except IntegrityError as exc:
-            # Another transaction recorded one of these ids between our check and our insert
-            # (possible on PostgreSQL's READ COMMITTED; SQLite's write lock excludes it). Ours was
-            # rolled back; name the ids that the other one recorded.
-            with self.engine.connect() as conn:
-                raise DuplicateFeedback(model, self._ids_with_feedback(conn, model, ids)) from exc
-        return submission
+                earlier = self._earlier(conn, model, client_id, rows)
+                if earlier is not None:
+                    return earlier
+                submission = record(conn)
+                if client_id is not None:
+                    conn.execute(feedback_submissions.insert(), {
+                        "model": model, "client_submission_id": client_id,
+                        "submission_id": submission.submission_id, "created_at": submission.created_at})
+            return submission
+        except (IntegrityError, DuplicateFeedback) as exc:
+            # On PostgreSQL a concurrent twin may commit after our look-up: its rows then collide
+            # with ours (IntegrityError) or are seen by our duplicate check. Look again.
+            with self._read() as conn:
+                earlier = self._earlier(conn, model, client_id, rows)
+                if earlier is not None:
+                    return earlier
+                if isinstance(exc, IntegrityError) and on_conflict is not None:
+                    raise on_conflict(conn) from exc
+            raise
+
+    @staticmethod
+    def _earlier(conn: Connection, model: str, client_id: str | None,
+                 rows: list[tuple[str | None, int, int | None]]) -> Submission | None:
+        """The submission recorded earlier under ``client_id``, if any; it must have the same ``rows``."""
+        if client_id is None:
+            return None
+        found = conn.execute(select(feedback_submissions.c.submission_id, feedback_submissions.c.created_at).where(
+            feedback_submissions.c.model == model,
+            feedback_submissions.c.client_submission_id == client_id)).first()
+        if found is None:
+            return None
+        stored = conn.execute(
+            select(feedback.c.prediction_id, feedback.c.true_label, feedback.c.predicted_label)
+            .where(feedback.c.model == model, feedback.c.submission_id == found.submission_id)
+            .order_by(feedback.c.id)).all()
+        same = len(stored) == len(rows) and all(
+            pid == want_pid and true == want_true and (want_pred is None or pred == want_pred)
+            for (pid, true, pred), (want_pid, want_true, want_pred) in zip(stored, rows, strict=True))
+        if not same:
+            raise SubmissionIdReused(model, client_id)
+        return Submission(found.submission_id, [(int(t), int(p)) for _, t, p in stored], found.created_at,
+                          replayed=True)
 
     @staticmethod
     def _logged_predictions(conn: Connection, model: str, ids: Sequence[str]) -> dict[str, int]:
@@ -359,16 +613,24 @@ class FeedbackStore:
             done.update(pid for (pid,) in conn.execute(q))
         return [pid for pid in ids if pid in done]
 
-    def prune_predictions(self, older_than: datetime) -> int:
+    def prune_predictions(self, older_than: datetime, batch: int = PRUNE_BATCH) -> int:
         """Delete logged predictions made before ``older_than``; returns how many.
 
         The log grows with every inference; feedback can only name ids still in it, so the
         retention (e.g. a week) is the longest delay after which ground truth can be joined.
-        Feedback rows are never pruned: they are the metrics.
+        Feedback rows are never pruned: they are the metrics. Deleted in transactions of at most
+        ``batch`` rows, so the write lock (SQLite) or row locks are held only briefly and the
+        prediction log keeps committing in between.
         """
-        with self._write() as conn:
-            result = conn.execute(prediction_log.delete().where(prediction_log.c.created_at < older_than))
-        return int(result.rowcount)
+        oldest = (select(prediction_log.c.id).where(prediction_log.c.created_at < older_than)
+                  .order_by(prediction_log.c.created_at).limit(batch).scalar_subquery())
+        removed = 0
+        while True:
+            with self._write() as conn:
+                n = int(conn.execute(prediction_log.delete().where(prediction_log.c.id.in_(oldest))).rowcount)
+            removed += n
+            if n < batch:
+                return removed
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -387,7 +649,7 @@ class FeedbackStore:
              .group_by(feedback.c.true_label, feedback.c.predicted_label))
         if since is not None:
             q = q.where(feedback.c.created_at >= since)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for true, predicted, n in conn.execute(q):
                 matrix[index[int(true)], index[int(predicted)]] = int(n)
         return matrix
@@ -397,7 +659,7 @@ class FeedbackStore:
         q = select(func.count()).select_from(feedback)
         if model is not None:
             q = q.where(feedback.c.model == model)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(q).scalar_one())
 
     def prediction_count(self, model: str | None = None) -> int:
@@ -405,7 +667,7 @@ class FeedbackStore:
         q = select(func.count()).select_from(prediction_log)
         if model is not None:
             q = q.where(prediction_log.c.model == model)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(q).scalar_one())
 
 
