@@ -9,14 +9,17 @@ What this adds to KServe 0.21 (each for a reason KServe's defaults do not cover)
 * the feedback API and the prediction log it joins against;
 * model metadata with the package's version and framework.
 
-Prediction ids (for feedback): a single-row request's prediction id is its response
-``id``; row ``i`` of a batch request has ``<response id>/<i>``. Both are returned in the
-``prediction_id`` output.
+Prediction ids (for feedback): a single-row request's prediction id is
+``<response id>:<server part>``, row ``i`` of a batch request has
+``<response id>:<server part>/<i>``, returned in the ``prediction_id`` output. The server part
+is unique per prediction, so clients that reuse a request id never overwrite each other's
+predictions; the response ``id`` stays the request id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
@@ -53,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 # KServe 0.21 uses ORJSONResponse, which FastAPI >= 0.165 deprecates with a warning per request.
 warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+
+FEEDBACK_FLUSH_TIMEOUT_S = 5.0  # feedback waits this long for queued predictions, then looks them up anyway
+SHUTDOWN_FLUSH_TIMEOUT_S = 20.0  # within Kubernetes' default 30 s termination grace period
 
 EXTENSIONS = ["model_repository_extension", "binary_tensor_data", "feedback"]
 
@@ -139,7 +145,11 @@ class ClassifierServer(kserve.ModelServer):
         if self.feedback_store is not None:
             from predictors.feedback import build_feedback_router
 
-            app.include_router(build_feedback_router(self.feedback_store, self._labels_of))
+            writer = self.context.log_writer()
+            flush = None if writer is None else functools.partial(writer.flush, FEEDBACK_FLUSH_TIMEOUT_S)
+            app.include_router(build_feedback_router(
+                self.feedback_store, self._labels_of, flush_predictions=flush,
+                unknown_id_retry_s=writer.flush_interval_s if writer is not None else 0.0))
         if self.settings.ui:
             try:
                 from predictors.ui import mount_ui
@@ -202,18 +212,25 @@ class ClassifierServer(kserve.ModelServer):
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
-        asyncio.run(self._serve())
+        asyncio.run(self._serve_then_drain())
+
+    async def _serve_then_drain(self) -> None:
+        """Serve until stopped, then write every queued prediction-log row and close the store."""
+        await asyncio.gather(*self.servers)
+        writer = self.context.log_writer()
+        if writer is not None:
+            await writer.close(SHUTDOWN_FLUSH_TIMEOUT_S)
+        if self.feedback_store is not None:
+            self.feedback_store.close()
 
     def stop(self, sig: int) -> None:
-        """Graceful shutdown: stop accepting, let in-flight requests finish, close the store."""
+        """Graceful shutdown: stop accepting, let in-flight requests finish (then ``_serve_then_drain``)."""
 
         async def shutdown() -> None:
             if self._grpc_server:
                 await self._grpc_server.stop(sig)
             if self._rest_server:
                 self._rest_server._server.should_exit = True
-            if self.feedback_store is not None:
-                self.feedback_store.close()
 
         asyncio.get_event_loop().create_task(shutdown())
 

@@ -17,7 +17,9 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-SPECS = REPO.parent / "shared" / "specs"
+# ../shared/specs next to the checkout; a git worktree one level deeper (wt/<name>) finds it further up.
+SPECS = next((p / "shared" / "specs" for p in REPO.parents if (p / "shared" / "specs").is_dir()),
+             REPO.parent / "shared" / "specs")
 
 
 @functools.cache
