@@ -42,14 +42,16 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
+from timing_asgi import TimingMiddleware
 
-from predictors.auth import APIKey, GRPCAuthInterceptor, RESTAuthMiddleware
+from predictors.auth import APIKey, GRPCAuthInterceptor
 from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
-from predictors.observability import GRPCMetricsInterceptor, RESTMetricsMiddleware
+from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.repository import PackageRepository
-from predictors.rest import BodyLimitMiddleware, install_error_handlers, register_infer_route
+from predictors.rest import install_error_handlers, register_infer_route
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -93,11 +95,25 @@ class PackageRepositoryExtension(ModelRepositoryExtension):
 
 
 class BoundRESTServer(RESTServer):
-    """KServe's REST server listening on a chosen host."""
+    """KServe's REST server on a chosen host, access log optional, without KServe's timing middleware.
 
-    def __init__(self, *args: Any, host: str, **kwargs: Any) -> None:
+    The timing middleware logs per-request timings to ``kserve.trace``; :class:`ServingMiddleware`
+    already measures every inference request as a Prometheus histogram, and each ASGI layer costs
+    time on every request. uvicorn's access log is one more log line per request: off unless asked for.
+    """
+
+    def __init__(self, *args: Any, host: str, access_log: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = host
+        if not access_log:  # uvicorn logs access whenever its logger has a handler (uvicorn.Config does the same)
+            access_logger = logging.getLogger("uvicorn.access")
+            access_logger.handlers = []
+            access_logger.propagate = False
+
+    def create_application(self) -> None:
+        super().create_application()
+        app = kserve_model_server.app
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
 class BoundGRPCServer(GRPCServer):
@@ -157,10 +173,8 @@ class ClassifierServer(kserve.ModelServer):
                 pass
             else:
                 mount_ui(app, self.repository.get_model)
-        app.add_middleware(RESTMetricsMiddleware)
-        if self.api_key is not None:
-            app.add_middleware(RESTAuthMiddleware, key=self.api_key)
-        app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.max_body_bytes)
+        app.add_middleware(ServingMiddleware, max_body_bytes=self.settings.max_body_bytes, key=self.api_key,
+                           metrics_auth=self.settings.metrics_auth)
 
     def _start_retention(self) -> None:
         """Prune the prediction log now and every hour, in a daemon thread (never on the event loop)."""
@@ -197,7 +211,8 @@ class ClassifierServer(kserve.ModelServer):
         self._start_retention()
         self._rest_server = BoundRESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
-            self.http_port, host=self.settings.host, access_log_format=self.access_log_format, workers=1,
+            self.http_port, host=self.settings.host, access_log=self.settings.access_log,
+            access_log_format=self.access_log_format, workers=1,
             grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())

@@ -36,6 +36,8 @@ class ServerSettings(BaseModel):
     max_batch_size: int | None = Field(default=None, ge=1, description="override every package's batching")
     max_latency_ms: float | None = Field(default=None, ge=0)
     ui: bool = True
+    metrics_auth: bool = Field(default=False, description="require the API key for /metrics and /openapi.json")
+    access_log: bool = Field(default=False, description="one log line per HTTP request (uvicorn's access log)")
 
     @field_validator("api_key")
     @classmethod
@@ -61,6 +63,7 @@ class ServerSettings(BaseModel):
             values["api_key"] = key
         for field, var in (("feedback_db_url", "FEEDBACK_DB_URL"), ("max_body_bytes", "MAX_BODY_BYTES"),
                            ("prediction_log", "PREDICTION_LOG"), ("ui", "UI"),
+                           ("metrics_auth", "METRICS_AUTH"), ("access_log", "ACCESS_LOG"),
                            ("prediction_retention_days", "PREDICTION_RETENTION_DAYS"),
                            ("prediction_log_flush_ms", "PREDICTION_LOG_FLUSH_MS"),
                            ("prediction_log_capacity", "PREDICTION_LOG_CAPACITY")):
