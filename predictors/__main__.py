@@ -24,7 +24,8 @@ def _serve(args: argparse.Namespace) -> None:
     from predictors.settings import ServerSettings
 
     settings = ServerSettings.from_env(host=args.host, max_batch_size=args.max_batch_size,
-                                       max_latency_ms=args.max_latency_ms)
+                                       max_latency_ms=args.max_latency_ms, metrics_auth=args.metrics_auth,
+                                       access_log=args.access_log)
     if args.workers > 1:
         logger.warning("--workers %d ignored: one process serves REST and gRPC; scale with replicas", args.workers)
     serve(args.model_dir, settings, http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
@@ -66,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adaptive batching: most rows per model call (overrides package configs; 1 = off)")
     serve.add_argument("--max_latency_ms", type=float, default=None,
                        help="adaptive batching: longest wait for a batch to fill (overrides package configs)")
-    serve.set_defaults(func=_serve)
+    serve.add_argument("--metrics-auth", dest="metrics_auth", action="store_true", default=None,
+                       help="require the API key for /metrics and /openapi.json too (default: open, for Prometheus; "
+                            "env KCP_METRICS_AUTH)")
+    serve.add_argument("--access-log", dest="access_log", action="store_true", default=None,
+                       help="log one line per HTTP request (default: off; env KCP_ACCESS_LOG)")
+    # KServe logs a latency line per request by default; like the access log, that is opt-in here.
+    serve.set_defaults(func=_serve, enable_latency_logging=False)
 
     validate = sub.add_parser("validate", help="check packages load (config, labels, artifact)")
     validate.add_argument("packages", nargs="+")

@@ -1,10 +1,11 @@
-"""API-key authentication for REST (ASGI middleware) and gRPC (server interceptor).
+"""API-key authentication: the key check, and the gRPC interceptor (REST: :mod:`predictors.middleware`).
 
 When a key is configured, every inference, metadata, repository and feedback endpoint
 requires it: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>`` over REST,
 ``authorization: Bearer <key>`` or ``x-api-key`` metadata over gRPC. Health endpoints
-stay open for Kubernetes probes, as do ``/metrics`` (Prometheus scrapes without app
-credentials) and the static UI shell (it asks for the key itself). Keys are compared
+stay open for Kubernetes probes, as do ``/metrics`` and ``/openapi.json`` (Prometheus scrapes
+without app credentials; ``--metrics-auth`` closes them) and the static UI shell (it asks for
+the key itself). Keys are compared
 with :func:`hmac.compare_digest` so the comparison time does not leak the key.
 """
 
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-import orjson
 from grpc.aio import ServerInterceptor
 
 OPEN_REST_PATHS = re.compile(
@@ -47,27 +47,6 @@ class APIKey:
         if authorization and authorization[:7].lower() == "bearer ":
             return authorization[7:].strip()
         return None
-
-
-class RESTAuthMiddleware:
-    """ASGI middleware: 401 with a JSON error unless the path is open or the key matches."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], key: APIKey) -> None:
-        self.app = app
-        self.key = key
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or OPEN_REST_PATHS.match(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.key.matches(APIKey.presented(headers.get("x-api-key"), headers.get("authorization"))):
-            await self.app(scope, receive, send)
-            return
-        body = orjson.dumps({"error": "missing or invalid API key: send it in the X-API-Key header"})
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"ApiKey")]})
-        await send({"type": "http.response.body", "body": body})
 
 
 class GRPCAuthInterceptor(ServerInterceptor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -30,31 +30,11 @@ def _model_label(name: str) -> str:
     return name if len(name) <= MAX_MODEL_LABEL and re.fullmatch(r"[A-Za-z0-9._-]+", name) else "_invalid"
 
 
-class RESTMetricsMiddleware:
-    """ASGI middleware recording every ``/infer`` request, whatever its outcome."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        match = INFER_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        model = _model_label(match["model"])
-        status = {"code": 500}
-        start = time.perf_counter()
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            LATENCY.labels(model, "rest").observe(time.perf_counter() - start)
-            REQUESTS.labels(model, "rest", str(status["code"])).inc()
+def observe_rest(model: str, status: int, seconds: float) -> None:
+    """Count one REST ``/infer`` request (called by :class:`predictors.middleware.ServingMiddleware`)."""
+    label = _model_label(model)
+    LATENCY.labels(label, "rest").observe(seconds)
+    REQUESTS.labels(label, "rest", str(status)).inc()
 
 
 class GRPCMetricsInterceptor(ServerInterceptor):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,12 +40,33 @@ LABELS_FILE = "labels_file.json"
 METRICS_FILE = "metrics.json"
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS label: also a valid InferenceService name
 
-Framework = Literal["sklearn", "keras", "katonic"]
 Task = Literal["tabular_classification", "image_classification"]
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                    "FP16", "FP32", "FP64", "BYTES"]
 
-ARTIFACT_BY_FRAMEWORK: dict[str, str] = {"sklearn": "model.joblib", "keras": "model.keras", "katonic": "launch.py"}
+
+
+@dataclass(frozen=True)
+class FrameworkSpec:
+    """What a ``framework`` in config.json means: its artifact file, the tasks it can serve, its predictor.
+
+    ``model_class`` is ``"module:Class"``, a :class:`predictors.models.PackageModel` subclass,
+    imported only when a package of this framework is served (TensorFlow is heavy).
+    """
+
+    artifact: str
+    tasks: frozenset[str]
+    model_class: str
+
+
+FRAMEWORKS: dict[str, FrameworkSpec] = {
+    "sklearn": FrameworkSpec("model.joblib", frozenset({"tabular_classification"}),
+                             "predictors.models.tabular:TabularModel"),
+    "keras": FrameworkSpec("model.keras", frozenset({"image_classification"}), "predictors.models.image:ImageModel"),
+    "katonic": FrameworkSpec("launch.py", frozenset({"tabular_classification", "image_classification"}),
+                             "predictors.models.katonic:KatonicModel"),
+}
+"""The framework registry. Adding a framework: one module with a ``PackageModel`` subclass, one line here."""
 
 
 class PackageError(ValueError):
@@ -164,7 +186,7 @@ class PackageConfig(_Strict):
     format_version: int
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$")
-    framework: Framework
+    framework: str
     task: Task
     artifact: str = Field(min_length=1)
     description: str = ""
@@ -189,9 +211,20 @@ class PackageConfig(_Strict):
             raise ValueError("must be a file name inside the package, not a path")
         return v
 
+    @field_validator("framework")
+    @classmethod
+    def _known_framework(cls, v: str) -> str:
+        if v not in FRAMEWORKS:
+            raise ValueError(f"unknown framework '{v}'; this server serves {', '.join(sorted(FRAMEWORKS))}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> PackageConfig:
-        expected = ARTIFACT_BY_FRAMEWORK[self.framework]
+        spec = FRAMEWORKS[self.framework]
+        if self.task not in spec.tasks:
+            raise ValueError(f"framework '{self.framework}' cannot serve task '{self.task}'; it serves "
+                             f"{', '.join(sorted(spec.tasks))}")
+        expected = spec.artifact
         if self.artifact != expected:
             raise ValueError(f"framework '{self.framework}' expects artifact '{expected}', got '{self.artifact}'")
         if self.task == "tabular_classification":

@@ -1,25 +1,54 @@
-"""Group commit for the prediction log: concurrent requests share one database transaction.
+"""Write-behind prediction log: the response never waits for the database.
 
 Every answered request records its prediction ids so feedback can refer to them later.
-One transaction per request made that log the most expensive part of serving a small
-model: in a profile of Iris at 16 concurrent REST clients, more than half of the server's
-samples were SQLite transactions (``BEGIN IMMEDIATE`` queueing on the write lock, the
-commit's fsync), and six executor threads mostly waited on each other for the one write lock.
+Committing before answering made the log the largest single cost of serving a small model
+(bench/RESULTS.md: Iris REST at 16 clients, 696 req/s with the log, 1,029 without), and a
+database that stopped answering stalled every prediction. :class:`WriteBehindLog` instead
+puts rows in a bounded in-memory queue that one writer task flushes every
+``flush_interval_s`` (50 ms) or ``flush_rows`` rows, whichever comes first, one
+``record_predictions`` call (one transaction) per model version in the flush.
 
-:class:`GroupCommitLog` keeps the guarantee callers rely on — when ``record`` returns, the
-rows are committed, so feedback sent right after the response finds its prediction — but
-lets one writer commit everything that queued up while the previous commit ran, in one
-call per (model, version). There is no timer: at one request at a time nothing waits
-longer than before; under load, commits grow and their number drops.
+What it guarantees, and how:
+
+* **nothing dropped silently.** A failed flush keeps its rows at the head of the queue and
+  is retried with exponential backoff (up to ``max_backoff_s``) until the database answers;
+  rows are idempotent upserts of unique ids, so retrying a half-written flush is harmless.
+* **backpressure.** When ``capacity`` rows are waiting, :meth:`record` waits for room, so
+  clients slow to the database's pace. Only while the database is failing (the writer is
+  backing off, so there is no pace to follow) does a full queue turn rows away, each one
+  counted in ``classifier_prediction_log_dropped_rows_total`` and logged: inference keeps
+  answering through an outage longer than the buffer.
+* **feedback finds fresh predictions.** :meth:`flush` commits everything queued so far;
+  the feedback API awaits it before looking up ids.
+* **shutdown loses nothing.** :meth:`close` (on SIGTERM) flushes everything. A SIGKILL
+  loses at most the rows of the last ``flush_interval_s`` (and whatever a failing database
+  had not yet accepted).
+
+Queue depth, rows written, failed flushes, dropped rows and whether the last flush worked
+are Prometheus metrics, the state an operator needs during a database outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client import Counter, Gauge
+
+logger = logging.getLogger(__name__)
+
+QUEUED_ROWS = Gauge("classifier_prediction_log_queued_rows", "Prediction-log rows waiting to be written")
+WRITTEN_ROWS = Counter("classifier_prediction_log_written_rows_total", "Prediction-log rows committed")
+FAILED_FLUSHES = Counter("classifier_prediction_log_flush_failures_total",
+                         "Prediction-log flushes that failed (retried with backoff)")
+DROPPED_ROWS = Counter("classifier_prediction_log_dropped_rows_total",
+                       "Prediction-log rows turned away: queue full while the database was failing")
+STORE_UP = Gauge("classifier_prediction_log_store_up", "1 when the last prediction-log flush succeeded, else 0")
 
 
 class PredictionLog(Protocol):
@@ -28,62 +57,180 @@ class PredictionLog(Protocol):
     def record_predictions(self, model: str, version: str, rows: list[tuple[str, int]]) -> int | None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
     model: str
     version: str
     rows: Sequence[tuple[str, int]]
-    future: asyncio.Future
+    seq: int
+    enqueued: float
 
 
-class GroupCommitLog:
-    """Record prediction rows through ``log``; concurrent calls are merged into one write per model version."""
+class WriteBehindLog:
+    """Record prediction rows through ``log`` from one background writer (see the module docstring)."""
 
-    def __init__(self, log: PredictionLog, max_rows: int = 4096) -> None:
+    def __init__(self, log: PredictionLog, *, flush_interval_s: float = 0.05, flush_rows: int = 512,
+                 capacity: int = 100_000, max_backoff_s: float = 5.0) -> None:
+        if flush_interval_s <= 0 or flush_rows < 1 or capacity < 1:
+            raise ValueError("flush_interval_s, flush_rows and capacity must be positive")
         self.log = log
-        self.max_rows = max_rows
+        self.flush_interval_s = flush_interval_s
+        self.flush_rows = flush_rows
+        self.capacity = capacity
+        self.max_backoff_s = max_backoff_s
         self._queue: deque[_Entry] = deque()
+        self._queued_rows = 0
+        self._seq = 0  # of the last entry queued
+        self._committed = 0  # every entry with seq <= this is written
+        self._failing = False
+        self._closing = False
+        self._urgent = False  # a flush() or close() waits: write without waiting for the interval
         self._wakeup: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None  # set after each flush attempt and on state changes
         self._worker: asyncio.Task | None = None
+        STORE_UP.set(1)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last flush failed (the writer is backing off and retrying)."""
+        return self._failing
 
     async def record(self, model: str, version: str, rows: Sequence[tuple[str, int]]) -> None:
-        """Return once ``rows`` are committed (together with whatever else was waiting); raise if the write failed."""
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._run(), name="prediction-log-writer")
-        entry = _Entry(model, version, rows, loop.create_future())
-        self._queue.append(entry)
+        """Queue ``rows``; returns at once unless the queue is full (then waits for room, see above)."""
+        if not rows:
+            return
+        self._ensure_worker()
+        while self._queued_rows and self._queued_rows + len(rows) > self.capacity:
+            if self._failing:
+                DROPPED_ROWS.inc(len(rows))
+                logger.error("prediction log full (%d rows) while the database fails: %d rows of model %s not "
+                             "logged", self._queued_rows, len(rows), model)
+                return
+            await self._wait_progress()
+        self._seq += 1
+        self._queue.append(_Entry(model, version, rows, self._seq, time.monotonic()))
+        self._queued_rows += len(rows)
+        QUEUED_ROWS.set(self._queued_rows)
         assert self._wakeup is not None
         self._wakeup.set()
-        await entry.future
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Write everything queued so far; False if it is not written within ``timeout`` seconds."""
+        target = self._seq
+        if self._committed >= target:
+            return True
+        self._ensure_worker()
+        self._urgent = True
+        assert self._wakeup is not None
+        self._wakeup.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._committed < target:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._wait_progress(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def close(self, timeout: float | None = 30.0) -> bool:
+        """Flush everything (retrying a failing database until ``timeout``), then stop the writer."""
+        self._closing = True
+        flushed = await self.flush(timeout)
+        if not flushed:
+            logger.error("prediction log: %d rows not written at shutdown (database failing)", self._queued_rows)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        return flushed
+
+    # -- the writer ------------------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        """Start the writer on the running loop (lazily: models load before the server's loop exists)."""
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._progress = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="prediction-log-writer")
+
+    async def _wait_progress(self) -> None:
+        assert self._progress is not None
+        self._progress.clear()
+        await self._progress.wait()
+
+    def _signal_progress(self) -> None:
+        assert self._progress is not None
+        self._progress.set()
 
     async def _run(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
+        backoff = self.flush_interval_s
         while True:
             while not self._queue:
+                self._urgent = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch: list[_Entry] = []
-            n = 0
-            while self._queue and (not batch or n + len(self._queue[0].rows) <= self.max_rows):
-                entry = self._queue.popleft()
-                batch.append(entry)
-                n += len(entry.rows)
+            await self._gather_rows()
+            batch = self._take()
             try:
                 await loop.run_in_executor(None, self._write, batch)
-            except Exception as exc:  # delivered to every caller whose rows were in the failed write
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-            else:
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_result(None)
+            except Exception:  # keep the rows, retry after a pause; never lose them
+                self._queue.extendleft(reversed(batch))
+                FAILED_FLUSHES.inc()
+                STORE_UP.set(0)
+                if not self._failing:
+                    logger.exception("prediction log: flush of %d rows failed; retrying with backoff",
+                                     sum(len(e.rows) for e in batch))
+                self._failing = True
+                self._signal_progress()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            written = sum(len(e.rows) for e in batch)
+            self._queued_rows -= written
+            QUEUED_ROWS.set(self._queued_rows)
+            WRITTEN_ROWS.inc(written)
+            if self._failing:
+                logger.info("prediction log: database answers again; %d rows still queued", self._queued_rows)
+            self._failing = False
+            STORE_UP.set(1)
+            backoff = self.flush_interval_s
+            self._committed = batch[-1].seq
+            self._signal_progress()
+
+    async def _gather_rows(self) -> None:
+        """Wait until ``flush_rows`` rows are queued or the oldest has waited ``flush_interval_s``."""
+        assert self._wakeup is not None
+        deadline = self._queue[0].enqueued + self.flush_interval_s
+        while self._queued_rows < self.flush_rows and not (self._urgent or self._closing):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Entry]:
+        """Entries for one flush: at least one, then up to ``flush_rows`` rows."""
+        batch = [self._queue.popleft()]
+        rows = len(batch[0].rows)
+        while self._queue and rows + len(self._queue[0].rows) <= self.flush_rows:
+            entry = self._queue.popleft()
+            batch.append(entry)
+            rows += len(entry.rows)
+        return batch
 
     def _write(self, batch: list[_Entry]) -> None:
-        """One ``record_predictions`` call per (model, version), rows in arrival order (later ids win)."""
+        """One ``record_predictions`` call (one transaction) per (model, version), rows in arrival order."""
         groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
         for entry in batch:
             groups.setdefault((entry.model, entry.version), []).extend(entry.rows)

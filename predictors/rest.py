@@ -1,4 +1,4 @@
-"""REST specifics on top of KServe's FastAPI app: body limits, error mapping, the V2 infer route.
+"""REST specifics on top of KServe's FastAPI app: error mapping and the V2 infer route.
 
 KServe's own ``/infer`` route lets FastAPI parse the body, so malformed JSON becomes a 422
 with FastAPI's ``detail`` shape and a missing key in a binary request a 500. Our route is
@@ -8,7 +8,7 @@ registered first (Starlette matches routes in order) and parses with
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -53,55 +53,6 @@ class JSONErrorRoute(APIRoute):
                 return JSONResponse({"error": str(exc)}, status_code=503)
 
         return handle
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_error(send, 413,
-                                  f"request body of {int(value)} bytes exceeds the {self.max_bytes}-byte limit")
-                return
-        received = 0
-        started = False
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, f"request body exceeds the {self.max_bytes}-byte limit")
-
-
-async def _send_error(send: Callable, status: int, message: str) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": orjson.dumps({"error": message})})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -155,5 +106,5 @@ def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"], tags=["V2"])
 
 
-__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "BodyLimitMiddleware", "JSONErrorRoute", "client_error_response",
+__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "JSONErrorRoute", "client_error_response",
            "install_error_handlers", "register_infer_route"]

@@ -9,14 +9,17 @@ What this adds to KServe 0.21 (each for a reason KServe's defaults do not cover)
 * the feedback API and the prediction log it joins against;
 * model metadata with the package's version and framework.
 
-Prediction ids (for feedback): a single-row request's prediction id is its response
-``id``; row ``i`` of a batch request has ``<response id>/<i>``. Both are returned in the
-``prediction_id`` output.
+Prediction ids (for feedback): a single-row request's prediction id is
+``<response id>:<server part>``, row ``i`` of a batch request has
+``<response id>:<server part>/<i>``, returned in the ``prediction_id`` output. The server part
+is unique per prediction, so clients that reuse a request id never overwrite each other's
+predictions; the response ``id`` stays the request id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
@@ -39,20 +42,25 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
+from timing_asgi import TimingMiddleware
 
-from predictors.auth import APIKey, GRPCAuthInterceptor, RESTAuthMiddleware
+from predictors.auth import APIKey, GRPCAuthInterceptor
 from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
-from predictors.observability import GRPCMetricsInterceptor, RESTMetricsMiddleware
+from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.repository import PackageRepository
-from predictors.rest import BodyLimitMiddleware, install_error_handlers, register_infer_route
+from predictors.rest import install_error_handlers, register_infer_route
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 # KServe 0.21 uses ORJSONResponse, which FastAPI >= 0.165 deprecates with a warning per request.
 warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+
+FEEDBACK_FLUSH_TIMEOUT_S = 5.0  # feedback waits this long for queued predictions, then looks them up anyway
+SHUTDOWN_FLUSH_TIMEOUT_S = 20.0  # within Kubernetes' default 30 s termination grace period
 
 EXTENSIONS = ["model_repository_extension", "binary_tensor_data", "feedback"]
 
@@ -87,11 +95,25 @@ class PackageRepositoryExtension(ModelRepositoryExtension):
 
 
 class BoundRESTServer(RESTServer):
-    """KServe's REST server listening on a chosen host."""
+    """KServe's REST server on a chosen host, access log optional, without KServe's timing middleware.
 
-    def __init__(self, *args: Any, host: str, **kwargs: Any) -> None:
+    The timing middleware logs per-request timings to ``kserve.trace``; :class:`ServingMiddleware`
+    already measures every inference request as a Prometheus histogram, and each ASGI layer costs
+    time on every request. uvicorn's access log is one more log line per request: off unless asked for.
+    """
+
+    def __init__(self, *args: Any, host: str, access_log: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = host
+        if not access_log:  # uvicorn logs access whenever its logger has a handler (uvicorn.Config does the same)
+            access_logger = logging.getLogger("uvicorn.access")
+            access_logger.handlers = []
+            access_logger.propagate = False
+
+    def create_application(self) -> None:
+        super().create_application()
+        app = kserve_model_server.app
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
 class BoundGRPCServer(GRPCServer):
@@ -139,7 +161,11 @@ class ClassifierServer(kserve.ModelServer):
         if self.feedback_store is not None:
             from predictors.feedback import build_feedback_router
 
-            app.include_router(build_feedback_router(self.feedback_store, self._labels_of))
+            writer = self.context.log_writer()
+            flush = None if writer is None else functools.partial(writer.flush, FEEDBACK_FLUSH_TIMEOUT_S)
+            app.include_router(build_feedback_router(
+                self.feedback_store, self._labels_of, flush_predictions=flush,
+                unknown_id_retry_s=writer.flush_interval_s if writer is not None else 0.0))
         if self.settings.ui:
             try:
                 from predictors.ui import mount_ui
@@ -147,10 +173,8 @@ class ClassifierServer(kserve.ModelServer):
                 pass
             else:
                 mount_ui(app, self.repository.get_model)
-        app.add_middleware(RESTMetricsMiddleware)
-        if self.api_key is not None:
-            app.add_middleware(RESTAuthMiddleware, key=self.api_key)
-        app.add_middleware(BodyLimitMiddleware, max_bytes=self.settings.max_body_bytes)
+        app.add_middleware(ServingMiddleware, max_body_bytes=self.settings.max_body_bytes, key=self.api_key,
+                           metrics_auth=self.settings.metrics_auth)
 
     def _start_retention(self) -> None:
         """Prune the prediction log now and every hour, in a daemon thread (never on the event loop)."""
@@ -187,7 +211,8 @@ class ClassifierServer(kserve.ModelServer):
         self._start_retention()
         self._rest_server = BoundRESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
-            self.http_port, host=self.settings.host, access_log_format=self.access_log_format, workers=1,
+            self.http_port, host=self.settings.host, access_log=self.settings.access_log,
+            access_log_format=self.access_log_format, workers=1,
             grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())
@@ -202,18 +227,25 @@ class ClassifierServer(kserve.ModelServer):
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
         self.register_signal_handler()
-        asyncio.run(self._serve())
+        asyncio.run(self._serve_then_drain())
+
+    async def _serve_then_drain(self) -> None:
+        """Serve until stopped, then write every queued prediction-log row and close the store."""
+        await asyncio.gather(*self.servers)
+        writer = self.context.log_writer()
+        if writer is not None:
+            await writer.close(SHUTDOWN_FLUSH_TIMEOUT_S)
+        if self.feedback_store is not None:
+            self.feedback_store.close()
 
     def stop(self, sig: int) -> None:
-        """Graceful shutdown: stop accepting, let in-flight requests finish, close the store."""
+        """Graceful shutdown: stop accepting, let in-flight requests finish (then ``_serve_then_drain``)."""
 
         async def shutdown() -> None:
             if self._grpc_server:
                 await self._grpc_server.stop(sig)
             if self._rest_server:
                 self._rest_server._server.should_exit = True
-            if self.feedback_store is not None:
-                self.feedback_store.close()
 
         asyncio.get_event_loop().create_task(shutdown())
 

@@ -27,11 +27,17 @@ class ServerSettings(BaseModel):
     prediction_log: bool = True
     prediction_retention_days: float = Field(default=30.0, gt=0,
                                              description="how long feedback can refer to a prediction")
+    prediction_log_flush_ms: float = Field(default=50.0, gt=0,
+                                           description="longest a logged prediction waits in memory for its write")
+    prediction_log_capacity: int = Field(default=100_000, ge=1,
+                                         description="prediction-log rows held in memory before requests wait")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     max_batch_size: int | None = Field(default=None, ge=1, description="override every package's batching")
     max_latency_ms: float | None = Field(default=None, ge=0)
     ui: bool = True
+    metrics_auth: bool = Field(default=False, description="require the API key for /metrics and /openapi.json")
+    access_log: bool = Field(default=False, description="one log line per HTTP request (uvicorn's access log)")
 
     @field_validator("api_key")
     @classmethod
@@ -57,7 +63,10 @@ class ServerSettings(BaseModel):
             values["api_key"] = key
         for field, var in (("feedback_db_url", "FEEDBACK_DB_URL"), ("max_body_bytes", "MAX_BODY_BYTES"),
                            ("prediction_log", "PREDICTION_LOG"), ("ui", "UI"),
-                           ("prediction_retention_days", "PREDICTION_RETENTION_DAYS")):
+                           ("metrics_auth", "METRICS_AUTH"), ("access_log", "ACCESS_LOG"),
+                           ("prediction_retention_days", "PREDICTION_RETENTION_DAYS"),
+                           ("prediction_log_flush_ms", "PREDICTION_LOG_FLUSH_MS"),
+                           ("prediction_log_capacity", "PREDICTION_LOG_CAPACITY")):
             if get(var) is not None:
                 values[field] = get(var)
         fetch: dict[str, object] = {}

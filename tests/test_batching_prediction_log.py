@@ -1,8 +1,9 @@
-"""Group commit of the prediction log against a real SQLite feedback store.
+"""The write-behind prediction log against a real SQLite feedback store.
 
-The guarantee callers rely on: when ``record`` returns, the rows are committed (feedback
-sent right after the response finds its prediction). The point of grouping: concurrent
-callers share transactions instead of queueing for SQLite's write lock one by one.
+What callers rely on: ``record`` returns without waiting for the database (unless the queue
+is full), ``flush`` makes everything recorded so far visible to feedback, a failing database
+loses no row (retried until it answers), a full queue slows callers down instead of dropping
+rows (except while the database fails, when drops are counted), and ``close`` writes everything.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client import REGISTRY
 
 from predictors.feedback import FeedbackStore
-from predictors.prediction_log import GroupCommitLog
+from predictors.prediction_log import WriteBehindLog
 
 LIVENESS_S = 30.0  # a hang fails the test; not a speed check
 T = TypeVar("T")
@@ -29,20 +31,24 @@ def store(tmp_path: Path) -> Iterator[FeedbackStore]:
     s.close()
 
 
-class CountingStore:
-    """The real store, counting write calls; optionally holding the first one until released."""
+class GatedStore:
+    """The real store, counting write calls; writes wait while ``gate`` is clear, fail while ``down``."""
 
-    def __init__(self, store: FeedbackStore, hold_first: bool = False) -> None:
+    def __init__(self, store: FeedbackStore) -> None:
         self.store = store
         self.calls: list[tuple[str, str, int]] = []
-        self.release = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
         self.started = threading.Event()
-        if not hold_first:
-            self.release.set()
+        self.down = False
+        self.failures = 0
 
     def record_predictions(self, model: str, version: str, rows: Sequence[tuple[str, int]]) -> int:
         self.started.set()
-        self.release.wait(LIVENESS_S)
+        self.gate.wait(LIVENESS_S)
+        if self.down:
+            self.failures += 1
+            raise ConnectionError("database unreachable")
         self.calls.append((model, version, len(rows)))
         return self.store.record_predictions(model, version, rows)
 
@@ -51,82 +57,125 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, LIVENESS_S))
 
 
-def test_rows_are_committed_when_record_returns(store):
-    """Each caller can submit feedback for its own ids the moment ``record`` returns."""
-    writer = GroupCommitLog(store)
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
-    async def caller(i: int) -> None:
-        ids = [f"req-{i}/{k}" for k in range(3)]
-        await writer.record("iris", "1", [(pid, k % 3) for k, pid in enumerate(ids)])
-        store.add_feedback_by_ids("iris", [(pid, 0) for pid in ids])  # raises if any id were missing
+
+def test_record_does_not_wait_for_the_database_and_flush_makes_rows_visible(store):
+    gated = GatedStore(store)
+    gated.gate.clear()  # the database hangs
+    writer = WriteBehindLog(gated, flush_interval_s=0.01)
 
     async def main() -> None:
-        await asyncio.gather(*(caller(i) for i in range(40)))
+        await writer.record("iris", "1", [("a:1", 0)])  # returns although nothing can be written
+        assert store.prediction_count("iris") == 0
+        gated.gate.set()
+        assert await writer.flush()
+        store.add_feedback_by_ids("iris", [("a:1", 0)])  # raises if the id were missing
+        await writer.close()
 
     run(main())
+    assert store.feedback_count("iris") == 1
+
+
+def test_concurrent_records_share_one_write_per_model_version(store):
+    gated = GatedStore(store)
+    writer = WriteBehindLog(gated, flush_interval_s=0.05, flush_rows=10_000)
+
+    async def main() -> None:
+        await asyncio.gather(*(writer.record("iris", "1", [(f"r{i}/{k}", k) for k in range(3)]) for i in range(40)),
+                             writer.record("mnist", "2", [("m", 7)]))
+        await writer.close()
+
+    run(main())
+    assert sorted(gated.calls) == [("iris", "1", 120), ("mnist", "2", 1)]
     assert store.prediction_count("iris") == 120
-    assert store.feedback_count("iris") == 120
 
 
-def test_concurrent_callers_share_transactions(store):
-    counting = CountingStore(store, hold_first=True)
-    writer = GroupCommitLog(counting)
-
-    async def main() -> None:
-        first = asyncio.ensure_future(writer.record("iris", "1", [("a", 0)]))
-        await asyncio.to_thread(counting.started.wait, LIVENESS_S)  # the first commit is under way
-        rest = [asyncio.ensure_future(writer.record("iris", "1", [(f"b{i}", 1)])) for i in range(50)]
-        await asyncio.sleep(0)
-        counting.release.set()
-        await asyncio.gather(first, *rest)
-
-    run(main())
-    assert counting.calls == [("iris", "1", 1), ("iris", "1", 50)]
-    assert store.prediction_count("iris") == 51
-
-
-def test_models_and_versions_are_written_separately_and_first_ids_stay(store):
-    counting = CountingStore(store, hold_first=True)
-    writer = GroupCommitLog(counting)
+def test_a_full_batch_of_rows_is_written_without_waiting_for_the_interval(store):
+    gated = GatedStore(store)
+    writer = WriteBehindLog(gated, flush_interval_s=LIVENESS_S * 2, flush_rows=50)
 
     async def main() -> None:
-        first = asyncio.ensure_future(writer.record("iris", "1", [("warm", 0)]))
-        await asyncio.to_thread(counting.started.wait, LIVENESS_S)
-        queued = [writer.record("iris", "1", [("x", 0)]), writer.record("mnist", "2", [("y", 7)]),
-                  writer.record("iris", "1", [("x", 2)])]  # a client re-using an id: the first answer is kept
-        tasks = [asyncio.ensure_future(q) for q in queued]
-        await asyncio.sleep(0)
-        counting.release.set()
-        await asyncio.gather(first, *tasks)
+        for i in range(50):
+            await writer.record("iris", "1", [(f"r{i}", 0)])
+        await asyncio.to_thread(gated.started.wait, LIVENESS_S)  # would time out if it waited for the interval
+        await writer.close()
 
     run(main())
-    assert sorted(counting.calls[1:]) == [("iris", "1", 2), ("mnist", "2", 1)]
-    # feedback joins with the logged prediction: "x" must carry the first predicted label, 0
-    store.add_feedback_by_ids("iris", [("x", 2)])
-    assert store.confusion("iris", [0, 1, 2])[2, 0] == 1
+    assert gated.calls[0] == ("iris", "1", 50)
 
 
-def test_a_failed_write_reaches_its_callers_and_the_writer_recovers(store):
-    class Flaky(CountingStore):
-        fail_next = True
+def test_failed_flushes_are_retried_until_the_database_returns(store):
+    gated = GatedStore(store)
+    gated.down = True
+    writer = WriteBehindLog(gated, flush_interval_s=0.01, max_backoff_s=0.05)
+    failures_before = metric("classifier_prediction_log_flush_failures_total")
 
-        def record_predictions(self, model: str, version: str, rows: Sequence[tuple[str, int]]) -> int:
-            if self.fail_next:
-                self.fail_next = False
-                raise RuntimeError("database is locked")
-            return super().record_predictions(model, version, rows)
+    async def main() -> None:
+        await writer.record("iris", "1", [("kept-1", 0), ("kept-2", 1)])
+        assert not await writer.flush(timeout=0.3)  # down: not written, not lost
+        assert writer.failing and writer.queued_rows == 2
+        assert metric("classifier_prediction_log_store_up") == 0
+        await writer.record("iris", "1", [("kept-3", 2)])
+        gated.down = False
+        assert await writer.flush()
+        assert not writer.failing and writer.queued_rows == 0
+        await writer.close()
 
-    writer = GroupCommitLog(Flaky(store))
+    run(main())
+    assert gated.failures >= 2
+    assert metric("classifier_prediction_log_flush_failures_total") - failures_before == gated.failures
+    assert metric("classifier_prediction_log_store_up") == 1
+    assert store.prediction_count("iris") == 3
 
-    async def main() -> tuple[BaseException | None, None]:
-        try:
-            await writer.record("iris", "1", [("lost", 0)])
-        except RuntimeError as exc:
-            error: BaseException | None = exc
-        else:
-            error = None
-        return error, await writer.record("iris", "1", [("kept", 1)])
 
-    error, _ = run(main())
-    assert isinstance(error, RuntimeError)
-    assert store.prediction_count("iris") == 1
+def test_a_full_queue_makes_callers_wait_instead_of_dropping(store):
+    gated = GatedStore(store)
+    gated.gate.clear()  # a slow (not failing) database
+    writer = WriteBehindLog(gated, flush_interval_s=0.01, flush_rows=4, capacity=4)
+
+    async def main() -> None:
+        await writer.record("iris", "1", [(f"a{i}", 0) for i in range(4)])
+        blocked = asyncio.ensure_future(writer.record("iris", "1", [("b", 0)]))
+        await asyncio.to_thread(gated.started.wait, LIVENESS_S)
+        await asyncio.sleep(0.05)
+        assert not blocked.done()  # backpressure: waits for room
+        gated.gate.set()
+        await blocked
+        await writer.close()
+
+    run(main())
+    assert store.prediction_count("iris") == 5
+
+
+def test_a_full_queue_while_the_database_fails_drops_and_counts(store):
+    gated = GatedStore(store)
+    gated.down = True
+    writer = WriteBehindLog(gated, flush_interval_s=0.01, max_backoff_s=0.02, capacity=3)
+    dropped_before = metric("classifier_prediction_log_dropped_rows_total")
+
+    async def main() -> None:
+        await writer.record("iris", "1", [("a", 0), ("b", 0), ("c", 0)])
+        await writer.flush(timeout=0.2)
+        assert writer.failing
+        await writer.record("iris", "1", [("d", 0)])  # answered at once, the row counted as dropped
+        gated.down = False
+        assert await writer.close()
+
+    run(main())
+    assert metric("classifier_prediction_log_dropped_rows_total") - dropped_before == 1
+    assert store.prediction_count("iris") == 3
+
+
+def test_close_writes_everything_queued(store):
+    writer = WriteBehindLog(store, flush_interval_s=LIVENESS_S * 2, flush_rows=10_000)
+
+    async def main() -> None:
+        for i in range(100):
+            await writer.record("iris", "1", [(f"r{i}", i % 3)])
+        assert store.prediction_count("iris") == 0
+        assert await writer.close()
+
+    run(main())
+    assert store.prediction_count("iris") == 100

@@ -72,10 +72,11 @@ def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str
     x, y = iris_data["x"], iris_data["y"]
     katonic = {"predicted_label": [0, 1, 2, 2], "true_label": [0, 1, 1, 2]}
     with start_model_server(iris_data["model_dir"], tmp_path, api_key=API_KEY, env=db_env) as first:
-        batch_ids, batch_pred = infer(first, x[:20], "batch-1")  # ids "batch-1/0".."batch-1/19"
-        single_ids, single_pred = infer(first, x[20:21], "single-1")  # id "single-1"
-        assert batch_ids == [f"batch-1/{i}" for i in range(20)]
-        assert single_ids == ["single-1"]
+        batch_ids, batch_pred = infer(first, x[:20], "batch-1")  # ids "batch-1:<server part>/0".."/19"
+        single_ids, single_pred = infer(first, x[20:21], "single-1")  # id "single-1:<server part>"
+        batch_base = batch_ids[0].removesuffix("/0")
+        assert batch_base.startswith("batch-1:") and batch_ids == [f"{batch_base}/{i}" for i in range(20)]
+        assert single_ids[0].startswith("single-1:")
 
         with first.client() as c:
             items = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[:15], y[:15], strict=True)]
@@ -115,7 +116,7 @@ def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str
 
             # Ids from the first process's responses are still joinable after the restart ...
             rest = [{"id": pid, "true_label": t} for pid, t in zip(batch_ids[15:], y[15:20], strict=True)]
-            rest.append({"id": "single-1", "true_label": y[20]})
+            rest.append({"id": single_ids[0], "true_label": y[20]})
             r = c.post("/v2/models/iris/feedback", json={"items": rest})
             assert r.status_code == 200, r.text
             expected = confusion_matrix(y[:21] + katonic["true_label"], batch_pred + single_pred
@@ -125,9 +126,9 @@ def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str
             assert r.json()["cumulative"]["accuracy"] == pytest.approx(np.trace(expected) / 25)
 
             # ... and each still counts once.
-            again = c.post("/v2/models/iris/feedback", json={"items": [{"id": "batch-1/0", "true_label": 0}]})
+            again = c.post("/v2/models/iris/feedback", json={"items": [{"id": batch_ids[0], "true_label": 0}]})
             assert again.status_code == 409
-            assert "batch-1/0" in again.json()["error"]
+            assert batch_ids[0] in again.json()["error"]
 
             metrics = c.get("/metrics").text
         assert 'classifier_feedback_total{model="iris"' in metrics

@@ -54,11 +54,34 @@ def test_protected_endpoints_need_the_key(secured, method, path):
 
 
 def test_health_stays_open_and_the_key_works(secured):
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/iris/ready", "/metrics"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/iris/ready", "/metrics", "/openapi.json"):
         assert httpx.get(secured.http_url + path).status_code == 200, path
     for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
         response = httpx.post(secured.http_url + "/v2/models/iris/infer", headers=headers, json=IRIS_BODY)
         assert response.status_code == 200 and output(response.json(), "label").tolist() == [0]
+
+
+def test_metrics_auth_closes_metrics_and_openapi(tmp_path, iris_dir):
+    """Open by default (above: Prometheus scrapes without app credentials); ``--metrics-auth`` closes them."""
+    with start_model_server(iris_dir, tmp_path, api_key=KEY, extra_args=["--metrics-auth"]) as server:
+        for path in ("/metrics", "/openapi.json"):
+            refused = httpx.get(server.http_url + path)
+            assert refused.status_code == 401 and "API key" in refused.json()["error"], path
+            assert httpx.get(server.http_url + path, headers={"X-API-Key": KEY}).status_code == 200, path
+        assert httpx.get(server.http_url + "/v2/health/ready").status_code == 200
+        unauthenticated = httpx.post(server.http_url + "/v2/models/iris/infer", json=IRIS_BODY)
+        metrics = httpx.get(server.http_url + "/metrics", headers={"X-API-Key": KEY}).text
+    assert unauthenticated.status_code == 401
+    assert 'classifier_requests_total{model="iris",protocol="rest",status="401"} 1.0' in metrics
+
+
+def test_access_log_is_off_by_default_and_on_with_the_flag(tmp_path, iris_dir):
+    for args, logged in (([], False), (["--access-log"], True)):
+        (tmp_path / str(logged)).mkdir()
+        with start_model_server(iris_dir, tmp_path / str(logged), extra_args=args) as server:
+            assert server.client().post("/v2/models/iris/infer", json=IRIS_BODY).status_code == 200
+            server.stop()
+            assert ('"POST /v2/models/iris/infer HTTP/1.1" 200' in server.log()) is logged, server.log()[-2000:]
 
 
 def test_grpc_needs_the_key(secured):

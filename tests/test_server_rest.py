@@ -63,7 +63,8 @@ def test_infer_returns_label_name_probabilities_and_a_generated_string_id(client
     probs = output(body, "probabilities")
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert output(body, "top_k_labels")[:, 0].tolist() == [0, 2]
-    assert output(body, "prediction_id").tolist() == [f"{body['id']}/0", f"{body['id']}/1"]
+    first, second = output(body, "prediction_id").tolist()
+    assert first.startswith(f"{body['id']}:") and first.endswith("/0") and second == first[:-1] + "1"
     assert body["model_version"]
 
 
@@ -71,7 +72,15 @@ def test_client_id_is_echoed_and_fp64_nested_data_accepted(client):
     body = {"id": "req-42", "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [SETOSA]}]}
     response = infer(client, body).json()
     assert response["id"] == "req-42"
-    assert output(response, "prediction_id").tolist() == ["req-42"]
+    [prediction_id] = output(response, "prediction_id").tolist()
+    assert prediction_id.startswith("req-42:")
+
+
+def test_reused_request_ids_get_distinct_prediction_ids(client):
+    """Two clients (or retries) sending the same request id must not name the same prediction."""
+    body = {"id": "reused", "inputs": [tensor("input-0", [SETOSA], "FP32")]}
+    ids = {output(infer(client, body).json(), "prediction_id")[0] for _ in range(5)}
+    assert len(ids) == 5 and all(i.startswith("reused:") for i in ids)
 
 
 def test_ids_travel_with_their_rows(client):

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -265,6 +265,8 @@ def build_feedback_router(
     *,
     max_items: int = MAX_ITEMS,
     max_body_bytes: int = MAX_BODY_BYTES,
+    flush_predictions: Callable[[], Awaitable[object]] | None = None,
+    unknown_id_retry_s: float = 0.0,
 ) -> APIRouter:
     """The feedback routes over ``store``.
 
@@ -272,6 +274,10 @@ def build_feedback_router(
     :class:`predictors.errors.UnknownModel` for names not served; it is called on the event loop,
     so it must not block (the server answers it from memory). ``dependencies`` (e.g. the API-key
     check) apply to every route. ``window_seconds`` is the default "recent" window of GET.
+    ``flush_predictions`` (the server's write-behind prediction log) is awaited before ids are
+    looked up, so feedback sent right after a response finds its prediction; ids still unknown
+    are looked up once more after ``unknown_id_retry_s`` (another replica's log may not have
+    flushed yet) before they are refused.
     """
     if not (math.isfinite(window_seconds) and 0 < window_seconds <= MAX_WINDOW_SECONDS):
         raise ValueError(f"window_seconds must be in (0, {MAX_WINDOW_SECONDS:.0f}], got {window_seconds}")
@@ -301,8 +307,18 @@ def build_feedback_router(
             else:
                 _check_labels(model_name, labels, "true_label", [item.true_label for item in body.items])
                 items = [(item.id, item.true_label) for item in body.items]
-                submission = await asyncio.to_thread(
-                    store.add_feedback_by_ids, model_name, items, frozenset(labels.labels), body.submission_id)
+                if flush_predictions is not None:
+                    await flush_predictions()
+                for retry in (unknown_id_retry_s > 0, False):
+                    try:
+                        submission = await asyncio.to_thread(
+                            store.add_feedback_by_ids, model_name, items, frozenset(labels.labels),
+                            body.submission_id)
+                        break
+                    except UnknownPredictions:
+                        if not retry:
+                            raise
+                        await asyncio.sleep(unknown_id_retry_s)
             cumulative_matrix = await asyncio.to_thread(store.confusion, model_name, labels.labels)
         except ClientError as exc:
             prometheus.observe_rejection(model_name, _reason(exc))

@@ -16,7 +16,10 @@ All steps are ``async``: KServe runs a plain ``def`` step on the event-loop thre
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +33,7 @@ from predictors.codecs import as_text, to_numpy
 from predictors.errors import BadInput, PayloadTooLarge
 from predictors.fetch import ImageFetcher
 from predictors.package import ModelPackage
-from predictors.prediction_log import GroupCommitLog, PredictionLog
+from predictors.prediction_log import PredictionLog, WriteBehindLog
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -54,18 +57,20 @@ class ServingContext:
     settings: ServerSettings = field(default_factory=ServerSettings)
     fetcher: ImageFetcher | None = None
     prediction_log: PredictionLog | None = None
-    _log_writer: GroupCommitLog | None = field(default=None, init=False, repr=False)
+    _log_writer: WriteBehindLog | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.fetcher is None:
             self.fetcher = ImageFetcher(self.settings.fetch)
 
-    def log_writer(self) -> GroupCommitLog | None:
-        """The shared group-commit writer for the prediction log; None when logging is off."""
+    def log_writer(self) -> WriteBehindLog | None:
+        """The shared write-behind writer for the prediction log; None when logging is off."""
         if self.prediction_log is None or not self.settings.prediction_log:
             return None
         if self._log_writer is None:
-            self._log_writer = GroupCommitLog(self.prediction_log)
+            self._log_writer = WriteBehindLog(self.prediction_log,
+                                              flush_interval_s=self.settings.prediction_log_flush_ms / 1000,
+                                              capacity=self.settings.prediction_log_capacity)
         return self._log_writer
 
 
@@ -211,8 +216,8 @@ class PackageModel(Model):
                           response_headers: dict[str, str] | None = None) -> InferResponse:
         probs = np.asarray(result.probabilities, dtype=np.float32)
         labels = probs.argmax(axis=1).astype(np.int64)
-        prediction_ids = ([result.request_id] if result.n == 1
-                          else [f"{result.request_id}/{i}" for i in range(result.n)])
+        prediction_id = f"{result.request_id}:{_IDS.next()}"
+        prediction_ids = [prediction_id] if result.n == 1 else [f"{prediction_id}/{i}" for i in range(result.n)]
         await self._log_predictions(prediction_ids, labels)
         values = self._outputs(probs, labels, prediction_ids, result.ids)
         wanted = [o.name for o in result.requested] if result.requested else [n for n in values if n != "ids"
@@ -247,8 +252,8 @@ class PackageModel(Model):
         return {name: v for name, v in values.items() if name in allowed}
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
-        """Record predictions before answering (feedback may follow at once); concurrent requests share
-        one transaction (see :mod:`predictors.prediction_log`)."""
+        """Queue predictions for the write-behind log (:mod:`predictors.prediction_log`): the response
+        does not wait for the database; feedback on this server flushes the queue first."""
         writer = self.context.log_writer()
         if writer is None:
             return
@@ -257,6 +262,30 @@ class PackageModel(Model):
             await writer.record(self.name, self.config.version, rows)
         except Exception:  # a logging failure must not fail the prediction
             logger.exception("could not record predictions for model %s", self.name)
+
+
+class _UniqueSuffixes:
+    """Server-made id parts no other prediction shares: a random per-process prefix and a counter.
+
+    Clients reuse request ids (retries, fixed ids, two clients picking the same one), so the
+    request id alone cannot name a prediction. 48 random bits per process keep replicas and
+    workers apart; the counter keeps one process's predictions apart. A forked worker draws a
+    new prefix.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+_IDS = _UniqueSuffixes()
 
 
 def _bytes_array(values: list[str]) -> np.ndarray:

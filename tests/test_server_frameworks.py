@@ -1,0 +1,43 @@
+"""The framework registry: `framework` picks the predictor class; `validate` refuses what cannot work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from predictors.models import ServingContext, model_for
+from predictors.models.tabular import TabularModel
+from predictors.package import FRAMEWORKS, load_package
+from tests.fixtures.server import REPO, TRAINED_MODELS
+
+
+def validate(package) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "predictors", "validate", str(package)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"framework": "xgboost"}, "unknown framework 'xgboost'; this server serves katonic, keras, sklearn"),
+    ({"task": "image_classification"}, "framework 'sklearn' cannot serve task 'image_classification'"),
+])
+def test_validate_refuses_unknown_or_impossible_frameworks(tmp_path, change, message):
+    package = tmp_path / "iris"
+    shutil.copytree(TRAINED_MODELS / "iris", package)
+    config = json.loads((package / "config.json").read_text())
+    (package / "config.json").write_text(json.dumps({**config, **change}))
+    code, out = validate(package)
+    assert code == 1, out
+    assert message in out and '"ok": false' in out
+
+
+def test_every_registered_framework_names_an_importable_model_class():
+    for name, spec in FRAMEWORKS.items():
+        module, _, cls = spec.model_class.partition(":")
+        assert module.startswith("predictors.models.") and cls, name
+    model = model_for(load_package(TRAINED_MODELS / "iris"), ServingContext())
+    assert type(model) is TabularModel
