@@ -67,9 +67,11 @@ k8s-validate: venv tools ## helm lint/template, schemas + real API-server dry-ru
 manifests: tools ## regenerate manifests/ and the chart's dashboard copy from the chart
 	bash scripts/render-manifests.sh
 
-images: ## build the predictor and bridge images (needs a Docker engine)
-	docker build -f docker/Dockerfile.predictor -t $(IMAGE_REGISTRY)/kserve-classifiers-predictor:$(IMAGE_TAG) .
-	docker build -f docker/Dockerfile.bridge -t $(IMAGE_REGISTRY)/kserve-classifiers-bridge:$(IMAGE_TAG) .
+PREDICTOR_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-predictor:$(IMAGE_TAG)
+BRIDGE_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-bridge:$(IMAGE_TAG)
+
+images: venv ## build the predictor and bridge images offline (podman or docker; BASE_IMAGE= to skip mmdebstrap)
+	bash scripts/build-images.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .demo

