@@ -25,10 +25,11 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Awaitable
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kserve
 from grpc import aio
@@ -50,9 +51,13 @@ from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
 from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
+from predictors.prediction_log import WriteBehindLog
 from predictors.repository import PackageRepository
 from predictors.rest import install_error_handlers, register_infer_route
 from predictors.settings import ServerSettings
+
+if TYPE_CHECKING:  # the feedback package is optional (imported when the server opens the store)
+    from predictors.feedback import FeedbackStore
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +167,7 @@ class ClassifierServer(kserve.ModelServer):
             from predictors.feedback import build_feedback_router
 
             writer = self.context.log_writer()
-            flush = None if writer is None else functools.partial(writer.flush, FEEDBACK_FLUSH_TIMEOUT_S)
+            flush = None if writer is None else functools.partial(_flush_for_feedback, writer, self.feedback_store)
             app.include_router(build_feedback_router(
                 self.feedback_store, self._labels_of, flush_predictions=flush,
                 unknown_id_retry_s=writer.flush_interval_s if writer is not None else 0.0))
@@ -248,6 +253,13 @@ class ClassifierServer(kserve.ModelServer):
                 self._rest_server._server.should_exit = True
 
         asyncio.get_event_loop().create_task(shutdown())
+
+
+def _flush_for_feedback(writer: WriteBehindLog, store: FeedbackStore) -> Awaitable[bool]:
+    """Write queued predictions before feedback looks them up; False at once while the writer fails
+    and the store was last seen down: waiting out the timeout would only delay the feedback API's 503."""
+    down = writer.failing and not store.health().available
+    return writer.flush(0.0 if down else FEEDBACK_FLUSH_TIMEOUT_S)
 
 
 def _open_feedback_store(settings: ServerSettings):

@@ -265,7 +265,7 @@ def build_feedback_router(
     *,
     max_items: int = MAX_ITEMS,
     max_body_bytes: int = MAX_BODY_BYTES,
-    flush_predictions: Callable[[], Awaitable[object]] | None = None,
+    flush_predictions: Callable[[], Awaitable[bool]] | None = None,
     unknown_id_retry_s: float = 0.0,
 ) -> APIRouter:
     """The feedback routes over ``store``.
@@ -275,7 +275,9 @@ def build_feedback_router(
     so it must not block (the server answers it from memory). ``dependencies`` (e.g. the API-key
     check) apply to every route. ``window_seconds`` is the default "recent" window of GET.
     ``flush_predictions`` (the server's write-behind prediction log) is awaited before ids are
-    looked up, so feedback sent right after a response finds its prediction; ids still unknown
+    looked up, so feedback sent right after a response finds its prediction; when it answers
+    False (the log could not write its queue) the submission gets 503 + ``Retry-After``, since
+    its ids may still be queued and refusing them as unknown would lose the feedback; ids still unknown
     are looked up once more after ``unknown_id_retry_s`` (another replica's log may not have
     flushed yet) before they are refused.
     """
@@ -307,8 +309,10 @@ def build_feedback_router(
             else:
                 _check_labels(model_name, labels, "true_label", [item.true_label for item in body.items])
                 items = [(item.id, item.true_label) for item in body.items]
-                if flush_predictions is not None:
-                    await flush_predictions()
+                if flush_predictions is not None and not await flush_predictions():
+                    raise StoreUnavailable("recent predictions are not yet written to the feedback database (it "
+                                           "was unreachable and the prediction log is catching up); retry later",
+                                           store.retry_after_s)
                 for retry in (unknown_id_retry_s > 0, False):
                     try:
                         submission = await asyncio.to_thread(
