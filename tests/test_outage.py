@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,3 +267,25 @@ def test_server_starts_while_postgres_is_down(stoppable_postgres: PostgresServer
         assert metric(c, "classifier_feedback_store_up") == 1
         assert server.stop() == 0, server.log()[-3000:]
     assert sorted(logged_ids(pg)) == sorted(ids)
+
+
+def test_feedback_for_predictions_the_log_could_not_write_is_deferred_not_refused(
+        postgres_server: PostgresServer, iris_dir: Path, tmp_path: Path) -> None:
+    """The log's writes stall (a lock blocks INSERT, reads still answer) past the feedback API's flush
+    timeout: feedback naming a prediction still queued gets 503 + Retry-After, never a 400 "unknown
+    id" that a client would not retry, and is accepted once the log has written it."""
+    name = f"stall_{uuid.uuid4().hex[:8]}"
+    env = {"KCP_FEEDBACK_DB_URL": postgres_server.create_database(name),
+           "KCP_FEEDBACK_DB_STATEMENT_TIMEOUT_S": "60"}  # the writer stays blocked, it does not fail
+    with start_model_server(iris_dir, tmp_path, env=env) as server, server.client() as c:
+        assert feedback(c, [predict(c)]).status_code == 200  # tables exist, the store is up
+        with psycopg.connect(postgres_server.conninfo(name)) as holder:
+            holder.execute("LOCK TABLE prediction_log IN EXCLUSIVE MODE")  # INSERT waits, SELECT does not
+            queued = predict(c)
+            deferred = feedback(c, [queued])
+            assert deferred.status_code == 503, deferred.text
+            assert int(deferred.headers["retry-after"]) >= 1
+            assert c.get("/v2/health/ready").status_code == 200
+        accepted = accepted_once_back(c, [queued])
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["accepted"] == 1
