@@ -7,13 +7,24 @@ stay open for Kubernetes probes, as do ``/metrics`` and ``/openapi.json`` (Prome
 without app credentials; ``--metrics-auth`` closes them) and the static UI shell (it asks for
 the key itself). Keys are compared
 with :func:`hmac.compare_digest` so the comparison time does not leak the key.
+
+Rotation without a restart: when the key comes from a file (``KCP_API_KEY_FILE``, typically a
+mounted Kubernetes Secret, which the kubelet updates in place by swapping a symlink), the file is
+looked at again at most once a second; a changed, non-empty key becomes the key, and the previous
+one stays valid for ``KCP_API_KEY_OVERLAP_S`` seconds (default 300) so clients can move over
+without a burst of 401s. An empty or unreadable file keeps the current key.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import re
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +33,14 @@ from grpc.aio import ServerInterceptor
 OPEN_REST_PATHS = re.compile(
     r"^(/|/metrics|/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready|/ui(/.*)?|/docs|/openapi\.json)$"
 )
+log = logging.getLogger(__name__)
+
+KEY_FILE_ENV = "KCP_API_KEY_FILE"
+OVERLAP_ENV = "KCP_API_KEY_OVERLAP_S"
+DEFAULT_OVERLAP_S = 300.0
+RECHECK_S = 1.0
+"""Least time between two looks at the key file (a ``stat`` on the request path, no read unless changed)."""
+
 OPEN_GRPC_METHODS = frozenset({
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
@@ -30,15 +49,69 @@ OPEN_GRPC_METHODS = frozenset({
 
 
 class APIKey:
-    """A configured key and the constant-time check against what a client presented."""
+    """A configured key and the constant-time check against what a client presented.
 
-    def __init__(self, key: str) -> None:
+    ``key_file`` (default: ``$KCP_API_KEY_FILE``) is watched for rotation as described in the
+    module docstring; ``overlap_s`` (default: ``$KCP_API_KEY_OVERLAP_S`` or 300) is how long the
+    replaced key is still accepted.
+    """
+
+    def __init__(self, key: str, key_file: str | Path | None = None, overlap_s: float | None = None) -> None:
         self._key = key.encode("utf-8")
+        self._previous: bytes | None = None
+        self._previous_until = 0.0
+        file = key_file or os.environ.get(KEY_FILE_ENV)
+        self._file = Path(file) if file else None
+        self._overlap_s = float(overlap_s if overlap_s is not None else os.environ.get(OVERLAP_ENV, DEFAULT_OVERLAP_S))
+        if self._overlap_s < 0:
+            raise ValueError(f"{OVERLAP_ENV} must be 0 or more seconds, got {self._overlap_s}")
+        self._seen = self._stamp()
+        self._next_look = time.monotonic() + RECHECK_S
+        self._lock = threading.Lock()
 
     def matches(self, presented: str | None) -> bool:
+        """Whether ``presented`` is the key (or the previous one, within the overlap)."""
+        if self._file is not None and time.monotonic() >= self._next_look:
+            self._reload()
         if not presented:
             return False
-        return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), self._key)
+        given = presented.encode("utf-8", "surrogateescape")
+        current = hmac.compare_digest(given, self._key)
+        previous = self._previous is not None and hmac.compare_digest(given, self._previous)
+        return current or (previous and time.monotonic() < self._previous_until)
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """What changes when the file (through its symlinks) is replaced or rewritten."""
+        try:
+            st = os.stat(self._file) if self._file is not None else None
+        except OSError:
+            return None
+        return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _reload(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_look:
+                return
+            self._next_look = now + RECHECK_S
+            stamp = self._stamp()
+            if stamp is None or stamp == self._seen:
+                return
+            self._seen = stamp
+            assert self._file is not None  # only called when there is a file
+            try:
+                new = self._file.read_text(encoding="utf-8").strip().encode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                log.error("cannot read the API key file %s (%s); keeping the current key", self._file, exc)
+                return
+            if not new:
+                log.error("the API key file %s is empty; keeping the current key", self._file)
+                return
+            if new != self._key:
+                self._previous, self._previous_until = self._key, now + self._overlap_s
+                self._key = new
+                log.warning("API key rotated from %s; the previous key is accepted for %.0f s more",
+                            self._file, self._overlap_s)
 
     @staticmethod
     def presented(x_api_key: str | None, authorization: str | None) -> str | None:

@@ -234,3 +234,17 @@ def test_base64_of_url_bytes_is_treated_as_image_bytes(client):
     data = base64.b64encode(b"http://example.com/x.png").decode()
     response = infer(client, [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": [data]}])
     assert response.status_code == 400 and "not a valid" in response.json()["error"]
+
+
+@pytest.mark.parametrize("url", ["http://100.64.0.1/x.png", "http://169.254.169.254/latest/meta-data"])
+def test_non_public_urls_are_invalid_argument_over_grpc(model_server, url):
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name="mnist", inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="input-0", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[url.encode()]))])
+    with grpc.insecure_channel(model_server.grpc_target) as channel, pytest.raises(grpc.RpcError) as exc:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a public address" in exc.value.details()

@@ -279,6 +279,13 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
+def _first_line(exc: Exception) -> str:
+    """``Type: first line of the message`` of the driver's error (SQLAlchemy's wrapper adds SQL and a URL)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0][:300] if lines else 'no message'}"
+
+
 def _duplicates(ids: Iterable[str]) -> list[str]:
     seen: set[str] = set()
     dups: dict[str, None] = {}
@@ -381,8 +388,7 @@ class FeedbackStore:
                         self._schema_ready = True
             yield self.engine.connect
         except _UNREACHABLE as exc:
-            error = f"{type(exc.orig if getattr(exc, 'orig', None) else exc).__name__}: " + str(
-                getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            error = _first_line(exc)
             with self._state_lock:
                 self._down_until = time.monotonic() + self.retry_after_s
                 if self._health.available:
