@@ -42,6 +42,7 @@ from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from timing_asgi import TimingMiddleware
 
 from predictors.auth import APIKey, GRPCAuthInterceptor
@@ -51,7 +52,7 @@ from predictors.models import ServingContext
 from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.repository import PackageRepository
-from predictors.rest import install_error_handlers, register_infer_route
+from predictors.rest import install_error_handlers, register_infer_route, register_version_routes
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class ClassifierServer(kserve.ModelServer):
         app = kserve_model_server.app
         install_error_handlers(app)
         register_infer_route(app, self.dataplane, self.settings.max_body_bytes)
+        register_version_routes(app, V2Endpoints(self.dataplane, self.model_repository_extension))
         if self.feedback_store is not None:
             from predictors.feedback import build_feedback_router
 
