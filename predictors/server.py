@@ -25,21 +25,15 @@ import sys
 import threading
 import time
 import warnings
-from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import kserve
-from grpc import aio
 from kserve import model_server as kserve_model_server
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
@@ -47,6 +41,7 @@ from timing_asgi import TimingMiddleware
 
 from predictors.auth import APIKey, GRPCAuthInterceptor
 from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.grpc_server import GRPCEndpoint
 from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
 from predictors.observability import GRPCMetricsInterceptor
@@ -115,30 +110,6 @@ class BoundRESTServer(RESTServer):
         super().create_application()
         app = kserve_model_server.app
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
-
-
-class BoundGRPCServer(GRPCServer):
-    """KServe's gRPC server on a chosen host, with auth and metrics interceptors."""
-
-    def __init__(self, *args: Any, host: str, interceptors: tuple, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._host = host
-        self._interceptors = interceptors
-
-    async def start(self, max_workers: int) -> None:
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-        self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(*self._interceptors, ExceptionToStatusInterceptor()),
-            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
-        )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        self._server.add_insecure_port(f"{host}:{self._port}")
-        logger.info("gRPC server listening on %s:%s", host, self._port)
-        await self._server.start()
-        await self._server.wait_for_termination()
 
 
 class ClassifierServer(kserve.ModelServer):
@@ -222,11 +193,12 @@ class ClassifierServer(kserve.ModelServer):
             interceptors: tuple = (GRPCMetricsInterceptor(),)
             if self.api_key is not None:
                 interceptors = (GRPCAuthInterceptor(self.api_key), *interceptors)
-            self._grpc_server = BoundGRPCServer(
-                self.grpc_port, self.dataplane, self.model_repository_extension,
-                kwargs=vars(kserve_model_server.args), grace_period=self.grace_period, host=self.settings.host,
-                interceptors=interceptors)
-            self.servers.append(self._grpc_server.start(self.max_threads))
+            args = kserve_model_server.args
+            self._grpc_server = GRPCEndpoint(
+                self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, interceptors,
+                max_workers=self.max_threads, max_send_bytes=args.grpc_max_send_message_length,
+                max_receive_bytes=args.grpc_max_receive_message_length, grace_period=self.grace_period)
+            self.servers.append(self._grpc_server.serve())
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve_then_drain())
@@ -245,7 +217,7 @@ class ClassifierServer(kserve.ModelServer):
 
         async def shutdown() -> None:
             if self._grpc_server:
-                await self._grpc_server.stop(sig)
+                await self._grpc_server.stop()
             if self._rest_server:
                 self._rest_server._server.should_exit = True
 
