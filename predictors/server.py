@@ -121,6 +121,7 @@ class ClassifierServer(kserve.ModelServer):
         self.context = ServingContext(settings=settings, prediction_log=self.feedback_store)
         self.repository = PackageRepository(model_dir, self.context)
         super().__init__(registered_models=self.repository, **kwargs)
+        _log_like_kserve()
         self.dataplane = ClassifierDataPlane(model_registry=self.repository)
         self.model_repository_extension = PackageRepositoryExtension(model_registry=self.repository)
         self.api_key = APIKey(settings.api_key) if settings.api_key else None
@@ -222,6 +223,17 @@ class ClassifierServer(kserve.ModelServer):
                 self._rest_server._server.should_exit = True
 
         asyncio.get_event_loop().create_task(shutdown())
+
+
+def _log_like_kserve() -> None:
+    """Our INFO lines (the inline-predict choice, prediction-log outages) through KServe's configured handler;
+    without this only warnings of ``predictors.*`` would reach the log."""
+    kserve_logger = logging.getLogger("kserve")
+    if kserve_logger.handlers:
+        ours = logging.getLogger("predictors")
+        ours.setLevel(logging.INFO)
+        ours.handlers = list(kserve_logger.handlers)
+        ours.propagate = False
 
 
 def _open_feedback_store(settings: ServerSettings):

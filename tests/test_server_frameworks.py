@@ -12,7 +12,7 @@ import pytest
 from predictors.models import ServingContext, model_for
 from predictors.models.tabular import TabularModel
 from predictors.package import FRAMEWORKS, load_package
-from tests.fixtures.server import REPO, TRAINED_MODELS
+from tests.fixtures.server import REPO, TRAINED_MODELS, start_model_server
 
 
 def validate(package) -> tuple[int, str]:
@@ -60,3 +60,9 @@ def test_without_a_setting_the_load_log_states_the_measured_choice(caplog):
     with caplog.at_level("INFO", logger="predictors.models.base"):
         model_for(load_package(TRAINED_MODELS / "iris"), ServingContext()).load()
     assert "model iris: predict runs" in caplog.text and "one-row call" in caplog.text
+
+
+def test_the_server_log_states_each_models_choice(tmp_path, iris_dir):
+    with start_model_server(iris_dir, tmp_path) as server:
+        server.stop()
+    assert "model iris: predict runs " in server.log() and "one-row call" in server.log(), server.log()[-2000:]
