@@ -90,7 +90,7 @@ class Batcher:
     """Merge concurrent :meth:`submit` calls into batched ``predict_fn`` calls (see the module docstring)."""
 
     def __init__(self, model_name: str, predict_fn: PredictFn, max_batch_size: int, max_latency_ms: float,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, inline_max_rows: int = 0) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_latency_ms < 0:
@@ -100,6 +100,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0
         self.executor = executor  # None: the event loop's default thread pool, like unbatched predicts
+        self.inline_max_rows = inline_max_rows  # batches up to this many rows run on the loop (a cheap model)
         self._queue: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -240,7 +241,10 @@ class Batcher:
             merged = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
             if record_rows:
                 self._rows_metric.observe(len(merged))
-            result = await loop.run_in_executor(self.executor, self.predict_fn, merged)
+            if len(merged) <= self.inline_max_rows:
+                result = self.predict_fn(merged)
+            else:
+                result = await loop.run_in_executor(self.executor, self.predict_fn, merged)
             if len(result) != len(merged):
                 raise BatchSizeMismatch(f"model {self.model_name} returned {len(result)} rows for {len(merged)}")
         except Exception as exc:  # isolated below, then delivered to its own caller

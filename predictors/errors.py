@@ -48,9 +48,10 @@ class FetchFailed(BadInput):
 
 
 class PayloadTooLarge(BadInput):
-    """A request body or batch larger than the configured limit: 413 / INVALID_ARGUMENT."""
+    """A request body or batch larger than the configured limit: 413 / RESOURCE_EXHAUSTED."""
 
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Unauthorized(ClientError):

@@ -195,6 +195,9 @@ class PackageConfig(_Strict):
     preprocessing: list[PreprocessStep] = Field(default_factory=list)
     postprocessing: Postprocessing = Field(default_factory=Postprocessing)
     batching: Batching = Field(default_factory=Batching)
+    inline_predict: bool | None = Field(
+        default=None, description="run predict on the event loop (true) or in a worker thread (false); "
+                                  "unset: the server decides by timing a one-row call at load")
     max_batch_size: int = Field(default=256, ge=1, description="largest N accepted in one request")
 
     @field_validator("format_version")

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictors.codecs import parse_rest_request
@@ -77,15 +78,38 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
+def served_model(dataplane: DataPlane, model_name: str, model_version: str | None) -> Any:
+    """The served model named, or 404 (:class:`UnknownModel`) if it is not served or not at ``model_version``."""
+    model = dataplane.model_registry.get_model(model_name)
+    if model is None:
+        raise UnknownModel(model_name)
+    config = getattr(model, "config", None)
+    if model_version is not None and (config is None or model_version != config.version):
+        raise UnknownModel(f"{model_name} version {model_version}")
+    return model
+
+
+def register_version_routes(app: FastAPI, endpoints: V2Endpoints) -> None:
+    """``GET /v2/models/{name}/versions/{version}[/ready]``: like the unversioned routes for the served
+    version, 404 for any other (KServe answers 501 "Model versioning not supported yet")."""
+
+    async def metadata(model_name: str, model_version: str) -> Any:
+        served_model(endpoints.dataplane, model_name, model_version)
+        return await endpoints.model_metadata(model_name)
+
+    async def ready(model_name: str, model_version: str) -> Any:
+        served_model(endpoints.dataplane, model_name, model_version)
+        return await endpoints.model_ready(model_name)
+
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}", metadata, methods=["GET"], tags=["V2"])
+    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/ready", ready, methods=["GET"], tags=["V2"])
+
+
 def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int) -> None:
     """``POST /v2/models/{name}[/versions/{version}]/infer`` with strict parsing."""
 
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        model = dataplane.model_registry.get_model(model_name)
-        if model is None:
-            raise UnknownModel(model_name)
-        if model_version is not None and model_version != getattr(model, "config", None).version:
-            raise UnknownModel(f"{model_name} version {model_version}")
+        served_model(dataplane, model_name, model_version)
         if not await dataplane.model_ready(model_name, True):
             raise ModelNotReady(model_name)
         body = await request.body()
@@ -107,4 +131,4 @@ def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int
 
 
 __all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "JSONErrorRoute", "client_error_response",
-           "install_error_handlers", "register_infer_route"]
+           "install_error_handlers", "register_infer_route", "register_version_routes", "served_model"]

@@ -26,34 +26,30 @@ import threading
 import time
 import warnings
 from collections.abc import Awaitable
-from concurrent import futures
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kserve
-from grpc import aio
 from kserve import model_server as kserve_model_server
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from timing_asgi import TimingMiddleware
 
 from predictors.auth import APIKey, GRPCAuthInterceptor
 from predictors.errors import BadInput, ClientError, UnknownModel
+from predictors.grpc_server import GRPCEndpoint
 from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
 from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.prediction_log import WriteBehindLog
 from predictors.repository import PackageRepository
-from predictors.rest import install_error_handlers, register_infer_route
+from predictors.rest import install_error_handlers, register_infer_route, register_version_routes
 from predictors.settings import ServerSettings
 
 if TYPE_CHECKING:  # the feedback package is optional (imported when the server opens the store)
@@ -121,30 +117,6 @@ class BoundRESTServer(RESTServer):
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
-class BoundGRPCServer(GRPCServer):
-    """KServe's gRPC server on a chosen host, with auth and metrics interceptors."""
-
-    def __init__(self, *args: Any, host: str, interceptors: tuple, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._host = host
-        self._interceptors = interceptors
-
-    async def start(self, max_workers: int) -> None:
-        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
-        self._server = aio.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(*self._interceptors, ExceptionToStatusInterceptor()),
-            options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                     ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))],
-        )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        self._server.add_insecure_port(f"{host}:{self._port}")
-        logger.info("gRPC server listening on %s:%s", host, self._port)
-        await self._server.start()
-        await self._server.wait_for_termination()
-
-
 class ClassifierServer(kserve.ModelServer):
     """The model server: KServe's, plus the pieces listed in this module's docstring."""
 
@@ -154,6 +126,7 @@ class ClassifierServer(kserve.ModelServer):
         self.context = ServingContext(settings=settings, prediction_log=self.feedback_store)
         self.repository = PackageRepository(model_dir, self.context)
         super().__init__(registered_models=self.repository, **kwargs)
+        _log_like_kserve()
         self.dataplane = ClassifierDataPlane(model_registry=self.repository)
         self.model_repository_extension = PackageRepositoryExtension(model_registry=self.repository)
         self.api_key = APIKey(settings.api_key) if settings.api_key else None
@@ -163,6 +136,7 @@ class ClassifierServer(kserve.ModelServer):
         app = kserve_model_server.app
         install_error_handlers(app)
         register_infer_route(app, self.dataplane, self.settings.max_body_bytes)
+        register_version_routes(app, V2Endpoints(self.dataplane, self.model_repository_extension))
         if self.feedback_store is not None:
             from predictors.feedback import build_feedback_router
 
@@ -225,11 +199,12 @@ class ClassifierServer(kserve.ModelServer):
             interceptors: tuple = (GRPCMetricsInterceptor(),)
             if self.api_key is not None:
                 interceptors = (GRPCAuthInterceptor(self.api_key), *interceptors)
-            self._grpc_server = BoundGRPCServer(
-                self.grpc_port, self.dataplane, self.model_repository_extension,
-                kwargs=vars(kserve_model_server.args), grace_period=self.grace_period, host=self.settings.host,
-                interceptors=interceptors)
-            self.servers.append(self._grpc_server.start(self.max_threads))
+            args = kserve_model_server.args
+            self._grpc_server = GRPCEndpoint(
+                self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, interceptors,
+                max_workers=self.max_threads, max_send_bytes=args.grpc_max_send_message_length,
+                max_receive_bytes=args.grpc_max_receive_message_length, grace_period=self.grace_period)
+            self.servers.append(self._grpc_server.serve())
         self.setup_event_loop()
         self.register_signal_handler()
         asyncio.run(self._serve_then_drain())
@@ -248,7 +223,7 @@ class ClassifierServer(kserve.ModelServer):
 
         async def shutdown() -> None:
             if self._grpc_server:
-                await self._grpc_server.stop(sig)
+                await self._grpc_server.stop()
             if self._rest_server:
                 self._rest_server._server.should_exit = True
 
@@ -260,6 +235,17 @@ def _flush_for_feedback(writer: WriteBehindLog, store: FeedbackStore) -> Awaitab
     and the store was last seen down: waiting out the timeout would only delay the feedback API's 503."""
     down = writer.failing and not store.health().available
     return writer.flush(0.0 if down else FEEDBACK_FLUSH_TIMEOUT_S)
+
+
+def _log_like_kserve() -> None:
+    """Our INFO lines (the inline-predict choice, prediction-log outages) through KServe's configured handler;
+    without this only warnings of ``predictors.*`` would reach the log."""
+    kserve_logger = logging.getLogger("kserve")
+    if kserve_logger.handlers:
+        ours = logging.getLogger("predictors")
+        ours.setLevel(logging.INFO)
+        ours.handlers = list(kserve_logger.handlers)
+        ours.propagate = False
 
 
 def _open_feedback_store(settings: ServerSettings):

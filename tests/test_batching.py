@@ -320,3 +320,21 @@ def test_settings_are_checked():
         Batcher("bad", lambda x: x, max_batch_size=0, max_latency_ms=1)
     with pytest.raises(ValueError):
         Batcher("bad", lambda x: x, max_batch_size=2, max_latency_ms=-1)
+
+
+def test_small_batches_of_an_inline_model_run_on_the_event_loop_large_ones_in_the_pool():
+    threads: list[int] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return np.zeros((len(x), 3))
+
+    async def main() -> int:
+        batcher = Batcher("unit-inline", predict, max_batch_size=64, max_latency_ms=0, inline_max_rows=8)
+        await batcher.submit(np.zeros((8, 4)))
+        await batcher.submit(np.zeros((9, 4)))
+        batcher.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(asyncio.wait_for(main(), LIVENESS_S))
+    assert threads[0] == loop_thread and threads[1] != loop_thread

@@ -48,6 +48,27 @@ def test_sigterm_writes_every_queued_prediction(tmp_path, iris_dir):
     assert all(logged(tmp_path, ids))
 
 
+def test_feedback_flushes_pending_predictions_first(tmp_path, iris_dir):
+    """With a flush interval longer than the test, only the flush-before-lookup lets feedback find its ids."""
+    env = {"KCP_PREDICTION_LOG_FLUSH_MS": "600000"}
+    with start_model_server(iris_dir, tmp_path, env=env) as server, server.client() as c:
+        ids = predict_many(c, 3, "fresh")
+        r = c.post("/v2/models/iris/feedback", json={"items": [{"id": i, "true_label": 0} for i in ids]})
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 3
+        again = c.post("/v2/models/iris/feedback", json={"items": [{"id": ids[0], "true_label": 0}]})
+        assert again.status_code == 409  # exactly once, as before the log became write-behind
+
+
+def test_reused_request_ids_are_separate_predictions_for_feedback(tmp_path, iris_dir):
+    with start_model_server(iris_dir, tmp_path) as server, server.client() as c:
+        first, second = predict_many(c, 1, "same") + predict_many(c, 1, "same")
+        assert first != second
+        for prediction_id in (first, second):  # neither overwrote nor blocked the other
+            r = c.post("/v2/models/iris/feedback", json={"items": [{"id": prediction_id, "true_label": 0}]})
+            assert r.status_code == 200, r.text
+
+
 def test_sigkill_loses_only_the_last_unflushed_predictions(tmp_path, iris_dir):
     """SIGKILL right after the last answer: what is lost is a tail of the answers (the last flush
     interval's), never an older prediction. Prints how many were lost."""

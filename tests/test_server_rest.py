@@ -126,6 +126,18 @@ def test_version_route(client):
     assert wrong.status_code == 404 and "error" in wrong.json()
 
 
+def test_versioned_metadata_and_readiness_routes(client):
+    """Like the unversioned routes for the served version; 404 (not KServe's 501) for any other."""
+    version = client.get("/v2/models/iris").json()["versions"][0]
+    assert client.get(f"/v2/models/iris/versions/{version}").json() == client.get("/v2/models/iris").json()
+    ready = client.get(f"/v2/models/iris/versions/{version}/ready")
+    assert ready.status_code == 200 and ready.json() == client.get("/v2/models/iris/ready").json()
+    for path in ("/v2/models/iris/versions/does-not-exist", "/v2/models/iris/versions/does-not-exist/ready",
+                 f"/v2/models/no-such-model/versions/{version}/ready"):
+        missing = client.get(path)
+        assert missing.status_code == 404 and "error" in missing.json(), path
+
+
 GOOD = {"name": "input-0", "shape": [1, 4], "datatype": "FP32", "data": SETOSA}
 BAD_REQUESTS = {
     "malformed-json": (b'{"inputs": [', 400, "not valid JSON"),

@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,12 @@ from predictors.prediction_log import PredictionLog, WriteBehindLog
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+INLINE_MAX_SECONDS = 0.0005
+"""A model whose one-row call is faster than this predicts on the event loop (no thread-pool hop)."""
+INLINE_MAX_ROWS = 64
+"""Larger requests (or merged batches) of an inline model still go to the thread pool."""
+INLINE_TIMING_CALLS = 20
 
 IDS_INPUT = "ids"
 OUTPUTS: dict[str, tuple[str, str]] = {  # name -> (datatype, shape description)
@@ -96,20 +103,45 @@ class PackageModel(Model):
         self.config = package.config
         self.context = context
         self.batcher: Batcher | None = None
+        self.inline_max_rows = 0  # requests up to this many rows predict on the event loop (see _decide_inline)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def load(self) -> bool:
         """Load the artifact, check it against the package, warm it up, and start batching if enabled."""
         self.load_artifact()
+        self.inline_max_rows = INLINE_MAX_ROWS if self._decide_inline() else 0
         batching = self.config.batching
         size = self.context.settings.max_batch_size or batching.max_batch_size
         latency = (self.context.settings.max_latency_ms
                    if self.context.settings.max_latency_ms is not None else batching.max_latency_ms)
         if size > 1:
-            self.batcher = Batcher(self.name, self.predict_array, size, latency)
+            self.batcher = Batcher(self.name, self.predict_array, size, latency, inline_max_rows=self.inline_max_rows)
         self.ready = True
         return self.ready
+
+    def _decide_inline(self) -> bool:
+        """Whether ``predict`` runs on the event loop: a thread-pool hop costs more than a tiny model's call.
+
+        ``inline_predict`` in config.json decides if set; otherwise the fastest of a few one-row
+        calls must take under :data:`INLINE_MAX_SECONDS`. Logged, so operators see the choice.
+        """
+        override = self.config.inline_predict
+        if override is not None:
+            logger.info("model %s: predict runs %s (config.json inline_predict)", self.name,
+                        "inline" if override else "in the thread pool")
+            return override
+        sample = self.sample_features()
+        fastest = min(_timed(self.predict_array, sample) for _ in range(INLINE_TIMING_CALLS))
+        inline = fastest < INLINE_MAX_SECONDS
+        logger.info("model %s: predict runs %s (one-row call %.0f µs; inline below %.0f µs)", self.name,
+                    "inline" if inline else "in the thread pool", fastest * 1e6, INLINE_MAX_SECONDS * 1e6)
+        return inline
+
+    def sample_features(self) -> np.ndarray:
+        """A one-row feature batch of the right shape (zeros): warm-up and the inline decision use it."""
+        shape = [1 if d == -1 else d for d in self.config.input.shape]
+        return np.zeros(shape, dtype=np.float32 if self.config.input.datatype == "FP32" else np.float64)
 
     def load_artifact(self) -> None:
         raise NotImplementedError
@@ -207,6 +239,8 @@ class PackageModel(Model):
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
         if self.batcher is not None:
             payload.probabilities = await self.batcher.submit(payload.features)
+        elif payload.n <= self.inline_max_rows:
+            payload.probabilities = self.predict_array(payload.features)
         else:
             loop = asyncio.get_running_loop()
             payload.probabilities = await loop.run_in_executor(None, self.predict_array, payload.features)
@@ -262,6 +296,12 @@ class PackageModel(Model):
             await writer.record(self.name, self.config.version, rows)
         except Exception:  # a logging failure must not fail the prediction
             logger.exception("could not record predictions for model %s", self.name)
+
+
+def _timed(fn: Any, arg: Any) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
 
 
 class _UniqueSuffixes:

@@ -1,0 +1,92 @@
+"""The V2 gRPC endpoint: KServe's servicer behind our own ``grpc.aio`` server wiring.
+
+KServe's ``GRPCServer.start`` binds ``[::]`` and fixes its interceptors, so serving on a
+chosen host with auth and metrics meant copying that private method. This module owns the
+wiring instead (a ``grpc.aio`` server, KServe's public servicer and generated registration
+function) and adds what REST already does, so both protocols behave the same:
+
+* the version check: ``model_version`` in ModelInfer / ModelMetadata / ModelReady must be the
+  served version (or empty), else NOT_FOUND, like REST's 404 on ``/versions/{v}``;
+* one error mapping: a :class:`~predictors.errors.ClientError` aborts with its own gRPC code
+  (``PayloadTooLarge`` → RESOURCE_EXHAUSTED like REST's 413), everything else as KServe maps it
+  (ModelNotReady → UNAVAILABLE like 503);
+* metadata carries the served version, as REST's does.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Any
+
+from grpc import aio
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+
+from predictors.errors import ClientError
+from predictors.rest import served_model
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierServicer(InferenceServicer):
+    """KServe's servicer with the served-version check and versioned metadata."""
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        served_model(self._data_plane, request.name, request.version or None)
+        return await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        served_model(self._data_plane, request.name, request.version or None)
+        response = await super().ModelMetadata(request, context)
+        metadata = await self._data_plane.model_metadata(request.name)
+        response.versions.extend(metadata.get("versions") or [])
+        return response
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        served_model(self._data_plane, request.model_name, request.model_version or None)
+        return await super().ModelInfer(request, context)
+
+
+class ClientErrorToStatus(ExceptionToStatusInterceptor):
+    """KServe's exception mapping, with our client errors aborting with their own code."""
+
+    async def handle_exception(self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str) -> None:
+        if isinstance(ex, ClientError):
+            await context.abort(ex.code, ex.reason)
+        await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class GRPCEndpoint:
+    """A ``grpc.aio`` server on ``host:port`` serving :class:`ClassifierServicer` behind ``interceptors``."""
+
+    def __init__(self, host: str, port: int, data_plane: DataPlane, repository: ModelRepositoryExtension,
+                 interceptors: tuple, *, max_workers: int, max_send_bytes: int, max_receive_bytes: int,
+                 grace_period: float) -> None:
+        self._servicer = ClassifierServicer(data_plane, repository)
+        self._interceptors = (*interceptors, ClientErrorToStatus())
+        self._options = [("grpc.max_send_message_length", max_send_bytes),
+                         ("grpc.max_receive_message_length", max_receive_bytes)]
+        self._max_workers = max_workers
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._grace_period = grace_period
+        self._server: aio.Server | None = None
+
+    async def serve(self) -> None:
+        """Serve until :meth:`stop` (the server is built here: ``grpc.aio`` binds to the running loop)."""
+        self._server = aio.server(futures.ThreadPoolExecutor(max_workers=self._max_workers),
+                                  interceptors=self._interceptors, options=self._options)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
+        self._server.add_insecure_port(self._address)
+        await self._server.start()
+        logger.info("gRPC server listening on %s", self._address)
+        await self._server.wait_for_termination()
+
+    async def stop(self) -> None:
+        """Stop accepting; calls in flight get ``grace_period`` seconds to finish."""
+        if self._server is not None:
+            await self._server.stop(grace=self._grace_period)
