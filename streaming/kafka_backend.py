@@ -22,14 +22,31 @@ import time
 from concurrent.futures import Future
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from streaming.messenger import Delivery, HeaderList, Message
+from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
 from streaming.offsets import OffsetTracker, PartitionTracker
 from streaming.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# The broker refuses the record itself: sending it again cannot succeed (anything else may, later).
+PERMANENT = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError)
+
+
+def _classified(exc: BaseException) -> BaseException:
+    """A producer failure as :class:`PermanentSendError` when retrying cannot help, else unchanged."""
+    if isinstance(exc, PERMANENT) or not isinstance(exc, KafkaError | OSError):  # a TypeError is the record's too
+        return PermanentSendError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -82,6 +99,7 @@ class KafkaBackend:
                 acks="all" if s.acks == "all" else int(s.acks),
                 linger_ms=s.linger_ms,
                 max_block_ms=s.max_block_ms,
+                max_request_size=s.max_request_size,
             )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
         return self._producer
 
@@ -91,11 +109,15 @@ class KafkaBackend:
         try:
             pending = self.producer.send(topic, value=value, key=key, headers=headers or None)
         except Exception as exc:  # reported through the future like a late failure
-            out.set_exception(exc)
+            out.set_exception(_classified(exc))
             return out
         pending.add_callback(lambda md: out.set_result(Delivery(md.topic, md.partition, md.offset)))
-        pending.add_errback(out.set_exception)
+        pending.add_errback(lambda exc: out.set_exception(_classified(exc)))
         return out
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self.settings.max_request_size
 
     def flush(self, timeout_s: float = 30.0) -> None:
         if self._producer is not None:
@@ -132,7 +154,7 @@ class KafkaBackend:
                 self.tracker.assign(tp.topic, tp.partition)
             self.assigned = tuple(f"{tp.topic}/{tp.partition}" for tp in tps)
 
-    def poll(self, timeout_s: float, max_messages: int) -> list[Message]:
+    def poll(self, timeout_s: float, max_messages: int, max_bytes: int | None = None) -> list[Message]:
         consumer = self._require_consumer()
         self._maybe_commit()
         if max_messages <= 0:
@@ -148,9 +170,16 @@ class KafkaBackend:
             self.resume()
         records = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_messages)
         out: list[Message] = []
+        taken = 0
         for tp, batch in records.items():
             tracker = self.tracker.tracker(tp.topic, tp.partition)
             for r in batch:
+                size = len(r.value or b"")
+                if max_bytes is not None and out and taken + size > max_bytes:
+                    # Over the byte budget: hand nothing more out of this partition; it is fetched again later.
+                    consumer.seek(tp, r.offset)
+                    break
+                taken += size
                 self.tracker.add(tracker, r.offset)
                 out.append(Message(
                     topic=r.topic, value=r.value if r.value is not None else b"", key=r.key,

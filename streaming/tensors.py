@@ -22,6 +22,9 @@ from typing import Any
 BINARY_DATATYPES = frozenset({"BYTES"})
 DATATYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                        "FP16", "FP32", "FP64", "BYTES"})
+ELEMENT_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "UINT32": 4, "INT32": 4,
+                 "FP32": 4}  # everything else numeric is 8 bytes wide
+TENSOR_OVERHEAD = 64  # name, datatype, shape and framing of one tensor in a call, generously
 
 
 class BatchSplitError(ValueError):
@@ -98,6 +101,17 @@ class InferRequest:
     @property
     def rows(self) -> int:
         return (self.inputs[0].rows or 0) if self.inputs else 0
+
+    def payload_bytes(self) -> int:
+        """About how many bytes this request adds to a V2 call (raw encoding), to keep merged calls under a cap."""
+        total = len(self.id) + len(self.model_name)
+        for t in self.inputs:
+            total += TENSOR_OVERHEAD + len(t.name)
+            if t.datatype == "BYTES":
+                total += sum(4 + len(v) for v in t.data)  # len(str) undercounts non-ASCII; the cap keeps a margin
+            else:
+                total += len(t.data) * ELEMENT_BYTES.get(t.datatype, 8)
+        return total
 
 
 @dataclass
