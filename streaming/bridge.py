@@ -43,11 +43,14 @@ import json
 import logging
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import orjson
 
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import CloudEvent, now, to_kafka_headers
@@ -102,8 +105,11 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending = 0
         self._pending_bytes = 0
+        self._produced_by_model: dict[str, Any] = {}
         self._stop: asyncio.Event | None = None
-        self._inflight: asyncio.Semaphore | None = None
+        # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
+        # waiters costs O(waiters) per acquire on Python 3.11: a burst made that the bridge's top frame).
+        self._batches: asyncio.Queue[list[Work]] | None = None
         self._batcher: MicroBatcher[Work] = MicroBatcher(s.max_batch_size, s.max_batch_delay_ms / 1000,
                                                          self._on_batch)
 
@@ -118,7 +124,8 @@ class Bridge:
         """Run until :meth:`stop` (or SIGTERM/SIGINT when ``install_signal_handlers``)."""
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._inflight = asyncio.Semaphore(self.settings.max_in_flight)
+        self._batches = batches = asyncio.Queue()
+        workers = [loop.create_task(self._call_worker(batches)) for _ in range(self.settings.max_in_flight)]
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
@@ -131,7 +138,7 @@ class Bridge:
             await self._consume()
         finally:
             self.state = "draining"
-            await self._drain()
+            await self._drain(batches, workers)
             self.state = "stopped"
             await health.close()
 
@@ -157,20 +164,31 @@ class Bridge:
                 continue
             failures = 0
             self.state = "running"
-            for message in messages:
-                self._accept(message)
+            if messages:
+                self.metrics.consumed.inc(len(messages))
+                for message in messages:
+                    self._accept(message)
+                self.metrics.pending.set(self._pending)
 
-    async def _drain(self) -> None:
+    async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
         self._batcher.flush_all()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        log.info("draining %d batch(es) and %d task(s)", batches.qsize(), len(self._tasks))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batches.join(), timeout=self.settings.drain_timeout_s)
+        for worker in workers:  # calls still running past the drain timeout are abandoned: never committed
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         if self._tasks:
-            log.info("draining %d in-flight task(s)", len(self._tasks))
-            _, late = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
+            _, late = await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
             for task in late:
                 task.cancel()
             if late:
-                log.warning("%d task(s) did not finish in %.0fs; their messages stay uncommitted",
-                            len(late), self.settings.drain_timeout_s)
                 await asyncio.gather(*late, return_exceptions=True)
+        if self._pending:
+            log.warning("%d message(s) did not finish in %.0fs; they stay uncommitted",
+                        self._pending, self.settings.drain_timeout_s)
         try:
             await self._in_consumer(self.source.close)  # commits acknowledged offsets, leaves the group
         except Exception:  # uncommitted work is redelivered, which is safe
@@ -192,8 +210,6 @@ class Bridge:
     def _accept(self, message: Message) -> None:
         self._pending += 1
         self._pending_bytes += len(message.value)
-        self.metrics.consumed.inc()
-        self.metrics.pending.set(self._pending)
         work = Work(message, None, time.monotonic())
         try:
             work.decoded = decode(message, self.options)
@@ -207,27 +223,41 @@ class Bridge:
         self._batcher.add(work.decoded.request.batch_key(), work)
 
     def _on_batch(self, works: list[Work]) -> None:
-        self._spawn(self._process(works))
+        assert self._batches is not None
+        self._batches.put_nowait(works)
 
-    async def _process(self, works: list[Work]) -> None:
-        assert self._inflight is not None
+    async def _call_worker(self, batches: asyncio.Queue[list[Work]]) -> None:
+        """One of ``max_in_flight``: call the model server for a batch, hand its finishing to a task, repeat."""
+        while True:
+            works = await batches.get()
+            try:
+                self._spawn(self._finish_batch(works, await self._call(works)))
+            finally:
+                batches.task_done()
+
+    async def _call(self, works: list[Work]) -> list[InferResponse | V2Error]:
         requests = [w.decoded.request for w in works if w.decoded is not None]
         model = requests[0].model_name
+        self.metrics.in_flight.inc()
+        started = time.monotonic()
         try:
-            async with self._inflight:
-                self.metrics.in_flight.inc()
-                started = time.monotonic()
-                try:
-                    outcomes = await self._infer(requests)
-                finally:
-                    self.metrics.in_flight.dec()
-                    self.metrics.v2_latency.labels(model).observe(time.monotonic() - started)
+            return await self._infer(requests)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let one batch take the bridge down
             log.exception("inference for %d request(s) failed unexpectedly", len(works))
-            outcomes = [V2Error("internal", 500, repr(exc))] * len(works)
-        await asyncio.gather(*(self._guarded(w, self._finish(w, o)) for w, o in zip(works, outcomes, strict=True)))
+            return [V2Error("internal", 500, repr(exc))] * len(works)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.v2_latency.labels(model).observe(time.monotonic() - started)
+
+    async def _finish_batch(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
+        try:
+            await self._finish_all(works, outcomes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave the batch's messages unfinished for ever
+            await asyncio.gather(*(self._guarded(w, _reraise(exc)) for w in works if not w.done))
 
     def _chunks(self, requests: list[InferRequest]) -> list[list[InferRequest]]:
         """Consecutive runs whose merged payload stays under ``max_call_bytes`` (a request over it runs alone)."""
@@ -286,25 +316,53 @@ class Bridge:
             self.metrics.dead_lettered.labels("internal").inc()
             self._done(work)
 
-    async def _finish(self, work: Work, outcome: InferResponse | V2Error) -> None:
-        if isinstance(outcome, V2Error):
-            await self._dead_letter(work, outcome.kind, str(outcome), outcome.status)
-            return
-        d = work.decoded
-        assert d is not None
+    async def _finish_all(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
+        """Publish a batch's results with one hand-off to the producer thread; failures go one by one."""
+        stamp = now()  # one timestamp per batch: the results were made together
+        ready: list[tuple[Work, bytes, HeaderList]] = []
+        slow = []
+        for w, o in zip(works, outcomes, strict=True):
+            if isinstance(o, V2Error):
+                slow.append(self._guarded(w, self._dead_letter(w, o.kind, str(o), o.status)))
+                continue
+            assert w.decoded is not None
+            try:
+                value, headers = self.result_record(w.decoded, o, w.message, stamp)
+            except Exception as exc:  # an unencodable response must not leave the message unacknowledged
+                log.exception("building the result for %s failed", w.message.position)
+                slow.append(self._guarded(w, self._dead_letter(w, "internal", repr(exc), None)))
+                continue
+            ready.append((w, value, headers))
+        if ready:
+            topic = self.settings.result_topic
+            errors = await self._send_all(topic, [(v, w.decoded.request_id if w.decoded else None, h)
+                                                  for w, v, h in ready])
+            for (w, value, headers), error in zip(ready, errors, strict=True):
+                if error is None:
+                    self._published(w)
+                else:
+                    slow.append(self._guarded(w, self._publish(w, value, headers, error)))
+        if slow:
+            await asyncio.gather(*slow)
+
+    async def _publish(self, work: Work, value: bytes, headers: HeaderList, error: BaseException) -> None:
+        """Publish a result whose first send failed: again if that was transient, else dead-letter the request."""
+        assert work.decoded is not None
         try:
-            value, headers = self.result_record(d, outcome, work.message)
-        except Exception as exc:  # an unencodable response must not leave the message unacknowledged
-            log.exception("building the result for %s failed", work.message.position)
-            await self._dead_letter(work, "internal", repr(exc), None)
-            return
-        try:
-            await self._produce(self.settings.result_topic, value, d.request_id, headers)
+            if isinstance(error, PermanentSendError):
+                raise error
+            self.metrics.retries.labels("broker").inc()
+            log.warning("producing the result for %s failed (%s); retrying", work.message.position, error)
+            await self._produce(self.settings.result_topic, value, work.decoded.request_id, headers)
         except PermanentSendError as exc:
             await self._dead_letter(work, "unpublishable-result", f"the result ({len(value)} bytes) was refused: "
                                                                   f"{exc}", None)
             return
-        self.metrics.produced.labels(d.request.model_name).inc()
+        self._published(work)
+
+    def _published(self, work: Work) -> None:
+        assert work.decoded is not None
+        self._produced(work.decoded.request.model_name).inc()
         self._done(work)
 
     async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
@@ -330,6 +388,18 @@ class Bridge:
         self.metrics.pending.set(self._pending)
         self.metrics.latency.observe(time.monotonic() - work.received)
 
+    async def _send_all(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]
+                        ) -> list[BaseException | None]:
+        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None."""
+        loop = asyncio.get_running_loop()
+        futures = await loop.run_in_executor(self._producer_threads, self._send_each, topic, records)
+        await _all_done(futures)
+        return [f.exception() for f in futures]
+
+    def _send_each(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]) -> list[Future[Any]]:
+        send = self.sink.send_async
+        return [send(value, key=key, headers=headers, topic=topic) for value, key, headers in records]
+
     async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList) -> None:
         """Send and wait for the broker's ack; transient failures are retried with capped backoff until it
         succeeds or we are cancelled, a permanent one raises :class:`PermanentSendError` at once."""
@@ -350,13 +420,20 @@ class Bridge:
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 5.0)
 
+    def _produced(self, model: str) -> Any:
+        counter = self._produced_by_model.get(model)
+        if counter is None:
+            counter = self._produced_by_model[model] = self.metrics.produced.labels(model)
+        return counter
+
     def _on_v2_retry(self, error: V2Error) -> None:
         self.metrics.retries.labels("model-server").inc()
         log.warning("model server call failed (%s); retrying", error)
 
     # --- record formats --------------------------------------------------------------------
 
-    def result_record(self, d: DecodedRequest, response: InferResponse, source: Message) -> tuple[bytes, HeaderList]:
+    def result_record(self, d: DecodedRequest, response: InferResponse, source: Message,
+                      stamp: str | None = None) -> tuple[bytes, HeaderList]:
         """The result value (JSON) and headers (CloudEvents binary mode + correlation)."""
         model = response.model_name or d.request.model_name
         version = response.model_version or d.request.model_version
@@ -378,13 +455,52 @@ class Bridge:
                 if name in d.cloudevent.extensions:
                     extensions[name] = d.cloudevent.extensions[name]
         event = CloudEvent(id=d.request_id, source=self.settings.cloudevents_source, type=RESULT_TYPE,
-                           subject=model, time=now(), datacontenttype="application/json",
+                           subject=model, time=stamp or now(), datacontenttype="application/json",
                            extensions={k: v for k, v in extensions.items() if v})
         headers = [*to_kafka_headers(event), (CORRELATION_HEADER, d.correlation_id.encode()),
                    ("kcp-model", model.encode())]
         if version:
             headers.append(("kcp-model-version", version.encode()))
-        return json.dumps(body, separators=(",", ":"), default=str).encode(), headers
+        return to_json(body), headers
+
+
+def to_json(doc: Any) -> bytes:
+    """Compact JSON: orjson (several times faster per result), else the standard library for what orjson
+    refuses (text holding lone surrogates, integers over 64 bits), which it escapes."""
+    try:
+        return orjson.dumps(doc, default=str)
+    except TypeError:
+        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _all_done(futures: list[Future[Any]]) -> asyncio.Future[None]:
+    """An asyncio future set once every one of ``futures`` is done: one wake-up of the loop per batch,
+    where ``asyncio.wrap_future`` would cost one per future."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            loop.call_soon_threadsafe(wake)
+
+    if not futures:
+        wake()
+    for f in futures:
+        f.add_done_callback(one_done)
+    return waiter
 
 
 def _cut(text: str, limit: int) -> bytes:

@@ -4,9 +4,10 @@ Design points, each there because at-least-once depends on it:
 
 * Auto-commit is off. :meth:`KafkaBackend.ack` marks a record done in an
   :class:`~streaming.offsets.OffsetTracker`; the consumer thread commits the contiguous done
-  prefix of each partition on its next ``poll`` (at most every ``commit_interval_ms``), on
-  :meth:`commit`, on revocation and on close. A crash loses only uncommitted acknowledgements,
-  so those records are delivered again -- never skipped.
+  prefix of each partition on its next ``poll`` (at most every ``commit_interval_ms``, without
+  waiting for the answer), and waits for the commit on :meth:`commit`, on revocation and on
+  close. A crash loses only uncommitted acknowledgements, so those records are delivered again --
+  never skipped.
 * The consumer is only touched by the thread that calls ``subscribe``/``poll``/``commit``
   (kafka-python's consumer is not thread-safe); ``send`` and ``ack`` are safe from any thread.
 * Backpressure pauses the assigned partitions but keeps polling, so the consumer stays in its
@@ -218,23 +219,36 @@ class KafkaBackend:
 
     def _maybe_commit(self) -> None:
         if (time.monotonic() - self._last_commit) * 1000 >= self.settings.commit_interval_ms:
-            self._commit()
+            self._commit(wait=False)
 
-    def _commit(self, only: set[tuple[str, int]] | None = None) -> None:
-        """Commit every partition's safe offset that moved; failures only mean redelivery."""
+    def _commit(self, only: set[tuple[str, int]] | None = None, *, wait: bool = True) -> None:
+        """Commit every partition's safe offset that moved; failures only mean redelivery.
+
+        The periodic commit does not wait for the coordinator's answer (a round trip the consumer thread
+        would otherwise spend not polling); revocation and close wait, since ownership ends there.
+        """
         self._last_commit = time.monotonic()
         if not self._group or self._consumer is None:
             return
         offsets = self.tracker.to_commit(only)
         if not offsets:
             return
+        request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        if not wait:
+            self._consumer.commit_async(request, callback=lambda _, result: self._committed(offsets, result))
+            return
         try:
-            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                   for (t, p), o in offsets.items()})
+            self._consumer.commit(request)
         except (CommitFailedError, KafkaError) as exc:
             log.warning("offset commit failed (records will be redelivered): %s", exc)
             return
         self.tracker.mark_committed(offsets)
+
+    def _committed(self, offsets: dict[tuple[str, int], int], result: object) -> None:
+        if isinstance(result, Exception):
+            log.warning("offset commit failed (records will be redelivered): %s", result)
+        else:
+            self.tracker.mark_committed(offsets)
 
     # --- request / reply -------------------------------------------------------------------
 
