@@ -13,13 +13,19 @@ Guarantees and why they hold:
   (:mod:`streaming.offsets`). SIGKILL at any moment leaves every unfinished message uncommitted,
   so the next bridge in the group gets it again. Duplicates are limited to that window and carry
   the same request id (key, ``kcp-correlation-id``, CloudEvent ``id``).
-* **Bad messages never block.** Decoding failures and 4xx rejections become dead-letter records
-  (original value, key and headers, plus ``kcp-dlq-*`` headers with the reason) and are
-  acknowledged like results. A batch the server rejects is retried one request at a time, so one
-  bad request does not dead-letter its neighbours.
-* **Outages are waited out.** Connection refused / UNAVAILABLE / 503 are retried with backoff
-  forever (:mod:`streaming.v2client`); the messages stay pending, the consumer pauses its
-  partitions once ``max_pending`` are waiting, and keeps its group membership meanwhile.
+* **Bad messages never block.** Decoding failures, 4xx rejections, requests too large for the
+  server on their own, calls that keep exceeding their deadline and results the broker refuses
+  become dead-letter records (original value, key and headers, plus ``kcp-dlq-*`` headers with the
+  reason) and are acknowledged like results. A dead letter the broker refuses too is sent cut to
+  the broker's limit (value truncated, ``kcp-dlq-truncated`` marking it, original headers dropped,
+  a key over 256 bytes replaced by its SHA-256). A merged call stays under ``max_call_bytes``; one
+  the server refuses anyway is retried one request at a time, so one bad request does not
+  dead-letter its neighbours. Any exception while finishing a message ends in a minimal dead
+  letter and its acknowledgement, never in a task that died silently.
+* **Outages are waited out.** Connection refused / UNAVAILABLE / 503 and transient broker errors
+  are retried with capped backoff forever (:mod:`streaming.v2client`); the messages stay pending,
+  and the consumer pauses its partitions once ``max_pending`` messages or ``max_pending_bytes``
+  of their values are waiting, keeping its group membership meanwhile.
 * **The event loop never blocks.** kafka-python is synchronous: every consumer call runs on one
   dedicated thread (the consumer is not thread-safe), producer sends on a small pool; V2 calls
   use grpc.aio / httpx's async client.
@@ -32,23 +38,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import orjson
 
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import CloudEvent, now, to_kafka_headers
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
-from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger
+from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError
 from streaming.metrics import BridgeMetrics, HealthServer
 from streaming.settings import BridgeSettings
-from streaming.tensors import BatchSplitError, InferResponse, merge, split
+from streaming.tensors import BatchSplitError, InferRequest, InferResponse, merge, split
 from streaming.v2client import V2Client, V2Error
 
 log = logging.getLogger(__name__)
@@ -56,15 +66,19 @@ R = TypeVar("R")
 
 RESULT_TYPE = "org.kcp.inference.result"
 DLQ_PREFIX = "kcp-dlq-"
+MAX_REASON_BYTES = 1000  # a header value Pub/Sub accepts (1,024 bytes) with room to spare
+MAX_KEY_BYTES = 256
+RECORD_MARGIN = 1024  # record framing beyond value, key and headers, generously
 
 
 @dataclass
 class Work:
-    """One decoded message on its way through the bridge."""
+    """One consumed message on its way through the bridge (``decoded`` is None for a bad one)."""
 
     message: Message
-    decoded: DecodedRequest
+    decoded: DecodedRequest | None
     received: float
+    done: bool = False
 
 
 class Bridge:
@@ -80,15 +94,22 @@ class Bridge:
         if client is not None and client.on_retry is None:
             client.on_retry = self._on_v2_retry
         self.options = DecodeOptions(s.default_row_model, s.default_image_model, s.input_name, s.ids_input,
-                                     tuple(s.row_features))
+                                     tuple(s.row_features), s.max_id_chars)
+        if s.backend == "kafka" and s.kafka.acks == "1":
+            log.warning("KCP_KAFKA_ACKS=1: a result acknowledged by the partition leader alone is lost if the "
+                        "leader fails before replicating it, after its request was committed; use 'all'")
         self.state = "starting"
         self.health_port: int | None = None
         self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix="kcp-consumer")
         self._producer_threads = ThreadPoolExecutor(4, thread_name_prefix="kcp-producer")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending = 0
+        self._pending_bytes = 0
+        self._produced_by_model: dict[str, Any] = {}
         self._stop: asyncio.Event | None = None
-        self._inflight: asyncio.Semaphore | None = None
+        # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
+        # waiters costs O(waiters) per acquire on Python 3.11: a burst made that the bridge's top frame).
+        self._batches: asyncio.Queue[list[Work]] | None = None
         self._batcher: MicroBatcher[Work] = MicroBatcher(s.max_batch_size, s.max_batch_delay_ms / 1000,
                                                          self._on_batch)
 
@@ -103,19 +124,21 @@ class Bridge:
         """Run until :meth:`stop` (or SIGTERM/SIGINT when ``install_signal_handlers``)."""
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._inflight = asyncio.Semaphore(self.settings.max_in_flight)
+        self._batches = batches = asyncio.Queue()
+        workers = [loop.create_task(self._call_worker(batches)) for _ in range(self.settings.max_in_flight)]
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         health = HealthServer(self.metrics, lambda: self.state, self.settings.health_host, self.settings.health_port,
-                              lambda: {"assigned": list(self.source.assignment), "pending": self._pending})
+                              lambda: {"assigned": list(self.source.assignment), "pending": self._pending,
+                                      "pending_bytes": self._pending_bytes})
         self.health_port = await health.start()
         log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
         try:
             await self._consume()
         finally:
             self.state = "draining"
-            await self._drain()
+            await self._drain(batches, workers)
             self.state = "stopped"
             await health.close()
 
@@ -129,9 +152,10 @@ class Bridge:
                  s.request_topic, s.group, s.result_topic, s.dead_letter_topic, s.v2.protocol)
         failures = 0
         while not self._stop.is_set():
-            capacity = max(0, min(s.max_pending - self._pending, 500))
+            room = s.max_pending_bytes - self._pending_bytes
+            capacity = max(0, min(s.max_pending - self._pending, 500)) if room > 0 else 0
             try:
-                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity)
+                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity, room)
             except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
                 failures += 1
                 self.metrics.retries.labels("broker").inc()
@@ -140,20 +164,31 @@ class Bridge:
                 continue
             failures = 0
             self.state = "running"
-            for message in messages:
-                self._accept(message)
+            if messages:
+                self.metrics.consumed.inc(len(messages))
+                for message in messages:
+                    self._accept(message)
+                self.metrics.pending.set(self._pending)
 
-    async def _drain(self) -> None:
+    async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
         self._batcher.flush_all()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout_s
+        log.info("draining %d batch(es) and %d task(s)", batches.qsize(), len(self._tasks))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(batches.join(), timeout=self.settings.drain_timeout_s)
+        for worker in workers:  # calls still running past the drain timeout are abandoned: never committed
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         if self._tasks:
-            log.info("draining %d in-flight task(s)", len(self._tasks))
-            _, late = await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout_s)
+            _, late = await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
             for task in late:
                 task.cancel()
             if late:
-                log.warning("%d task(s) did not finish in %.0fs; their messages stay uncommitted",
-                            len(late), self.settings.drain_timeout_s)
                 await asyncio.gather(*late, return_exceptions=True)
+        if self._pending:
+            log.warning("%d message(s) did not finish in %.0fs; they stay uncommitted",
+                        self._pending, self.settings.drain_timeout_s)
         try:
             await self._in_consumer(self.source.close)  # commits acknowledged offsets, leaves the group
         except Exception:  # uncommitted work is redelivered, which is safe
@@ -174,94 +209,200 @@ class Bridge:
 
     def _accept(self, message: Message) -> None:
         self._pending += 1
-        self.metrics.consumed.inc()
-        self.metrics.pending.set(self._pending)
-        received = time.monotonic()
+        self._pending_bytes += len(message.value)
+        work = Work(message, None, time.monotonic())
         try:
-            decoded = decode(message, self.options)
+            work.decoded = decode(message, self.options)
         except BadMessage as exc:
-            self._spawn(self._dead_letter(message, exc.kind, exc.reason, None, received))
+            self._spawn(self._guarded(work, self._dead_letter(work, exc.kind, exc.reason, None)))
             return
         except Exception as exc:  # a decoder bug must not stop the stream
             log.exception("decoding %s failed unexpectedly", message.position)
-            self._spawn(self._dead_letter(message, "internal", repr(exc), None, received))
+            self._spawn(self._guarded(work, self._dead_letter(work, "internal", repr(exc), None)))
             return
-        work = Work(message, decoded, received)
-        self._batcher.add(decoded.request.batch_key(), work)
+        self._batcher.add(work.decoded.request.batch_key(), work)
 
     def _on_batch(self, works: list[Work]) -> None:
-        self._spawn(self._process(works))
+        assert self._batches is not None
+        self._batches.put_nowait(works)
 
-    async def _process(self, works: list[Work]) -> None:
-        assert self._inflight is not None
-        model = works[0].decoded.request.model_name
+    async def _call_worker(self, batches: asyncio.Queue[list[Work]]) -> None:
+        """One of ``max_in_flight``: call the model server for a batch, hand its finishing to a task, repeat."""
+        while True:
+            works = await batches.get()
+            try:
+                self._spawn(self._finish_batch(works, await self._call(works)))
+            finally:
+                batches.task_done()
+
+    async def _call(self, works: list[Work]) -> list[InferResponse | V2Error]:
+        requests = [w.decoded.request for w in works if w.decoded is not None]
+        model = requests[0].model_name
+        self.metrics.in_flight.inc()
+        started = time.monotonic()
         try:
-            async with self._inflight:
-                self.metrics.in_flight.inc()
-                started = time.monotonic()
-                try:
-                    outcomes = await self._infer(works)
-                finally:
-                    self.metrics.in_flight.dec()
-                    self.metrics.v2_latency.labels(model).observe(time.monotonic() - started)
+            return await self._infer(requests)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let one batch take the bridge down
             log.exception("inference for %d request(s) failed unexpectedly", len(works))
-            outcomes = [V2Error("internal", 500, repr(exc))] * len(works)
-        await asyncio.gather(*(self._finish(w, o) for w, o in zip(works, outcomes, strict=True)))
+            return [V2Error("internal", 500, repr(exc))] * len(works)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.v2_latency.labels(model).observe(time.monotonic() - started)
 
-    async def _infer(self, works: list[Work]) -> list[InferResponse | V2Error]:
-        requests = [w.decoded.request for w in works]
+    async def _finish_batch(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
+        try:
+            await self._finish_all(works, outcomes)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave the batch's messages unfinished for ever
+            await asyncio.gather(*(self._guarded(w, _reraise(exc)) for w in works if not w.done))
+
+    def _chunks(self, requests: list[InferRequest]) -> list[list[InferRequest]]:
+        """Consecutive runs whose merged payload stays under ``max_call_bytes`` (a request over it runs alone)."""
+        cap = self.settings.v2.max_call_bytes
+        chunks: list[list[InferRequest]] = []
+        size = cap + 1
+        for r in requests:
+            n = r.payload_bytes()
+            if size + n > cap:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(r)
+            size += n
+        return chunks
+
+    async def _infer(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
+        if len(requests) == 1:
+            return [await self._infer_one(requests[0])]
+        parts = await asyncio.gather(*(self._infer_merged(c) for c in self._chunks(requests)))
+        return [o for part in parts for o in part]
+
+    async def _infer_merged(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
         if len(requests) == 1:
             return [await self._infer_one(requests[0])]
         self.metrics.batch_size.observe(len(requests))
         try:
             return list(split(await self.client.infer(merge(requests)), requests))
         except (V2Error, BatchSplitError) as exc:
-            # One bad request fails the whole merged call: retry individually so only it is rejected.
+            # One bad (too large, too slow) request fails the whole merged call: retry individually so only it fails.
             log.info("batch of %d for %s failed (%s); retrying one by one", len(requests), requests[0].model_name, exc)
         return list(await asyncio.gather(*(self._infer_one(r) for r in requests)))
 
-    async def _infer_one(self, request: Any) -> InferResponse | V2Error:
+    async def _infer_one(self, request: InferRequest) -> InferResponse | V2Error:
         self.metrics.batch_size.observe(1)
         try:
             return await self.client.infer(request)
         except V2Error as exc:
             return exc
 
-    async def _finish(self, work: Work, outcome: InferResponse | V2Error) -> None:
-        if isinstance(outcome, V2Error):
-            kind = "rejected" if outcome.kind == "rejected" else outcome.kind
-            await self._dead_letter(work.message, kind, str(outcome), outcome.status, work.received)
-            return
-        d = work.decoded
+    async def _guarded(self, work: Work, finishing: Any) -> None:
+        """Run a message's last step; if it raises, a minimal dead letter plus the ack still end it."""
         try:
-            value, headers = self.result_record(d, outcome, work.message)
-        except Exception as exc:  # an unencodable response must not leave the message unacknowledged
-            log.exception("building the result for %s failed", work.message.position)
-            await self._dead_letter(work.message, "internal", repr(exc), None, work.received)
+            await finishing
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("finishing %s failed; sending a minimal dead letter", work.message.position)
+            if work.done:
+                return
+            value, key, headers = cut_dead_letter(work.message, "internal", f"finishing failed: {exc!r}", None, 0)
+            try:
+                await self._produce(self.settings.dead_letter_topic, value, key, headers)
+            except PermanentSendError:
+                log.error("the minimal dead letter for %s was refused too; acknowledging it anyway (see this log)",
+                          work.message.position)
+            self.metrics.dead_lettered.labels("internal").inc()
+            self._done(work)
+
+    async def _finish_all(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
+        """Publish a batch's results with one hand-off to the producer thread; failures go one by one."""
+        stamp = now()  # one timestamp per batch: the results were made together
+        ready: list[tuple[Work, bytes, HeaderList]] = []
+        slow = []
+        for w, o in zip(works, outcomes, strict=True):
+            if isinstance(o, V2Error):
+                slow.append(self._guarded(w, self._dead_letter(w, o.kind, str(o), o.status)))
+                continue
+            assert w.decoded is not None
+            try:
+                value, headers = self.result_record(w.decoded, o, w.message, stamp)
+            except Exception as exc:  # an unencodable response must not leave the message unacknowledged
+                log.exception("building the result for %s failed", w.message.position)
+                slow.append(self._guarded(w, self._dead_letter(w, "internal", repr(exc), None)))
+                continue
+            ready.append((w, value, headers))
+        if ready:
+            topic = self.settings.result_topic
+            errors = await self._send_all(topic, [(v, w.decoded.request_id if w.decoded else None, h)
+                                                  for w, v, h in ready])
+            for (w, value, headers), error in zip(ready, errors, strict=True):
+                if error is None:
+                    self._published(w)
+                else:
+                    slow.append(self._guarded(w, self._publish(w, value, headers, error)))
+        if slow:
+            await asyncio.gather(*slow)
+
+    async def _publish(self, work: Work, value: bytes, headers: HeaderList, error: BaseException) -> None:
+        """Publish a result whose first send failed: again if that was transient, else dead-letter the request."""
+        assert work.decoded is not None
+        try:
+            if isinstance(error, PermanentSendError):
+                raise error
+            self.metrics.retries.labels("broker").inc()
+            log.warning("producing the result for %s failed (%s); retrying", work.message.position, error)
+            await self._produce(self.settings.result_topic, value, work.decoded.request_id, headers)
+        except PermanentSendError as exc:
+            await self._dead_letter(work, "unpublishable-result", f"the result ({len(value)} bytes) was refused: "
+                                                                  f"{exc}", None)
             return
-        await self._produce(self.settings.result_topic, value, d.request_id, headers)
-        self.metrics.produced.labels(d.request.model_name).inc()
-        self._done(work.message, work.received)
+        self._published(work)
 
-    async def _dead_letter(self, message: Message, kind: str, reason: str, status: int | None,
-                           received: float) -> None:
-        log.warning("dead-lettering %s (%s): %s", message.position, kind, reason)
+    def _published(self, work: Work) -> None:
+        assert work.decoded is not None
+        self._produced(work.decoded.request.model_name).inc()
+        self._done(work)
+
+    async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
+        message = work.message
+        log.warning("dead-lettering %s (%s): %s", message.position, kind, reason[:MAX_REASON_BYTES])
         headers = list(message.headers) + dead_letter_headers(message, kind, reason, status)
-        await self._produce(self.settings.dead_letter_topic, message.value, message.key, headers)
+        try:
+            await self._produce(self.settings.dead_letter_topic, message.value, message.key, headers)
+        except PermanentSendError as exc:
+            log.warning("the dead letter for %s was refused (%s); sending it cut to the limit", message.position, exc)
+            await self._produce(self.settings.dead_letter_topic,
+                                *cut_dead_letter(message, kind, reason, status, self.sink.max_record_bytes))
         self.metrics.dead_lettered.labels(kind).inc()
-        self._done(message, received)
+        self._done(work)
 
-    def _done(self, message: Message, received: float) -> None:
-        self.source.ack(message)
+    def _done(self, work: Work) -> None:
+        if work.done:
+            return
+        work.done = True
+        self.source.ack(work.message)
         self._pending -= 1
+        self._pending_bytes -= len(work.message.value)
         self.metrics.pending.set(self._pending)
-        self.metrics.latency.observe(time.monotonic() - received)
+        self.metrics.latency.observe(time.monotonic() - work.received)
+
+    async def _send_all(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]
+                        ) -> list[BaseException | None]:
+        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None."""
+        loop = asyncio.get_running_loop()
+        futures = await loop.run_in_executor(self._producer_threads, self._send_each, topic, records)
+        await _all_done(futures)
+        return [f.exception() for f in futures]
+
+    def _send_each(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]) -> list[Future[Any]]:
+        send = self.sink.send_async
+        return [send(value, key=key, headers=headers, topic=topic) for value, key, headers in records]
 
     async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList) -> None:
-        """Send and wait for the broker's ack, retrying (with backoff) until it succeeds or we are cancelled."""
+        """Send and wait for the broker's ack; transient failures are retried with capped backoff until it
+        succeeds or we are cancelled, a permanent one raises :class:`PermanentSendError` at once."""
         loop = asyncio.get_running_loop()
         delay = 0.2
         while True:
@@ -271,7 +412,7 @@ class Bridge:
                     functools.partial(self.sink.send_async, value, key=key, headers=headers, topic=topic))
                 await asyncio.wrap_future(future)
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, PermanentSendError):
                 raise
             except Exception as exc:  # broker trouble: keep the message, try again
                 self.metrics.retries.labels("broker").inc()
@@ -279,13 +420,20 @@ class Bridge:
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 5.0)
 
+    def _produced(self, model: str) -> Any:
+        counter = self._produced_by_model.get(model)
+        if counter is None:
+            counter = self._produced_by_model[model] = self.metrics.produced.labels(model)
+        return counter
+
     def _on_v2_retry(self, error: V2Error) -> None:
         self.metrics.retries.labels("model-server").inc()
         log.warning("model server call failed (%s); retrying", error)
 
     # --- record formats --------------------------------------------------------------------
 
-    def result_record(self, d: DecodedRequest, response: InferResponse, source: Message) -> tuple[bytes, HeaderList]:
+    def result_record(self, d: DecodedRequest, response: InferResponse, source: Message,
+                      stamp: str | None = None) -> tuple[bytes, HeaderList]:
         """The result value (JSON) and headers (CloudEvents binary mode + correlation)."""
         model = response.model_name or d.request.model_name
         version = response.model_version or d.request.model_version
@@ -307,18 +455,63 @@ class Bridge:
                 if name in d.cloudevent.extensions:
                     extensions[name] = d.cloudevent.extensions[name]
         event = CloudEvent(id=d.request_id, source=self.settings.cloudevents_source, type=RESULT_TYPE,
-                           subject=model, time=now(), datacontenttype="application/json",
+                           subject=model, time=stamp or now(), datacontenttype="application/json",
                            extensions={k: v for k, v in extensions.items() if v})
         headers = [*to_kafka_headers(event), (CORRELATION_HEADER, d.correlation_id.encode()),
                    ("kcp-model", model.encode())]
         if version:
             headers.append(("kcp-model-version", version.encode()))
-        return json.dumps(body, separators=(",", ":"), default=str).encode(), headers
+        return to_json(body), headers
+
+
+def to_json(doc: Any) -> bytes:
+    """Compact JSON: orjson (several times faster per result), else the standard library for what orjson
+    refuses (text holding lone surrogates, integers over 64 bits), which it escapes."""
+    try:
+        return orjson.dumps(doc, default=str)
+    except TypeError:
+        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _all_done(futures: list[Future[Any]]) -> asyncio.Future[None]:
+    """An asyncio future set once every one of ``futures`` is done: one wake-up of the loop per batch,
+    where ``asyncio.wrap_future`` would cost one per future."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def one_done(_: Future[Any]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            loop.call_soon_threadsafe(wake)
+
+    if not futures:
+        wake()
+    for f in futures:
+        f.add_done_callback(one_done)
+    return waiter
+
+
+def _cut(text: str, limit: int) -> bytes:
+    """UTF-8 of ``text`` cut to ``limit`` bytes on a character boundary (lone surrogates escaped)."""
+    raw = text.encode("utf-8", errors="backslashreplace")
+    return raw if len(raw) <= limit else raw[:limit].decode("utf-8", errors="ignore").encode("utf-8")
 
 
 def dead_letter_headers(message: Message, kind: str, reason: str, status: int | None) -> HeaderList:
     """``kcp-dlq-*`` headers added to the original ones (the original CloudEvent stays intact)."""
-    headers = [(f"{DLQ_PREFIX}kind", kind), (f"{DLQ_PREFIX}reason", reason[:4000]),
+    headers = [(f"{DLQ_PREFIX}kind", kind), (f"{DLQ_PREFIX}reason", reason),
                (f"{DLQ_PREFIX}source-topic", message.topic), (f"{DLQ_PREFIX}position", message.position),
                (f"{DLQ_PREFIX}time", now())]
     if message.partition is not None:
@@ -327,7 +520,21 @@ def dead_letter_headers(message: Message, kind: str, reason: str, status: int | 
         headers.append((f"{DLQ_PREFIX}source-offset", str(message.offset)))
     if status is not None:
         headers.append((f"{DLQ_PREFIX}status", str(status)))
-    return [(k, v.encode("utf-8")) for k, v in headers]
+    return [(k, _cut(v, MAX_REASON_BYTES)) for k, v in headers]
+
+
+def cut_dead_letter(message: Message, kind: str, reason: str, status: int | None,
+                    limit: int) -> tuple[bytes, bytes | None, HeaderList]:
+    """A dead letter that fits ``limit`` bytes: the original headers dropped, a key over 256 bytes replaced by
+    ``sha256:<hex>``, the value truncated; ``kcp-dlq-truncated`` gives the original value and key sizes."""
+    key = message.key
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        key = b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+    headers = dead_letter_headers(message, kind, reason, status)
+    original = f"value={len(message.value)} key={len(message.key or b'')} headers={len(message.headers)}"
+    headers.append((f"{DLQ_PREFIX}truncated", original.encode()))
+    room = limit - RECORD_MARGIN - len(key or b"") - sum(len(k) + len(v) for k, v in headers)
+    return message.value[:max(0, room)], key, headers
 
 
 def run_bridge(settings: BridgeSettings) -> None:

@@ -26,6 +26,7 @@ STRUCTURED_JSON = "application/cloudevents+json"
 REQUIRED = ("id", "source", "specversion", "type")
 KNOWN = (*REQUIRED, "datacontenttype", "dataschema", "subject", "time")
 _ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+_KNOWN_HEADERS = tuple((k, CONTENT_TYPE if k == "datacontenttype" else HEADER_PREFIX + k) for k in KNOWN)
 
 
 class CloudEventError(ValueError):
@@ -133,10 +134,11 @@ def _build(attrs: dict[str, str], data: bytes | None) -> CloudEvent:
 def to_kafka_headers(event: CloudEvent) -> list[tuple[str, bytes]]:
     """Binary-mode headers for ``event`` (its data goes in the record value, untouched)."""
     headers: list[tuple[str, bytes]] = []
-    for name, value in event.attributes().items():
-        if name == "datacontenttype":
-            headers.append((CONTENT_TYPE, value.encode("utf-8")))
-            continue
+    for name, header in _KNOWN_HEADERS:  # valid names by construction: only extensions need checking
+        value = getattr(event, name)
+        if value is not None:
+            headers.append((header, value.encode("utf-8")))
+    for name, value in event.extensions.items():
         if not _ATTRIBUTE_NAME.match(name):
             raise CloudEventError(f"invalid CloudEvents attribute name {name!r} (lowercase a-z, 0-9)")
         headers.append((HEADER_PREFIX + name, value.encode("utf-8")))

@@ -4,9 +4,10 @@ Design points, each there because at-least-once depends on it:
 
 * Auto-commit is off. :meth:`KafkaBackend.ack` marks a record done in an
   :class:`~streaming.offsets.OffsetTracker`; the consumer thread commits the contiguous done
-  prefix of each partition on its next ``poll`` (at most every ``commit_interval_ms``), on
-  :meth:`commit`, on revocation and on close. A crash loses only uncommitted acknowledgements,
-  so those records are delivered again -- never skipped.
+  prefix of each partition on its next ``poll`` (at most every ``commit_interval_ms``, without
+  waiting for the answer), and waits for the commit on :meth:`commit`, on revocation and on
+  close. A crash loses only uncommitted acknowledgements, so those records are delivered again --
+  never skipped.
 * The consumer is only touched by the thread that calls ``subscribe``/``poll``/``commit``
   (kafka-python's consumer is not thread-safe); ``send`` and ``ack`` are safe from any thread.
 * Backpressure pauses the assigned partitions but keeps polling, so the consumer stays in its
@@ -22,14 +23,31 @@ import time
 from concurrent.futures import Future
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import (
+    CommitFailedError,
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from streaming.messenger import Delivery, HeaderList, Message
+from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
 from streaming.offsets import OffsetTracker, PartitionTracker
 from streaming.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+# The broker refuses the record itself: sending it again cannot succeed (anything else may, later).
+PERMANENT = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError)
+
+
+def _classified(exc: BaseException) -> BaseException:
+    """A producer failure as :class:`PermanentSendError` when retrying cannot help, else unchanged."""
+    if isinstance(exc, PERMANENT) or not isinstance(exc, KafkaError | OSError):  # a TypeError is the record's too
+        return PermanentSendError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -82,6 +100,7 @@ class KafkaBackend:
                 acks="all" if s.acks == "all" else int(s.acks),
                 linger_ms=s.linger_ms,
                 max_block_ms=s.max_block_ms,
+                max_request_size=s.max_request_size,
             )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
         return self._producer
 
@@ -91,11 +110,15 @@ class KafkaBackend:
         try:
             pending = self.producer.send(topic, value=value, key=key, headers=headers or None)
         except Exception as exc:  # reported through the future like a late failure
-            out.set_exception(exc)
+            out.set_exception(_classified(exc))
             return out
         pending.add_callback(lambda md: out.set_result(Delivery(md.topic, md.partition, md.offset)))
-        pending.add_errback(out.set_exception)
+        pending.add_errback(lambda exc: out.set_exception(_classified(exc)))
         return out
+
+    @property
+    def max_record_bytes(self) -> int:
+        return self.settings.max_request_size
 
     def flush(self, timeout_s: float = 30.0) -> None:
         if self._producer is not None:
@@ -132,7 +155,7 @@ class KafkaBackend:
                 self.tracker.assign(tp.topic, tp.partition)
             self.assigned = tuple(f"{tp.topic}/{tp.partition}" for tp in tps)
 
-    def poll(self, timeout_s: float, max_messages: int) -> list[Message]:
+    def poll(self, timeout_s: float, max_messages: int, max_bytes: int | None = None) -> list[Message]:
         consumer = self._require_consumer()
         self._maybe_commit()
         if max_messages <= 0:
@@ -148,9 +171,16 @@ class KafkaBackend:
             self.resume()
         records = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_messages)
         out: list[Message] = []
+        taken = 0
         for tp, batch in records.items():
             tracker = self.tracker.tracker(tp.topic, tp.partition)
             for r in batch:
+                size = len(r.value or b"")
+                if max_bytes is not None and out and taken + size > max_bytes:
+                    # Over the byte budget: hand nothing more out of this partition; it is fetched again later.
+                    consumer.seek(tp, r.offset)
+                    break
+                taken += size
                 self.tracker.add(tracker, r.offset)
                 out.append(Message(
                     topic=r.topic, value=r.value if r.value is not None else b"", key=r.key,
@@ -189,23 +219,36 @@ class KafkaBackend:
 
     def _maybe_commit(self) -> None:
         if (time.monotonic() - self._last_commit) * 1000 >= self.settings.commit_interval_ms:
-            self._commit()
+            self._commit(wait=False)
 
-    def _commit(self, only: set[tuple[str, int]] | None = None) -> None:
-        """Commit every partition's safe offset that moved; failures only mean redelivery."""
+    def _commit(self, only: set[tuple[str, int]] | None = None, *, wait: bool = True) -> None:
+        """Commit every partition's safe offset that moved; failures only mean redelivery.
+
+        The periodic commit does not wait for the coordinator's answer (a round trip the consumer thread
+        would otherwise spend not polling); revocation and close wait, since ownership ends there.
+        """
         self._last_commit = time.monotonic()
         if not self._group or self._consumer is None:
             return
         offsets = self.tracker.to_commit(only)
         if not offsets:
             return
+        request = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        if not wait:
+            self._consumer.commit_async(request, callback=lambda _, result: self._committed(offsets, result))
+            return
         try:
-            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                   for (t, p), o in offsets.items()})
+            self._consumer.commit(request)
         except (CommitFailedError, KafkaError) as exc:
             log.warning("offset commit failed (records will be redelivered): %s", exc)
             return
         self.tracker.mark_committed(offsets)
+
+    def _committed(self, offsets: dict[tuple[str, int], int], result: object) -> None:
+        if isinstance(result, Exception):
+            log.warning("offset commit failed (records will be redelivered): %s", result)
+        else:
+            self.tracker.mark_committed(offsets)
 
     # --- request / reply -------------------------------------------------------------------
 

@@ -14,7 +14,10 @@ Accepted forms (the record value, optionally wrapped as a CloudEvent in binary o
 The request id -- the result's key and correlation -- is, in order: the body's ``id`` (or
 ``image_id``), the CloudEvent ``id``, the record key, else the record's position
 (``topic/partition/offset``). Every choice is stable across redelivery, so a duplicate result
-carries the same id as the first and consumers can drop it.
+carries the same id as the first and consumers can drop it. Ids (and a ``kcp-correlation-id`` header)
+longer than ``max_id_chars`` (256, the bound the server's ids have too) or holding lone surrogates are
+refused as ``invalid-request``: the id is copied into the key, a header, the CloudEvent and the body,
+so an unbounded one could make a result too large to publish.
 
 A message that cannot become a request raises :class:`BadMessage` with a ``kind`` the dead-letter
 record carries: ``undecodable`` (not UTF-8 and not an image), ``invalid-json``,
@@ -59,6 +62,7 @@ class DecodeOptions:
     input_name: str = "input-0"
     ids_input: str | None = "ids"
     row_features: tuple[str, ...] = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    max_id_chars: int = 256
 
 
 @dataclass
@@ -139,16 +143,27 @@ def _model(message: Message, doc: dict[str, Any], default: str | None) -> tuple[
     return model, str(version) if version not in (None, "") else None
 
 
-def _finish(message: Message, event: CloudEvent | None, request: InferRequest, form: str, doc: dict[str, Any],
-            explicit_id: Any, extra: dict[str, Any] | None = None) -> DecodedRequest:
-    rid = _request_id(message, event, explicit_id)
+def _finish(message: Message, event: CloudEvent | None, options: DecodeOptions, request: InferRequest, form: str,
+            doc: dict[str, Any], explicit_id: Any, extra: dict[str, Any] | None = None) -> DecodedRequest:
+    rid = _checked_id("request id", _request_id(message, event, explicit_id), options)
     request.id = rid
     true_label = next((doc[f] for f in TRUE_LABEL_FIELDS if f in doc), None)
     extra = dict(extra or {})
     if "label_name" in doc:
         extra["true_label_name"] = doc["label_name"]
-    correlation = message.header_str(CORRELATION_HEADER) or rid
+    correlation = _checked_id("correlation id", message.header_str(CORRELATION_HEADER) or rid, options)
     return DecodedRequest(request, rid, correlation, form, true_label, extra, event)
+
+
+def _checked_id(what: str, value: str, options: DecodeOptions) -> str:
+    """An id goes into the key, the CloudEvent id, a header and the body: bound it, and it must be text."""
+    if len(value) > options.max_id_chars:
+        raise BadMessage("invalid-request", f"{what} is {len(value)} characters; the limit is {options.max_id_chars}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadMessage("invalid-request", f"{what} is not valid Unicode ({exc.reason})") from exc
+    return value
 
 
 # --- the three forms ---------------------------------------------------------------------------
@@ -185,7 +200,7 @@ def _v2(message: Message, event: CloudEvent | None, options: DecodeOptions, doc:
     if not isinstance(params, dict):
         raise BadMessage("invalid-request", "'parameters' must be an object")
     request = InferRequest(model, inputs, model_version=version, outputs=names, parameters=dict(params))
-    return _finish(message, event, request, "v2", doc, doc.get("id"))
+    return _finish(message, event, options, request, "v2", doc, doc.get("id"))
 
 
 def _named_features(doc: dict[str, Any], options: DecodeOptions) -> list[float] | None:
@@ -211,7 +226,8 @@ def _row(message: Message, event: CloudEvent | None, options: DecodeOptions, doc
         raise BadMessage("invalid-request", "row features must be numbers")
     model, version = _model(message, meta, options.default_row_model)
     inputs = [Tensor(options.input_name, "FP32", [len(rows), width], [float(v) for v in flat])]
-    decoded = _finish(message, event, InferRequest(model, inputs, model_version=version), "row", meta, meta.get("id"))
+    decoded = _finish(message, event, options, InferRequest(model, inputs, model_version=version), "row", meta,
+                      meta.get("id"))
     if options.ids_input:
         rid = decoded.request_id
         ids = [rid] if len(rows) == 1 else [f"{rid}/{i}" for i in range(len(rows))]
@@ -234,9 +250,9 @@ def _image(message: Message, event: CloudEvent | None, options: DecodeOptions, i
         raise BadMessage("invalid-request", "image is empty")
     model, version = _model(message, doc, options.default_image_model)
     rid = _request_id(message, event, explicit_id)
-    image_id = str(doc.get("image_id") or rid)
+    image_id = _checked_id("image id", str(doc.get("image_id") or rid), options)
     inputs = [Tensor(options.input_name, "BYTES", [1], [image])]
     if options.ids_input:
         inputs.append(Tensor(options.ids_input, "BYTES", [1], [image_id.encode("utf-8")]))
     request = InferRequest(model, inputs, model_version=version)
-    return _finish(message, event, request, "image", doc, rid, {"image_id": image_id})
+    return _finish(message, event, options, request, "image", doc, rid, {"image_id": image_id})

@@ -75,6 +75,11 @@ class Message:
         return json.loads(self.value)
 
 
+class PermanentSendError(Exception):
+    """The broker (or the client's own check) refused a record for what it is -- too large, attributes over
+    the limits -- so sending it again can never succeed. Anything else failing a send is transient."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """Where a sent message landed, once the broker acknowledged it."""
@@ -94,9 +99,12 @@ class BackendClient(Protocol):
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: HeaderList) -> Future[Delivery]: ...
 
+    @property
+    def max_record_bytes(self) -> int: ...
+
     def subscribe(self, topic: str, group: str | None) -> None: ...
 
-    def poll(self, timeout_s: float, max_messages: int) -> list[Message]: ...
+    def poll(self, timeout_s: float, max_messages: int, max_bytes: int | None = None) -> list[Message]: ...
 
     def ack(self, message: Message) -> None: ...
 
@@ -209,6 +217,11 @@ class Messenger:
     def flush(self, timeout_s: float = 30.0) -> None:
         self._client.flush(timeout_s)
 
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record (value + key + headers) the backend accepts: what a dead letter is cut to."""
+        return self._client.max_record_bytes
+
     # --- receiving -------------------------------------------------------------------------
 
     def _ensure_subscribed(self) -> None:
@@ -216,13 +229,14 @@ class Messenger:
             self._client.subscribe(self.topic, self.group)
             self._subscribed = True
 
-    def receive(self, timeout_s: float = 1.0, max_messages: int = 500) -> list[Message]:
-        """Up to ``max_messages`` messages, waiting at most ``timeout_s`` for the first.
+    def receive(self, timeout_s: float = 1.0, max_messages: int = 500, max_bytes: int | None = None) -> list[Message]:
+        """Up to ``max_messages`` messages (and ``max_bytes`` of values, but at least one), waiting at most
+        ``timeout_s`` for the first.
 
         ``max_messages=0`` keeps the subscription alive without taking new work (backpressure).
         """
         self._ensure_subscribed()
-        return self._client.poll(timeout_s, max_messages)
+        return self._client.poll(timeout_s, max_messages, max_bytes)
 
     def messages(self, idle_timeout_s: float | None = None, poll_s: float = 0.5) -> Iterator[Message]:
         """Iterate over messages; stop after ``idle_timeout_s`` without one (None: forever)."""

@@ -9,7 +9,11 @@ Mapping of the Messenger's Kafka-shaped model onto Pub/Sub:
   unacked messages are redelivered after the ack deadline or a crash (at-least-once);
 * no group -> a temporary subscription that sees messages published after it was created, deleted
   on close (Pub/Sub has no "read from the beginning" without snapshots);
-* backpressure -> subscriber flow control (``max_outstanding``): pause/resume are no-ops.
+* backpressure -> subscriber flow control (``max_outstanding``) and a byte budget per ``poll`` (a message
+  over it waits in the backend for the next poll): pause/resume are no-ops;
+* limits -> a record Pub/Sub would refuse for what it is (attribute value over 1,024 bytes, more than
+  100 attributes, key over 256 bytes, data over 10 MB, attributes that are not UTF-8) fails its send
+  with :class:`~streaming.messenger.PermanentSendError`, as does the service's ``InvalidArgument``.
 
 Streaming pull delivers on the library's own threads; they only put messages on a queue, so
 ``poll`` works the same as on Kafka.
@@ -27,12 +31,36 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from streaming.messenger import Delivery, HeaderList, Message
+from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
 from streaming.settings import PubSubSettings
 
 log = logging.getLogger(__name__)
 
 KEY_ATTRIBUTE = "kcp-key"
+# Pub/Sub's documented quotas: https://cloud.google.com/pubsub/quotas#resource_limits
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+MAX_MESSAGE_BYTES = 10_000_000
+
+
+def attributes_for(key: bytes | None, headers: HeaderList) -> dict[str, str]:
+    """Headers and key as Pub/Sub attributes, or :class:`PermanentSendError` naming the limit they break."""
+    pairs = [*headers, *([(KEY_ATTRIBUTE, key)] if key is not None else [])]
+    if len(pairs) > MAX_ATTRIBUTES:
+        raise PermanentSendError(f"{len(pairs)} attributes; Pub/Sub allows {MAX_ATTRIBUTES}")
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if len(name.encode("utf-8")) > MAX_ATTRIBUTE_KEY_BYTES:
+            raise PermanentSendError(f"attribute name {name[:40]!r}... is over {MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        if len(value) > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise PermanentSendError(f"attribute {name!r} is {len(value)} bytes; Pub/Sub allows "
+                                     f"{MAX_ATTRIBUTE_VALUE_BYTES}")
+        try:
+            out[name] = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PermanentSendError(f"attribute {name!r} is not UTF-8 text") from exc
+    return out
 
 
 class PubSubBackend:
@@ -47,6 +75,7 @@ class PubSubBackend:
         self._topics_ready: set[str] = set()
         self._temporary: list[str] = []
         self._topic = ""
+        self._held: list[Any] = []  # leased messages a poll's byte budget left for the next one
         self.assigned: tuple[str, ...] = ()
 
     # --- clients ---------------------------------------------------------------------------
@@ -108,22 +137,26 @@ class PubSubBackend:
     def send(self, topic: str, value: bytes, key: bytes | None, headers: HeaderList) -> Future[Delivery]:
         out: Future[Delivery] = Future()
         try:
-            attributes = {k: v.decode("utf-8") for k, v in headers}
-            if key is not None:
-                attributes[KEY_ATTRIBUTE] = key.decode("utf-8")
+            attributes = attributes_for(key, headers)
+            if len(value) > MAX_MESSAGE_BYTES:
+                raise PermanentSendError(f"message data is {len(value)} bytes; Pub/Sub allows {MAX_MESSAGE_BYTES}")
             pending = self.publisher.publish(self.ensure_topic(topic), value, **attributes)
         except Exception as exc:  # reported through the future like a late failure
-            out.set_exception(exc)
+            out.set_exception(_classified(exc))
             return out
 
         def _done(f: Any) -> None:
             try:
                 out.set_result(Delivery(topic, message_id=f.result()))
             except Exception as exc:
-                out.set_exception(exc)
+                out.set_exception(_classified(exc))
 
         pending.add_done_callback(_done)
         return out
+
+    @property
+    def max_record_bytes(self) -> int:
+        return MAX_MESSAGE_BYTES
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Publishing futures are awaited by callers; nothing is buffered beyond them."""
@@ -147,13 +180,22 @@ class PubSubBackend:
         self._pull = self._stream(path, self._queue)
         self.assigned = (path,)
 
-    def poll(self, timeout_s: float, max_messages: int) -> list[Message]:
+    def poll(self, timeout_s: float, max_messages: int, max_bytes: int | None = None) -> list[Message]:
         if max_messages <= 0:
             with contextlib.suppress(queue.Empty):
                 # wait like a poll would, but hand nothing out: flow control bounds what is leased
                 self._queue.put(self._queue.get(timeout=timeout_s))
             return []
-        return [_to_message(m, self._topic) for m in _drain(self._queue, timeout_s, max_messages)]
+        held, self._held = self._held, []
+        taken = held + _drain(self._queue, 0 if held else timeout_s, max_messages - len(held))
+        if max_bytes is not None:
+            total = 0
+            for i, m in enumerate(taken):
+                total += len(m.data)
+                if i and total > max_bytes:  # the rest waits here for the next poll (still leased)
+                    taken, self._held = taken[:i], taken[i:]
+                    break
+        return [_to_message(m, self._topic) for m in taken]
 
     def ack(self, message: Message) -> None:
         if message.handle is not None:
@@ -222,7 +264,14 @@ class PubSubReplyListener:
         self._backend.delete_subscription(self._path)
 
 
+def _classified(exc: BaseException) -> BaseException:
+    """The service's InvalidArgument (say, a message over its size limit) is as permanent as our own checks."""
+    return PermanentSendError(f"Pub/Sub refused the message: {exc}") if isinstance(exc, gexc.InvalidArgument) else exc
+
+
 def _drain(q: queue.Queue[Any], timeout_s: float, limit: int) -> list[Any]:
+    if limit <= 0:
+        return []
     try:
         items = [q.get(timeout=timeout_s)]
     except queue.Empty:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["kafka", "pubsub"]
@@ -42,8 +42,12 @@ class KafkaSettings(BaseSettings):
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     commit_interval_ms: int = Field(default=500, ge=0, description="how often completed offsets are committed")
+    # "all" is what at-least-once needs; the bridge refuses "0" and warns about "1" (see BridgeSettings).
     acks: Literal["all", "1", "0"] = "all"
     linger_ms: int = Field(default=5, ge=0)
+    # The largest record the producer sends (kafka-python's default). Keep it at or below the broker's and
+    # topic's message.max.bytes; the bridge cuts dead letters to fit it.
+    max_request_size: int = Field(default=1_048_576, ge=4096)
     # How long the broker may hold an empty fetch. Kafka's 500 ms default is paid on every hop of a
     # request/result round trip whenever a topic runs dry; 100 ms keeps idle polling cheap and latency low.
     fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
@@ -112,7 +116,12 @@ class V2ClientSettings(BaseSettings):
     # Outages (connection refused, UNAVAILABLE, 503) are retried forever: the bridge keeps its place.
     # A 500 on a healthy server may be a poison message; after this many attempts it is dead-lettered.
     max_server_error_retries: int = Field(default=5, ge=0)
+    # A call that exceeds timeout_s is retried this often, then the request is dead-lettered alone.
+    max_timeout_retries: int = Field(default=2, ge=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Merged calls stay under this many payload bytes: KServe's default gRPC receive limit (8 MiB, which the
+    # chart keeps) less a margin for protobuf framing. A request over it alone is still sent once.
+    max_call_bytes: int = Field(default=8 * 1024 * 1024 - 64 * 1024, ge=1024)
 
     @field_validator("api_key")
     @classmethod
@@ -134,6 +143,11 @@ class BridgeSettings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, description="requests merged into one V2 call (1 = off)")
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
+    # Bytes of consumed-but-unacknowledged record values: 512 pending 1 MB images would not fit a 512 Mi pod.
+    max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Request ids become the result key, CloudEvent id and correlation header: longer ones are refused
+    # (dead-lettered), so a result can never outgrow its request many times over.
+    max_id_chars: int = Field(default=256, ge=8)
     poll_timeout_ms: int = Field(default=200, ge=1)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     health_host: str = "127.0.0.1"
@@ -149,6 +163,13 @@ class BridgeSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     pubsub: PubSubSettings = Field(default_factory=PubSubSettings)
     v2: V2ClientSettings = Field(default_factory=V2ClientSettings)
+
+    @model_validator(mode="after")
+    def _delivery_guarantee(self) -> BridgeSettings:
+        if self.backend == "kafka" and self.kafka.acks == "0":
+            raise ValueError("KCP_KAFKA_ACKS=0 removes the bridge's delivery guarantee (a result or dead letter "
+                             "could be lost after its request was committed); use 'all' (or '1')")
+        return self
 
     @field_validator("ids_input")
     @classmethod

@@ -13,15 +13,26 @@ the same model, input names, datatypes and trailing dimensions are concatenated 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
+import os
 import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 BINARY_DATATYPES = frozenset({"BYTES"})
 DATATYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                        "FP16", "FP32", "FP64", "BYTES"})
+ELEMENT_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "UINT32": 4, "INT32": 4,
+                 "FP32": 4}  # everything else numeric is 8 bytes wide
+TENSOR_OVERHEAD = 64  # name, datatype, shape and framing of one tensor in a call, generously
+
+
+# Merged calls need an id of their own; a counter is unique within this process and costs nothing.
+_BATCH_PREFIX = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_batch_numbers = itertools.count()
 
 
 class BatchSplitError(ValueError):
@@ -44,12 +55,8 @@ class Tensor:
 
     def consistent(self) -> bool:
         """Shape and element count agree (only such tensors are safe to batch)."""
-        return all(d >= 0 for d in self.shape) and math.prod(self.shape) == len(self.data)
-
-    def row_slice(self, start: int, stop: int) -> Tensor:
-        width = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
-        return Tensor(self.name, self.datatype, [stop - start, *self.shape[1:]],
-                      self.data[start * width: stop * width], dict(self.parameters))
+        shape = self.shape
+        return (not shape or min(shape) >= 0) and math.prod(shape) == len(self.data)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form; BYTES that are not UTF-8 text become base64 (flagged in parameters)."""
@@ -85,19 +92,32 @@ class InferRequest:
     outputs: list[str] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
 
-    def batch_key(self) -> str | None:
+    def batch_key(self) -> Hashable | None:
         """Requests with equal keys can be merged into one call; None means "send alone"."""
         rows = {t.rows for t in self.inputs}
         if not self.inputs or len(rows) != 1 or None in rows or any(not t.consistent() or t.parameters
                                                                      for t in self.inputs):
             return None
-        signature = [(t.name, t.datatype, t.shape[1:]) for t in self.inputs]
-        return json.dumps([self.model_name, self.model_version, signature, self.outputs, self.parameters],
-                          sort_keys=True, default=str)
+        signature = tuple((t.name, t.datatype, tuple(t.shape[1:])) for t in self.inputs)
+        # parameters may hold anything JSON does: compared as canonical text, and only when there are any
+        params = json.dumps(self.parameters, sort_keys=True, default=str) if self.parameters else None
+        return (self.model_name, self.model_version, signature,
+                tuple(self.outputs) if self.outputs is not None else None, params)
 
     @property
     def rows(self) -> int:
         return (self.inputs[0].rows or 0) if self.inputs else 0
+
+    def payload_bytes(self) -> int:
+        """About how many bytes this request adds to a V2 call (raw encoding), to keep merged calls under a cap."""
+        total = len(self.id) + len(self.model_name)
+        for t in self.inputs:
+            total += TENSOR_OVERHEAD + len(t.name)
+            if t.datatype == "BYTES":
+                total += sum(4 + len(v) for v in t.data)  # len(str) undercounts non-ASCII; the cap keeps a margin
+            else:
+                total += len(t.data) * ELEMENT_BYTES.get(t.datatype, 8)
+        return total
 
 
 @dataclass
@@ -125,8 +145,8 @@ def merge(requests: list[InferRequest]) -> InferRequest:
         for r in requests:
             data.extend(r.inputs[i].data)
         inputs.append(Tensor(t.name, t.datatype, [sum(r.inputs[i].shape[0] for r in requests), *t.shape[1:]], data))
-    return InferRequest(first.model_name, inputs, id=f"batch-{uuid.uuid4().hex}", model_version=first.model_version,
-                        outputs=first.outputs, parameters=dict(first.parameters))
+    return InferRequest(first.model_name, inputs, id=f"batch-{_BATCH_PREFIX}-{next(_batch_numbers)}",
+                        model_version=first.model_version, outputs=first.outputs, parameters=dict(first.parameters))
 
 
 def split(response: InferResponse, requests: list[InferRequest]) -> list[InferResponse]:
@@ -135,16 +155,22 @@ def split(response: InferResponse, requests: list[InferRequest]) -> list[InferRe
         return [response]
     counts = [r.rows for r in requests]
     total = sum(counts)
+    widths = []
     for t in response.outputs:
         if not t.shape or t.shape[0] != total or not t.consistent():
             raise BatchSplitError(f"output {t.name!r} has shape {t.shape}, not batch-major over {total} rows")
+        widths.append(len(t.data) // total if total else 0)
     parts = []
     start = 0
+    outputs = list(zip(response.outputs, widths, strict=True))
     for r, n in zip(requests, counts, strict=True):
-        parts.append(InferResponse(response.model_name, [t.row_slice(start, start + n) for t in response.outputs],
-                                   id=r.id, model_version=response.model_version,
-                                   parameters=dict(response.parameters)))
-        start += n
+        stop = start + n
+        # the parts share the parameter dicts: results only read them
+        parts.append(InferResponse(response.model_name,
+                                   [Tensor(t.name, t.datatype, [n, *t.shape[1:]], t.data[start * w: stop * w],
+                                           t.parameters) for t, w in outputs],
+                                   id=r.id, model_version=response.model_version, parameters=response.parameters))
+        start = stop
     return parts
 
 

@@ -5,9 +5,14 @@ works against any V2 server (this project's, Triton, MLServer).
 
 Errors are sorted by what the bridge should do about them:
 
-* **outage** (connection refused, gRPC ``UNAVAILABLE``/``DEADLINE_EXCEEDED``/``RESOURCE_EXHAUSTED``,
-  HTTP 502/503/504/408/429, timeouts): retried with exponential backoff *forever*. The request is
-  fine; the server is not there. The bridge keeps its place until it comes back.
+* **outage** (connection refused, gRPC ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` other than size,
+  HTTP 502/503/504/408/429, connect timeouts): retried with exponential backoff *forever*. The
+  request is fine; the server is not there. The bridge keeps its place until it comes back.
+* **timeout** (gRPC ``DEADLINE_EXCEEDED``, an HTTP read/write timeout): retried
+  ``max_timeout_retries`` times, then given up. The server is there but this call does not finish
+  in time (say, an image URL on a slow host); retrying it forever would stall its partition.
+* **too-large** (gRPC ``RESOURCE_EXHAUSTED`` "message larger than max", HTTP 413): never retried.
+  The bridge splits a merged call that gets it and dead-letters a request too big on its own.
 * **server error** (HTTP 500, gRPC ``INTERNAL``/``UNKNOWN``): retried ``max_server_error_retries``
   times, then given up. A healthy server answering 500 to one request repeatedly is a poison
   message, and must not block its partition for ever.
@@ -61,15 +66,13 @@ class V2Error(Exception):
         self.status = status
         self.message = message
 
-    @property
-    def retryable(self) -> bool:
-        return self.kind in ("outage", "unauthorized", "server-error")
-
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
 
 
 def http_error_kind(status: int) -> str:
+    if status == 413:
+        return "too-large"
     if status in (408, 429, 502, 503, 504):
         return "outage"
     if status in (401, 403):
@@ -84,11 +87,22 @@ _GRPC_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: ("unauthorized", 401), grpc.StatusCode.PERMISSION_DENIED: ("unauthorized", 403),
     grpc.StatusCode.FAILED_PRECONDITION: ("rejected", 400), grpc.StatusCode.OUT_OF_RANGE: ("rejected", 400),
     grpc.StatusCode.ALREADY_EXISTS: ("rejected", 409), grpc.StatusCode.UNIMPLEMENTED: ("rejected", 501),
-    grpc.StatusCode.UNAVAILABLE: ("outage", 503), grpc.StatusCode.DEADLINE_EXCEEDED: ("outage", 504),
+    grpc.StatusCode.UNAVAILABLE: ("outage", 503), grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", 504),
     grpc.StatusCode.RESOURCE_EXHAUSTED: ("outage", 429), grpc.StatusCode.CANCELLED: ("outage", 499),
     grpc.StatusCode.ABORTED: ("outage", 409), grpc.StatusCode.INTERNAL: ("server-error", 500),
     grpc.StatusCode.UNKNOWN: ("server-error", 500), grpc.StatusCode.DATA_LOSS: ("server-error", 500),
 }
+# gRPC core's wording when either side refuses a message over its size limit (send or receive)
+_TOO_LARGE = ("larger than max", "message too large")
+
+
+def grpc_error(exc: grpc.aio.AioRpcError) -> V2Error:
+    """Classify a failed gRPC call; a size refusal is RESOURCE_EXHAUSTED too, but no outage."""
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(t in details.lower() for t in _TOO_LARGE):
+        return V2Error("too-large", 413, f"gRPC {exc.code().name}: {details}")
+    kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
+    return V2Error(kind, status, f"gRPC {exc.code().name}: {details}")
 
 
 class Transport(Protocol):
@@ -268,8 +282,7 @@ class GrpcTransport:
             reply = await self._ensure().ModelInfer(message, timeout=self.settings.timeout_s,
                                                     metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
-            raise V2Error(kind, status, f"gRPC {exc.code().name}: {exc.details()}") from exc
+            raise grpc_error(exc) from exc
         return from_grpc(reply)
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
@@ -277,8 +290,7 @@ class GrpcTransport:
             reply = await self._ensure().ModelMetadata(pb2.ModelMetadataRequest(name=model, version=version or ""),
                                                        timeout=self.settings.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
-            raise V2Error(kind, status, f"gRPC {exc.code().name}: {exc.details()}") from exc
+            raise grpc_error(exc) from exc
         return {"name": reply.name, "versions": list(reply.versions), "platform": reply.platform,
                 "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.inputs],
                 "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.outputs]}
@@ -305,8 +317,10 @@ class RestTransport:
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = await self._client.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise V2Error("outage", 504, f"timeout: {exc!r}") from exc
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise V2Error("outage", 504, f"cannot reach {self.settings.rest_url} in time: {exc!r}") from exc
+        except httpx.TimeoutException as exc:  # read/write: the server is there, this call is too slow
+            raise V2Error("timeout", 504, f"timeout: {exc!r}") from exc
         except httpx.TransportError as exc:  # connection refused / reset / DNS
             raise V2Error("outage", 503, f"cannot reach {self.settings.rest_url}: {exc!r}") from exc
         if resp.status_code >= 400:
@@ -390,16 +404,18 @@ class V2Client:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         delay = self.settings.retry_initial_s
-        server_errors = 0
+        bounded = {"server-error": self.settings.max_server_error_retries,
+                   "timeout": self.settings.max_timeout_retries}
+        failures = dict.fromkeys(bounded, 0)
         while True:
             try:
                 return await self.transport.infer(request)
             except V2Error as exc:
-                if exc.kind == "rejected":
+                if exc.kind in ("rejected", "too-large"):
                     raise
-                if exc.kind == "server-error":
-                    server_errors += 1
-                    if server_errors > self.settings.max_server_error_retries:
+                if exc.kind in bounded:
+                    failures[exc.kind] += 1
+                    if failures[exc.kind] > bounded[exc.kind]:
                         raise
                 if self.on_retry is not None:
                     self.on_retry(exc)

