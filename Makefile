@@ -16,7 +16,7 @@ MODEL_DIR ?= models
 IMAGE_REGISTRY ?= ghcr.io/example
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help setup apt venv tools train serve demo test lint bench k8s-validate manifests images clean
+.PHONY: help setup apt venv tools train serve demo test lint bench k8s-validate manifests images container-test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ BRIDGE_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-bridge:$(IMAGE_TAG)
 
 images: venv ## build the predictor and bridge images offline (podman or docker; BASE_IMAGE= to skip mmdebstrap)
 	bash scripts/build-images.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE)
+
+container-test: venv tools ## CI's container stage: build the images, run them as the chart does (podman), sizes
+	bash scripts/container-test.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .demo

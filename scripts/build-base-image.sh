@@ -2,9 +2,13 @@
 # The images' base without a registry: a minimal Debian bookworm with Python 3.11 built by mmdebstrap from this
 # machine's own apt sources (whatever mirror or proxy they name), imported as a local image. The Dockerfiles take
 # it as --build-arg BASE_IMAGE=...; with a registry at hand, python:3.11-slim-bookworm serves the same purpose.
-#   usage: scripts/build-base-image.sh [IMAGE]   (default localhost/kcp-base:bookworm; kept when present)
+# Extra Debian packages after the name make a build image (the predictor's build stage strips TensorFlow's
+# libraries with binutils, which the runtime image does not carry).
+#   usage: scripts/build-base-image.sh [IMAGE [PACKAGE...]]   (default localhost/kcp-base:bookworm; kept if present)
 set -euo pipefail
 image=${1:-localhost/kcp-base:bookworm}
+extra=("${@:2}")
+include=python3,python3-venv,python-is-python3$(printf ',%s' "${extra[@]}")
 engine=$(command -v podman || command -v docker)
 if "$engine" image inspect "$image" >/dev/null 2>&1; then
   echo "base image $image present"; exit 0
@@ -20,7 +24,7 @@ trap 'rm -f "$tarball"' EXIT
 # python-is-python3: `python` on PATH as in the python:* images; python3-venv: the images' /opt/venv.
 # The merged-usr hook makes merged /usr with symlinks as debootstrap does (else the usrmerge package drags in
 # perl). Docs, man pages, locales and apt's lists stay out: no container reads them.
-mmdebstrap --variant=minbase --include=python3,python3-venv,python-is-python3 --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
+mmdebstrap --variant=minbase --include="${include%,}" --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/share/info/*' \

@@ -150,9 +150,14 @@ def test_slim_python_base_matching_the_project(dockerfile):
     minor = re.search(r">=\s*3\.(\d+)", requires).group(1)
     assert re.fullmatch(rf"python:3\.{minor}(\.\d+)?-slim(-\w+)?", base), base
     assert "python3" in (REPO / "scripts" / "build-base-image.sh").read_text()
+    defaults = args_defaults(instructions)
     for i in instructions:
         if i.name == "FROM":
-            assert i.value.split(" AS ")[0].strip() == "${BASE_IMAGE}", i.value
+            image = i.value.split(" AS ")[0].strip()
+            assert image == "${BASE_IMAGE}" or (image == "${BUILD_IMAGE}" and i.value.endswith(" AS build")), i.value
+            if image == "${BUILD_IMAGE}":  # the same Python, with binutils
+                assert defaults["BUILD_IMAGE"] == base.replace("-slim", "")
+    assert [i.value for i in final_stage(instructions) if i.name == "FROM"] == ["${BASE_IMAGE} AS runtime"]
 
 
 @pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
@@ -211,7 +216,7 @@ def test_dependencies_are_exactly_the_role_lock_from_a_wheelhouse(dockerfile):
     (run,) = [i.value for i in instructions if i.name == "RUN" and "pip install" in i.value]
     assert run.startswith("--mount=type=bind,from=wheels,target=/wheels ") and "pip check" in run
     assert f"scripts/wheelhouse.sh {role}" in dockerfile.read_text()
-    assert f'build {role} docker/{dockerfile.name}' in (REPO / "scripts" / "build-images.sh").read_text()
+    assert f"build {role} docker/{dockerfile.name}" in (REPO / "scripts" / "build-images.sh").read_text()
 
 
 @pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
