@@ -79,19 +79,56 @@ def auto_invert(pixels: np.ndarray, step: AutoInvertStep) -> np.ndarray:
     return pixels
 
 
+PAPER_FIT_SAMPLES = 1_000  # grid pixels the paper surface is fitted on: lighting is smooth, 1,000 is plenty
+
+
+def paper_level(pixels: np.ndarray) -> np.ndarray:
+    """The background under every pixel: a smooth quadratic surface fitted to the pixels that are not ink.
+
+    A photo lit from one side has paper that darkens across the frame; one constant level would
+    call the dark side ink (or miss faint ink on the bright side). The fit starts on the darker
+    half of the pixels (ink is light after ``auto_invert``) and drops outliers twice, so strokes
+    do not pull the surface up. The fit uses at most ``PAPER_FIT_SAMPLES`` pixels on a grid.
+    """
+    h, w = pixels.shape
+    stride = max(1, int(np.sqrt(h * w / PAPER_FIT_SAMPLES)))
+    y, x = np.linspace(-1.0, 1.0, h), np.linspace(-1.0, 1.0, w)
+    ys, xs = (g.ravel() for g in np.meshgrid(y[::stride], x[::stride], indexing="ij"))
+    design = np.stack([np.ones_like(ys), xs, ys, xs * xs, xs * ys, ys * ys], axis=1)
+    values = pixels[::stride, ::stride].astype(np.float64).ravel()
+    keep = values <= np.median(values)
+    coef = np.zeros(design.shape[1])
+    for _ in range(3):
+        if keep.sum() < design.shape[1]:
+            break
+        used = design[keep]
+        coef = np.linalg.solve(used.T @ used + 1e-9 * np.eye(design.shape[1]), used.T @ values[keep])
+        residual = values - design @ coef
+        spread = 1.4826 * float(np.median(np.abs(residual[keep]))) + 1.0
+        keep = residual < 3.0 * spread
+    c = coef.astype(np.float32)
+    y32, x32 = y.astype(np.float32), x.astype(np.float32)
+    rows = (c[0] + c[2] * y32 + c[5] * y32 * y32)[:, None]
+    cols = (c[1] * x32 + c[3] * x32 * x32)[None, :]
+    return rows + cols + c[4] * np.outer(y32, x32)
+
+
 def crop_to_ink(pixels: np.ndarray, step: CropToInkStep) -> np.ndarray:
-    """Crop to the bounding box of ink; an image with no ink is returned unchanged (blank stays blank)."""
-    peak = float(pixels.max()) if pixels.size else 0.0
+    """Crop to the bounding box of ink above the paper; an image with no ink is returned unchanged.
+
+    The paper level (see :func:`paper_level`) is subtracted first, so grey or unevenly lit paper and
+    JPEG noise do not count as ink, and the crop is stretched so the strongest ink is 255.
+    """
+    if not pixels.size or float(pixels.max()) <= 0:
+        return pixels
+    flat = pixels - paper_level(pixels)
+    peak = float(flat.max())
     if peak <= 0:
         return pixels
-    # Subtract the background level so grey paper or JPEG noise does not count as ink.
-    background = float(np.percentile(pixels, 10))
-    ink = (pixels - background) > step.threshold * (peak - background)
+    ink = flat > step.threshold * peak
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if rows.size == 0:
-        return pixels
-    cropped = pixels[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
-    return np.clip(cropped - background, 0.0, 255.0) * (255.0 / max(peak - background, 1.0))
+    cropped = flat[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    return np.clip(cropped, 0.0, 255.0) * (255.0 / max(peak, 1.0))
 
 
 def fit(pixels: np.ndarray, step: FitStep) -> np.ndarray:

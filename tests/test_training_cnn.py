@@ -88,6 +88,28 @@ def test_train_learns_a_toy_task_and_exports_without_optimizer(tmp_path: Path) -
     np.testing.assert_allclose(np.asarray(loaded.predict_on_batch(x[180:] / 255.0)), probs, atol=1e-5)
 
 
+def test_ensemble_is_one_model_averaging_members_trained_from_successive_seeds(tmp_path: Path) -> None:
+    import keras
+
+    x, y = _stripes(240)
+    spec = TINY.model_copy(update={"members": 2, "epochs": 3})
+    result = cnn.train(spec, x[:180], y[:180], x[180:], y[180:], seed=3, verbose=0)
+    alone = cnn.train(TINY.model_copy(update={"epochs": 3}), x[:180], y[:180], x[180:], y[180:], seed=4, verbose=0)
+    assert len(result.history["loss"]) == 3 and len(result.epoch_seconds) == 6
+
+    xv = x[180:] / 255.0
+    members = [np.asarray(result.model.get_layer(f"tiny_member_{i}").predict_on_batch(xv)) for i in range(2)]
+    ensemble = np.asarray(result.model.predict_on_batch(xv))
+    np.testing.assert_allclose(ensemble, (members[0] + members[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(members[1], np.asarray(alone.model.predict_on_batch(xv)), atol=1e-5)  # seed 3 + 1
+    assert result.validation_accuracy == float((ensemble.argmax(axis=1) == y[180:]).mean())
+    assert not np.allclose(members[0], members[1])
+
+    loaded = keras.models.load_model(cnn.export(result.model, spec, tmp_path), compile=False)
+    assert [type(layer).__name__ for layer in loaded.layers][-1] == "Average"
+    np.testing.assert_allclose(np.asarray(loaded.predict_on_batch(xv)), ensemble, atol=1e-5)
+
+
 def test_training_is_reproducible_from_the_seed() -> None:
     x, y = _stripes(96)
     spec = TINY.model_copy(update={"epochs": 2, "augmentation": [aug.Shift(max_fraction=0.1)]})

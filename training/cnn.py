@@ -118,6 +118,8 @@ class CNNSpec(_Spec):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
     pixel_divisor: float = Field(default=255.0, gt=0.0, description="raw pixels / divisor = model input")
+    members: int = Field(default=1, ge=1, le=8,
+                         description="copies trained from different seeds, their probabilities averaged in one model")
 
     @model_validator(mode="after")
     def _ends_flat(self) -> CNNSpec:
@@ -180,8 +182,8 @@ def _keras_layers(layer: LayerSpec) -> list[Any]:
     raise TypeError(f"unknown layer spec {layer!r}")  # pragma: no cover - the union is closed
 
 
-def build_model(spec: CNNSpec) -> Any:
-    """The uncompiled ``keras.Model`` for ``spec``: input ``(H, W)`` → softmax over ``num_classes``."""
+def _member(spec: CNNSpec, name: str) -> Any:
+    """One classifier of ``spec``'s layers: input ``(H, W)`` → softmax over ``num_classes``."""
     import keras
     from keras import layers as kl
 
@@ -196,7 +198,25 @@ def build_model(spec: CNNSpec) -> Any:
         for k in _keras_layers(layer):
             x = k(x)
     outputs = kl.Dense(spec.num_classes, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=spec.name.replace("-", "_"))
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_model(spec: CNNSpec) -> Any:
+    """The uncompiled ``keras.Model`` for ``spec``: input ``(H, W)`` → softmax over ``num_classes``.
+
+    With ``members > 1`` it is one model holding the members side by side and averaging their
+    probabilities (a stock ``Average`` layer), so the server runs an ensemble as one call.
+    """
+    import keras
+    from keras import layers as kl
+
+    name = spec.name.replace("-", "_")
+    if spec.members == 1:
+        return _member(spec, name)
+    members = [_member(spec, f"{name}_member_{i}") for i in range(spec.members)]
+    inputs = keras.Input(shape=members[0].input_shape[1:], name="input-0")
+    outputs = kl.Average(name="probabilities")([m(inputs) for m in members])
+    return keras.Model(inputs, outputs, name=name)
 
 
 def steps_per_epoch(spec: CNNSpec, n_train: int) -> int:
@@ -277,6 +297,7 @@ class TrainResult:
     cpu_seconds: float
     epochs: int
     epoch_seconds: list[float] = field(default_factory=list)
+    validation_accuracy: float | None = None
 
 
 def _verbosity(verbose: int | Literal["auto"]) -> int:
@@ -299,14 +320,36 @@ def train(
 
     Keras prints one progress line per epoch (a live bar on a terminal). Seeds are fixed with
     ``keras.utils.set_random_seed`` so weights, shuffling and augmentation repeat run to run.
-    """
-    import keras
-    import tensorflow as tf
 
+    With ``members > 1`` member ``i`` is fitted alone from seed ``seed + i``, then all are copied
+    into the averaging model: the history is the members' histories averaged epoch by epoch,
+    ``epoch_seconds`` lists every member's epochs, and ``validation_accuracy`` is the ensemble's own.
+    """
     if len(x_train) != len(y_train):
         raise ValueError(f"{len(x_train)} training images but {len(y_train)} labels")
     if y_train.min() < 0 or y_train.max() >= spec.num_classes:
         raise ValueError(f"labels must be 0..{spec.num_classes - 1}")
+    single = spec.model_copy(update={"members": 1})
+    results = [_fit(single, x_train, y_train, x_val, y_val, seed + i, verbose) for i in range(spec.members)]
+    if spec.members == 1:
+        return results[0]
+    model = build_model(spec)
+    for i, result in enumerate(results):
+        model.get_layer(f"{spec.name.replace('-', '_')}_member_{i}").set_weights(result.model.get_weights())
+    history = {k: [float(v) for v in np.mean([r.history[k] for r in results], axis=0)] for k in results[0].history}
+    val_acc = None
+    if x_val is not None and y_val is not None and len(x_val):
+        val_acc = float((predict_proba(model, x_val, spec).argmax(axis=1) == y_val).mean())
+    return TrainResult(model, history, sum(r.seconds for r in results), sum(r.cpu_seconds for r in results),
+                       spec.epochs, [s for r in results for s in r.epoch_seconds], val_acc)
+
+
+def _fit(spec: CNNSpec, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray | None,
+         y_val: np.ndarray | None, seed: int, verbose: int | Literal["auto"]) -> TrainResult:
+    """One model of ``spec`` (a single member) fitted from ``seed``."""
+    import keras
+    import tensorflow as tf
+
     keras.utils.set_random_seed(seed)
     model = build_model(spec)
     steps = steps_per_epoch(spec, len(x_train))
@@ -338,7 +381,8 @@ def train(
         verbose=_verbosity(verbose))
     seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items() if k != "learning_rate"}
-    return TrainResult(model, hist, seconds, cpu_seconds, spec.epochs, epoch_seconds)
+    return TrainResult(model, hist, seconds, cpu_seconds, spec.epochs, epoch_seconds,
+                       hist.get("val_accuracy", [None])[-1])
 
 
 def predict_proba(model: Any, x: np.ndarray, spec: CNNSpec, batch_size: int = 1024) -> np.ndarray:
