@@ -10,7 +10,9 @@ function) and adds what REST already does, so both protocols behave the same:
 * one error mapping: a :class:`~predictors.errors.ClientError` aborts with its own gRPC code
   (``PayloadTooLarge`` → RESOURCE_EXHAUSTED like REST's 413), everything else as KServe maps it
   (ModelNotReady → UNAVAILABLE like 503);
-* metadata carries the served version, as REST's does.
+* metadata carries the served version, as REST's does;
+* the repository extension's load / unload answer (KServe 0.21's servicer reads a dict that the
+  extension never returns, so both RPCs failed with INTERNAL).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ class ClassifierServicer(InferenceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         served_model(self._data_plane, request.model_name, request.model_version or None)
         return await super().ModelInfer(request, context)
+
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: Any) -> pb.RepositoryModelLoadResponse:
+        await self._mode_repository_extension.load(request.model_name)
+        return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: Any) -> pb.RepositoryModelUnloadResponse:
+        await self._mode_repository_extension.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 
 class ClientErrorToStatus(ExceptionToStatusInterceptor):

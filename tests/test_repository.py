@@ -111,3 +111,24 @@ def test_loads_of_unknown_names_leave_no_lock_behind(gated_package: Path) -> Non
     asyncio.run(main())
     assert repository._pending == {}  # no entry per name asked for, nor for the loads that finished
     assert list(repository.models) == [NAME]
+
+
+def test_load_and_unload_over_grpc(iris_dir: Path, tmp_path: Path) -> None:
+    """The repository RPCs answer like REST: unload takes the model away, load brings it back, unknown is NOT_FOUND."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with start_model_server(iris_dir, tmp_path) as server, grpc.insecure_channel(server.grpc_target) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        unloaded = stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="iris"), timeout=30)
+        assert (unloaded.model_name, unloaded.isUnloaded) == ("iris", True)
+        with pytest.raises(grpc.RpcError) as gone:
+            stub.ModelReady(pb.ModelReadyRequest(name="iris"), timeout=30)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        loaded = stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="iris"), timeout=60)
+        assert (loaded.model_name, loaded.isLoaded) == ("iris", True)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="iris"), timeout=30).ready
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="no-such-model"), timeout=30)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
