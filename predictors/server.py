@@ -13,7 +13,8 @@ Prediction ids (for feedback): a single-row request's prediction id is
 ``<response id>:<server part>``, row ``i`` of a batch request has
 ``<response id>:<server part>/<i>``, returned in the ``prediction_id`` output. The server part
 is unique per prediction, so clients that reuse a request id never overwrite each other's
-predictions; the response ``id`` stays the request id.
+predictions; the response ``id`` stays the request id (cut to its first 200 characters in the
+prediction id, so every prediction id fits the feedback store).
 """
 
 from __future__ import annotations

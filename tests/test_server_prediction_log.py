@@ -67,6 +67,11 @@ def test_reused_request_ids_are_separate_predictions_for_feedback(tmp_path, iris
         for prediction_id in (first, second):  # neither overwrote nor blocked the other
             r = c.post("/v2/models/iris/feedback", json={"items": [{"id": prediction_id, "true_label": 0}]})
             assert r.status_code == 200, r.text
+        long_id = "x" * 1000  # the request id is cut, so its prediction can still be named in feedback
+        (prediction_id,) = predict_many(c, 1, long_id)
+        assert prediction_id.startswith("x" * 200 + ":") and len(prediction_id) <= 256
+        r = c.post("/v2/models/iris/feedback", json={"items": [{"id": prediction_id, "true_label": 0}]})
+        assert r.status_code == 200, r.text
 
 
 def test_sigkill_loses_only_the_last_unflushed_predictions(tmp_path, iris_dir):

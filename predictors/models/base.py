@@ -46,6 +46,9 @@ INLINE_MAX_ROWS = 64
 INLINE_TIMING_CALLS = 20
 
 IDS_INPUT = "ids"
+# The request id's share of a prediction id: the server part and a batch row index must still fit the
+# feedback store's 256 characters, so a longer request id is cut (the server part alone is unique).
+REQUEST_ID_CHARS = 200
 OUTPUTS: dict[str, tuple[str, str]] = {  # name -> (datatype, shape description)
     "label": ("INT64", "[N]"),
     "label_name": ("BYTES", "[N]"),
@@ -250,7 +253,7 @@ class PackageModel(Model):
                           response_headers: dict[str, str] | None = None) -> InferResponse:
         probs = np.asarray(result.probabilities, dtype=np.float32)
         labels = probs.argmax(axis=1).astype(np.int64)
-        prediction_id = f"{result.request_id}:{_IDS.next()}"
+        prediction_id = f"{result.request_id[:REQUEST_ID_CHARS]}:{_IDS.next()}"
         prediction_ids = [prediction_id] if result.n == 1 else [f"{prediction_id}/{i}" for i in range(result.n)]
         await self._log_predictions(prediction_ids, labels)
         values = self._outputs(probs, labels, prediction_ids, result.ids)
