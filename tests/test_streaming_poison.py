@@ -38,7 +38,7 @@ from tests.fixtures.ports import free_port, wait_for
 from tests.fixtures.server import TRAINED_MODELS, start_model_server
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
-# Big groups on tansu: a second bridge joins after about session_timeout/2 (the fixtures use 6 s).
+# On tansu a second bridge joins its group after about session_timeout/2 (the fixtures use 6 s).
 
 
 def row(rid: str) -> tuple[str, bytes, dict[str, str]]:
