@@ -206,9 +206,19 @@ class ClassifierServer(kserve.ModelServer):
                 max_workers=self.max_threads, max_send_bytes=args.grpc_max_send_message_length,
                 max_receive_bytes=args.grpc_max_receive_message_length, grace_period=self.grace_period)
             self.servers.append(self._grpc_server.serve())
-        self.setup_event_loop()
         self.register_signal_handler()
-        asyncio.run(self._serve_then_drain())
+        with asyncio.Runner(loop_factory=self._loop_factory()) as runner:
+            asyncio.set_event_loop(runner.get_loop())
+            self.setup_event_loop()  # KServe's thread pool size and exception handler, on the loop that serves
+            runner.run(self._serve_then_drain())
+
+    def _loop_factory(self) -> Any:
+        """uvloop only for ``--event-loop uvloop``: in A/B runs it did not measure faster here (bench/RESULTS.md)."""
+        if self.event_loop == "uvloop":
+            import uvloop
+
+            return uvloop.new_event_loop
+        return None
 
     async def _serve_then_drain(self) -> None:
         """Serve until stopped, then write every queued prediction-log row and close the store."""
