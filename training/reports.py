@@ -104,6 +104,8 @@ def summary_line(name: str, metrics: Mapping[str, Any]) -> str:
     parts = [f"{name}: test accuracy {metrics['test']['accuracy']:.4f}"]
     if "validation" in metrics and "accuracy" in metrics["validation"]:
         parts.append(f"validation {metrics['validation']['accuracy']:.4f}")
+    if "photos" in metrics:
+        parts.append(f"photographed digits {metrics['photos']['accuracy']:.4f}")
     if metrics.get("training_seconds") is not None:
         cpu = metrics.get("training_cpu_seconds", 0.0)
         parts.append(f"training {metrics['training_seconds']:.1f}s wall / {cpu:.1f}s CPU")
