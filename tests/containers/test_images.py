@@ -74,11 +74,14 @@ def test_feedback_by_prediction_id_and_metrics(predictor: Predictor) -> None:
     """The feedback store lives on the container's writable emptyDir (/var/lib/kcp): ids join there."""
     rid = f"ct-{uuid.uuid4().hex[:8]}"
     with predictor.client() as client:
-        assert client.post("/v2/models/iris/infer", json=iris_request(rid, [VIRGINICA])).status_code == 200
-        r = client.post("/v2/models/iris/feedback", json={"items": [{"id": rid, "true_label": 2}]})
+        answer = client.post("/v2/models/iris/infer", json=iris_request(rid, [VIRGINICA]))
+        assert answer.status_code == 200, answer.text
+        (pid,) = next(o["data"] for o in answer.json()["outputs"] if o["name"] == "prediction_id")
+        assert pid.startswith(f"{rid}:")  # the request id plus the server's unique part
+        r = client.post("/v2/models/iris/feedback", json={"items": [{"id": pid, "true_label": 2}]})
         assert r.status_code == 200, r.text
         assert r.json()["accepted"] == 1 and r.json()["batch"]["accuracy"] == 1.0
-        again = client.post("/v2/models/iris/feedback", json={"items": [{"id": rid, "true_label": 1}]})
+        again = client.post("/v2/models/iris/feedback", json={"items": [{"id": pid, "true_label": 1}]})
         assert again.status_code == 409, again.text
         unknown = client.post("/v2/models/iris/feedback", json={"items": [{"id": "never-predicted", "true_label": 1}]})
         assert 400 <= unknown.status_code < 500, unknown.text
