@@ -67,7 +67,7 @@ MNIST_SPEC = cnn.CNNSpec(
     layers=[
         cnn.Conv(filters=32), cnn.MaxPool(),
         cnn.Conv(filters=64), cnn.MaxPool(),
-        cnn.Conv(filters=128),
+        cnn.Conv(filters=128), cnn.MaxPool(),
         cnn.Flatten(), cnn.Dropout(rate=0.4),
         cnn.Dense(units=128), cnn.Dropout(rate=0.3),
     ],
@@ -81,8 +81,11 @@ MNIST_SPEC = cnn.CNNSpec(
         aug.Noise(max_stddev=0.04),
     ],
     optimizer=cnn.OptimizerSpec(name="adam", learning_rate=2e-3, schedule="cosine", warmup_epochs=1.0),
+    label_smoothing=0.1,
     epochs=40,
     batch_size=64,
+    # Three members averaged: photographed-style digits 0.977 -> 0.980 (README, issue 15).
+    members=3,
 )
 
 # Quick mode: a model small enough to train in seconds, same pipeline end to end.
