@@ -1,8 +1,8 @@
-"""V2 tensors <-> numpy, with every malformed case turned into a clear :class:`BadInput`.
+"""V2 input tensors -> numpy, with every malformed case turned into a clear :class:`BadInput`.
 
-KServe's own REST parsing trusts its input (a missing key is a ``KeyError`` and a 500),
-so REST bodies are parsed here: JSON, or JSON followed by binary tensor data (the
-binary tensor extension, announced by the ``Inference-Header-Content-Length`` header).
+A :class:`~predictors.v2.Tensor` carries JSON ``data`` (nested lists, checked element by
+element), gRPC typed ``contents`` (already typed by protobuf; only ranges are checked) or raw
+little-endian bytes (binary REST and ``raw_input_contents``, read with ``np.frombuffer``).
 """
 
 from __future__ import annotations
@@ -13,56 +13,17 @@ import math
 from typing import Any
 
 import numpy as np
-import orjson
-from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput, deserialize_bytes_tensor
-from kserve.protocol.rest.v2_datamodels import InferenceRequest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from kserve.protocol.infer_type import deserialize_bytes_tensor
 
 from predictors.errors import BadInput
 from predictors.fetch import is_url
-
-BINARY_HEADER = "inference-header-content-length"
+from predictors.v2 import Tensor
 
 NUMPY_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
-
-Parameter = StrictBool | StrictInt | StrictFloat | str
-
-
-class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    shape: list[StrictInt]
-    datatype: str
-    parameters: dict[str, Parameter] | None = None
-    data: list | None = None
-
-
-class _Output(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    parameters: dict[str, Parameter] | None = None
-
-
-class _Request(BaseModel):
-    """The V2 ``$inference_request`` object, strictly."""
-
-    model_config = ConfigDict(extra="forbid")
-    id: str | None = None
-    model_name: str | None = None  # not in the spec's request object, but KServe's own client sends it
-    model_version: str | None = None
-    parameters: dict[str, Parameter] | None = None
-    inputs: list[_Input] = Field(min_length=1)
-    outputs: list[_Output] | None = None
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"invalid inference request: {where}: {err['msg']}" if where else f"invalid inference request: {err['msg']}"
 
 
 def element_count(shape: list[int]) -> int:
@@ -71,95 +32,22 @@ def element_count(shape: list[int]) -> int:
     return math.prod(shape)
 
 
-def parse_rest_request(body: bytes, headers: dict[str, str], model_name: str) -> InferRequest:
-    """Parse a REST ``/infer`` body into KServe's ``InferRequest``."""
-    json_length = headers.get(BINARY_HEADER)
-    if json_length is not None:
-        if not json_length.isdigit() or int(json_length) > len(body):
-            raise BadInput(f"{BINARY_HEADER} header '{json_length}' is not a length within the body")
-        json_part, binary = body[: int(json_length)], body[int(json_length):]
-    else:
-        json_part, binary = body, b""
-    try:
-        document = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"request body is not valid JSON: {exc}") from exc
-    try:
-        request = _Request.model_validate(document)
-    except ValidationError as exc:
-        raise BadInput(_first_error(exc)) from exc
-    if request.model_name is not None and request.model_name != model_name:
-        raise BadInput(f"body names model '{request.model_name}' but the URL names '{model_name}'")
-
-    inputs: list[InferInput] = []
-    offset = 0
-    for item in request.inputs:
-        if item.datatype not in NUMPY_DTYPES:
-            raise BadInput(f"input '{item.name}': unknown datatype '{item.datatype}'")
-        params = dict(item.parameters or {})
-        size = params.pop("binary_data_size", None)
-        tensor = InferInput(name=item.name, shape=item.shape, datatype=item.datatype, parameters=params)
-        if item.data is not None:
-            if size is not None:
-                raise BadInput(f"input '{item.name}' has both 'data' and 'binary_data_size'")
-            if item.datatype == "FP16":
-                raise BadInput(f"input '{item.name}': FP16 must be sent as binary data")
-            tensor.data = item.data
-        elif size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
-                raise BadInput(f"input '{item.name}': binary_data_size {size!r} exceeds the binary data sent")
-            tensor._raw_data = binary[offset: offset + size]
-            offset += size
-        else:
-            raise BadInput(f"input '{item.name}' has no 'data' (and no binary_data_size)")
-        inputs.append(tensor)
-    if offset != len(binary):
-        raise BadInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    outputs = [RequestedOutput(name=o.name, parameters=o.parameters or {}) for o in request.outputs or []]
-    return InferRequest(model_name=model_name, infer_inputs=inputs, request_id=request.id,
-                        parameters=request.parameters, request_outputs=outputs or None)
-
-
-def to_numpy(tensor: InferInput) -> np.ndarray:
+def to_numpy(tensor: Tensor) -> np.ndarray:
     """Decode one input tensor, checking that its data matches its shape and datatype."""
-    name, dtype_name, shape = tensor.name, tensor.datatype, list(tensor.shape)
+    name, dtype_name, shape = tensor.name, tensor.datatype, tensor.shape
     dtype = NUMPY_DTYPES.get(dtype_name)
     if dtype is None:
         raise BadInput(f"input '{name}': unknown datatype '{dtype_name}'")
     count = element_count(shape)
-    raw = tensor._raw_data
     try:
-        if raw is not None:
-            if dtype_name == "BYTES":
-                array = deserialize_bytes_tensor(raw)
-            else:
-                itemsize = np.dtype(dtype).itemsize
-                if len(raw) != count * itemsize:
-                    raise BadInput(f"input '{name}': {len(raw)} bytes of {dtype_name} do not fill shape {shape}")
-                array = np.frombuffer(raw, dtype=dtype)
+        if tensor.raw is not None:
+            array = _from_raw(tensor.raw, name, dtype_name, dtype, count, shape)
+        elif isinstance(tensor.data, list):
+            array = _from_json(_flatten(tensor.data), name, dtype_name, dtype)
+        elif tensor.data is not None:  # gRPC typed contents: protobuf has typed every element already
+            array = _from_typed(tensor.data, name, dtype_name, dtype)
         else:
-            data = tensor.data
-            if dtype_name == "BYTES":
-                flat = _flatten(data)
-                if not all(isinstance(v, (str, bytes)) for v in flat):
-                    raise BadInput(f"input '{name}': BYTES elements must be strings")
-                array = np.empty(len(flat), dtype=object)
-                array[:] = flat
-            else:
-                flat = _flatten(data)
-                if not all(isinstance(v, (int, float, bool)) for v in flat):
-                    raise BadInput(f"input '{name}': {dtype_name} elements must be numbers")
-                if dtype_name != "BOOL" and any(isinstance(v, bool) for v in flat):
-                    raise BadInput(f"input '{name}': {dtype_name} elements must be numbers, not booleans")
-                if dtype_name.startswith(("INT", "UINT")) and any(isinstance(v, float) for v in flat):
-                    raise BadInput(f"input '{name}': {dtype_name} elements must be integers")
-                with np.errstate(all="ignore"):
-                    array = np.asarray(flat, dtype=np.float64 if dtype_name.startswith("FP") else None)
-                if dtype_name.startswith(("INT", "UINT")):
-                    info = np.iinfo(dtype)
-                    if array.size and (array.min() < info.min or array.max() > info.max):
-                        raise BadInput(f"input '{name}': values out of range for {dtype_name}")
-                array = array.astype(dtype)
+            raise BadInput(f"input '{name}' has no data")
         if array.size != count:
             raise BadInput(f"input '{name}': {array.size} elements do not match shape {shape} ({count} elements)")
         return array.reshape(shape)
@@ -167,6 +55,52 @@ def to_numpy(tensor: InferInput) -> np.ndarray:
         raise
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadInput(f"input '{name}': cannot decode as {dtype_name} {shape}: {exc}") from exc
+
+
+def _from_raw(raw: bytes, name: str, dtype_name: str, dtype: Any, count: int, shape: list[int]) -> np.ndarray:
+    if dtype_name == "BYTES":
+        return deserialize_bytes_tensor(raw)
+    itemsize = np.dtype(dtype).itemsize
+    if len(raw) != count * itemsize:
+        raise BadInput(f"input '{name}': {len(raw)} bytes of {dtype_name} do not fill shape {shape}")
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def _from_json(flat: list, name: str, dtype_name: str, dtype: Any) -> np.ndarray:
+    if dtype_name == "BYTES":
+        if not all(isinstance(v, (str, bytes)) for v in flat):
+            raise BadInput(f"input '{name}': BYTES elements must be strings")
+        return _object_array(flat)
+    if not all(isinstance(v, (int, float, bool)) for v in flat):
+        raise BadInput(f"input '{name}': {dtype_name} elements must be numbers")
+    if dtype_name != "BOOL" and any(isinstance(v, bool) for v in flat):
+        raise BadInput(f"input '{name}': {dtype_name} elements must be numbers, not booleans")
+    if dtype_name.startswith(("INT", "UINT")) and any(isinstance(v, float) for v in flat):
+        raise BadInput(f"input '{name}': {dtype_name} elements must be integers")
+    return _checked_cast(flat, name, dtype_name, dtype)
+
+
+def _from_typed(values: Any, name: str, dtype_name: str, dtype: Any) -> np.ndarray:
+    if dtype_name == "BYTES":
+        return _object_array(list(values))
+    return _checked_cast(values, name, dtype_name, dtype)
+
+
+def _checked_cast(values: Any, name: str, dtype_name: str, dtype: Any) -> np.ndarray:
+    """Numbers to ``dtype``; integers out of its range are refused rather than wrapped."""
+    with np.errstate(all="ignore"):
+        array = np.asarray(values, dtype=np.float64 if dtype_name.startswith("FP") else None)
+    if dtype_name.startswith(("INT", "UINT")):
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise BadInput(f"input '{name}': values out of range for {dtype_name}")
+    return array.astype(dtype)
+
+
+def _object_array(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _flatten(data: Any) -> list:
@@ -214,4 +148,4 @@ def as_text(value: bytes | str, name: str) -> str:
         raise BadInput(f"input '{name}' is not UTF-8 text") from exc
 
 
-__all__ = ["InferenceRequest", "as_text", "bytes_element", "parse_rest_request", "require_finite", "to_numpy"]
+__all__ = ["as_text", "bytes_element", "element_count", "require_finite", "to_numpy"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import grpc
-from kserve.errors import InvalidInput, ModelNotFound
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 
 class ClientError(Exception):
@@ -79,6 +79,8 @@ def http_status(exc: BaseException) -> int:
         return int(HTTPStatus.NOT_FOUND)
     if isinstance(exc, InvalidInput):
         return int(HTTPStatus.BAD_REQUEST)
+    if isinstance(exc, ModelNotReady):
+        return int(HTTPStatus.SERVICE_UNAVAILABLE)
     return int(HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
@@ -89,4 +91,6 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, ModelNotReady):
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL

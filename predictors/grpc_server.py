@@ -5,6 +5,8 @@ chosen host with auth and metrics meant copying that private method. This module
 wiring instead (a ``grpc.aio`` server, KServe's public servicer and generated registration
 function) and adds what REST already does, so both protocols behave the same:
 
+* ModelInfer on the direct V2 path (:mod:`predictors.v2`): ``ModelInferRequest`` → the model's
+  hooks → ``ModelInferResponse``, no KServe ``InferRequest`` / ``InferResponse`` in between;
 * the version check: ``model_version`` in ModelInfer / ModelMetadata / ModelReady must be the
   served version (or empty), else NOT_FOUND, like REST's 404 on ``/versions/{v}``;
 * one error mapping: a :class:`~predictors.errors.ClientError` aborts with its own gRPC code
@@ -30,7 +32,8 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from predictors.errors import ClientError
-from predictors.rest import served_model
+from predictors.rest import ready_model, served_model
+from predictors.v2 import encode_grpc, parse_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +42,19 @@ class ClassifierServicer(InferenceServicer):
     """KServe's servicer with the served-version check and versioned metadata."""
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        served_model(self._data_plane, request.name, request.version or None)
+        served_model(self._data_plane.model_registry, request.name, request.version or None)
         return await super().ModelReady(request, context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        served_model(self._data_plane, request.name, request.version or None)
+        served_model(self._data_plane.model_registry, request.name, request.version or None)
         response = await super().ModelMetadata(request, context)
         metadata = await self._data_plane.model_metadata(request.name)
         response.versions.extend(metadata.get("versions") or [])
         return response
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        served_model(self._data_plane, request.model_name, request.model_version or None)
-        return await super().ModelInfer(request, context)
+        model = ready_model(self._data_plane.model_registry, request.model_name, request.model_version or None)
+        return encode_grpc(await model.infer(parse_grpc(request)))
 
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,

@@ -11,6 +11,9 @@ the request. One pass over the headers here serves all three concerns:
   without app credentials) or the request presents the key (:class:`predictors.auth.APIKey`);
 * **metrics**: every ``/infer`` request is counted by model and status, whatever its outcome,
   including the ones refused here (:mod:`predictors.observability`).
+
+``POST .../infer`` then goes to :class:`predictors.rest.InferEndpoint` (the direct V2 path),
+everything else to the FastAPI app.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import orjson
 
 from predictors.auth import OPEN_REST_PATHS, APIKey
 from predictors.observability import INFER_PATH, observe_rest
+from predictors.rest import InferEndpoint
 
 METRICS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs"})
 """Open without a key by default (Prometheus compatibility); ``metrics_auth`` closes them."""
@@ -36,8 +40,9 @@ class ServingMiddleware:
     """Body limit, API key and request metrics in one ASGI layer (see the module docstring)."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, max_body_bytes: int, key: APIKey | None = None,
-                 metrics_auth: bool = False) -> None:
+                 metrics_auth: bool = False, infer: InferEndpoint | None = None) -> None:
         self.app = app
+        self.infer = infer
         self.max_body_bytes = max_body_bytes
         self.key = key
         self.metrics_auth = metrics_auth
@@ -55,7 +60,7 @@ class ServingMiddleware:
             return
         infer = INFER_PATH.match(scope["path"])
         if infer is None:
-            await self._serve(scope, receive, send)
+            await self._serve(scope, receive, send, self.app)
             return
         start = time.perf_counter()
         status = 500
@@ -66,12 +71,19 @@ class ServingMiddleware:
                 status = message["status"]
             await send(message)
 
+        app = self.app
+        if self.infer is not None and scope["method"] == "POST":
+            endpoint, model, version = self.infer, infer["model"], infer["version"]
+
+            async def app(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+                await endpoint(scope, receive, send, model, version)
+
         try:
-            await self._serve(scope, receive, observed_send)
+            await self._serve(scope, receive, observed_send, app)
         finally:
             observe_rest(infer["model"], status, time.perf_counter() - start)
 
-    async def _serve(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+    async def _serve(self, scope: dict[str, Any], receive: Callable, send: Callable, app: Callable) -> None:
         length = x_api_key = authorization = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -89,7 +101,7 @@ class ServingMiddleware:
                              [(b"www-authenticate", b"ApiKey")])
             return
         if length is not None and length.isdigit():  # within the limit, and the server reads no more than declared
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         received = 0
         started = False
@@ -109,7 +121,7 @@ class ServingMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
                 await send_error(send, 413, f"request body exceeds the {limit}-byte limit")

@@ -21,7 +21,7 @@ REQUESTS = Counter("classifier_requests_total", "Inference requests by model, pr
 LATENCY = Histogram("classifier_request_duration_seconds", "Inference request latency", ["model", "protocol"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 
-INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(/versions/[^/]+)?/infer$")
+INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 MAX_MODEL_LABEL = 64
 
 

@@ -1,15 +1,18 @@
-"""REST specifics on top of KServe's FastAPI app: error mapping and the V2 infer route.
+"""REST specifics on top of KServe's FastAPI app: error mapping, version routes and the V2 infer endpoint.
 
-KServe's own ``/infer`` route lets FastAPI parse the body, so malformed JSON becomes a 422
-with FastAPI's ``detail`` shape and a missing key in a binary request a 500. Our route is
-registered first (Starlette matches routes in order) and parses with
-:func:`predictors.codecs.parse_rest_request`, so every bad request is a 4xx ``{"error"}``.
+``/infer`` is not a FastAPI route: :class:`InferEndpoint` is a bare ASGI handler that
+:class:`~predictors.middleware.ServingMiddleware` calls for it, the direct V2 path of
+:mod:`predictors.v2` (body bytes → model hooks → response bytes). FastAPI's routing,
+request object and response class cost more than a small model's prediction, and KServe's
+own route lets FastAPI parse the body (malformed JSON would be a 422 with FastAPI's
+``detail``, a missing key in a binary request a 500); here every bad request is a 4xx ``{"error"}``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -18,12 +21,16 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
-from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from predictors.codecs import parse_rest_request
-from predictors.errors import ClientError, PayloadTooLarge, UnknownModel
+from predictors.errors import ClientError, PayloadTooLarge, UnknownModel, http_status
+from predictors.v2 import BINARY_HEADER, encode_rest, parse_rest
+
+logger = logging.getLogger(__name__)
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
 
 
 def client_error_response(exc: ClientError) -> JSONResponse:
@@ -78,9 +85,13 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
-def served_model(dataplane: DataPlane, model_name: str, model_version: str | None) -> Any:
+class ModelRegistry(Protocol):
+    def get_model(self, name: str) -> Any: ...
+
+
+def served_model(registry: ModelRegistry, model_name: str, model_version: str | None) -> Any:
     """The served model named, or 404 (:class:`UnknownModel`) if it is not served or not at ``model_version``."""
-    model = dataplane.model_registry.get_model(model_name)
+    model = registry.get_model(model_name)
     if model is None:
         raise UnknownModel(model_name)
     config = getattr(model, "config", None)
@@ -89,46 +100,86 @@ def served_model(dataplane: DataPlane, model_name: str, model_version: str | Non
     return model
 
 
+def ready_model(registry: ModelRegistry, model_name: str, model_version: str | None) -> Any:
+    """:func:`served_model`, and 503 (``ModelNotReady``) while it is not ready."""
+    model = served_model(registry, model_name, model_version)
+    if not model.ready:
+        raise ModelNotReady(model_name)
+    return model
+
+
 def register_version_routes(app: FastAPI, endpoints: V2Endpoints) -> None:
     """``GET /v2/models/{name}/versions/{version}[/ready]``: like the unversioned routes for the served
     version, 404 for any other (KServe answers 501 "Model versioning not supported yet")."""
 
     async def metadata(model_name: str, model_version: str) -> Any:
-        served_model(endpoints.dataplane, model_name, model_version)
+        served_model(endpoints.dataplane.model_registry, model_name, model_version)
         return await endpoints.model_metadata(model_name)
 
     async def ready(model_name: str, model_version: str) -> Any:
-        served_model(endpoints.dataplane, model_name, model_version)
+        served_model(endpoints.dataplane.model_registry, model_name, model_version)
         return await endpoints.model_ready(model_name)
 
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}", metadata, methods=["GET"], tags=["V2"])
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}/ready", ready, methods=["GET"], tags=["V2"])
 
 
-def register_infer_route(app: FastAPI, dataplane: DataPlane, max_body_bytes: int) -> None:
-    """``POST /v2/models/{name}[/versions/{version}]/infer`` with strict parsing."""
+class InferEndpoint:
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` as a bare ASGI handler (see the module docstring).
 
-    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        served_model(dataplane, model_name, model_version)
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise PayloadTooLarge(f"request body exceeds the {max_body_bytes}-byte limit")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        infer_request = parse_rest_request(body, headers, model_name)
-        response, response_headers = await dataplane.infer(model_name, infer_request, headers)
-        encoded, extra_headers = dataplane.encode(model_name, response, headers, {})
-        out_headers = {k: v for k, v in {**response_headers, **extra_headers}.items()
-                       if k.lower() not in ("content-length", "content-type")}
-        if isinstance(encoded, bytes):
-            return Response(content=encoded, media_type="application/octet-stream", headers=out_headers)
-        return Response(content=orjson.dumps(encoded, option=orjson.OPT_SERIALIZE_NUMPY),
-                        media_type="application/json", headers=out_headers)
+    The body limit is :class:`~predictors.middleware.ServingMiddleware`'s (it refuses a declared
+    ``Content-Length`` over the limit before calling here); a chunked body is counted as it arrives.
+    """
 
-    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"], tags=["V2"])
-    app.add_api_route("/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"], tags=["V2"])
+    def __init__(self, registry: ModelRegistry, max_body_bytes: int) -> None:
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable, model_name: str,
+                       model_version: str | None) -> None:
+        try:
+            model = ready_model(self.registry, model_name, model_version)
+            body = await self._read_body(receive)
+            json_length = None
+            for name, value in scope["headers"]:
+                if name == b"inference-header-content-length":
+                    json_length = value.decode("latin-1")
+            response = await model.infer(parse_rest(body, json_length, model_name))
+            payload, json_size = encode_rest(response)
+        except Exception as exc:
+            status = http_status(exc)
+            if status >= 500 and not isinstance(exc, ModelNotReady):
+                logger.exception("inference on model %s failed", model_name)
+            message = exc.reason if isinstance(exc, ClientError) else str(exc) or type(exc).__name__
+            payload, json_size, status = orjson.dumps({"error": message}), None, status
+            headers = JSON_HEADERS
+        else:
+            status = 200
+            headers = JSON_HEADERS if json_size is None else [
+                *BINARY_HEADERS, (BINARY_HEADER.encode(), str(json_size).encode())]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _read_body(self, receive: Callable) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body exceeds the {self.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "JSONErrorRoute", "client_error_response",
-           "install_error_handlers", "register_infer_route", "register_version_routes", "served_model"]
+class ClientDisconnected(ClientError):
+    """The client went away before sending its whole body; nothing is answered."""
+
+
+__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "InferEndpoint", "JSONErrorRoute", "client_error_response",
+           "install_error_handlers", "ready_model", "register_version_routes", "served_model"]

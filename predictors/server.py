@@ -5,7 +5,8 @@ What this adds to KServe 0.21 (each for a reason KServe's defaults do not cover)
 * binds a configurable host (KServe hard-codes 0.0.0.0 / [::]);
 * a real model repository (load / reload / unload from the model directory);
 * API-key auth, body limits and request metrics as REST middleware and gRPC interceptors;
-* strict REST parsing and one error mapping (``predictors.errors``) for both protocols;
+* the direct V2 path (:mod:`predictors.v2`) for ``/infer`` and ``ModelInfer``: strict parsing,
+  bytes → numpy → bytes, one error mapping (``predictors.errors``) for both protocols;
 * the feedback API and the prediction log it joins against;
 * model metadata with the package's version and framework.
 
@@ -50,7 +51,7 @@ from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.prediction_log import WriteBehindLog
 from predictors.repository import PackageRepository
-from predictors.rest import install_error_handlers, register_infer_route, register_version_routes
+from predictors.rest import InferEndpoint, install_error_handlers, register_version_routes
 from predictors.settings import ServerSettings
 
 if TYPE_CHECKING:  # the feedback package is optional (imported when the server opens the store)
@@ -136,7 +137,6 @@ class ClassifierServer(kserve.ModelServer):
         """Routes, middleware and handlers on KServe's module-level app, before KServe adds its own."""
         app = kserve_model_server.app
         install_error_handlers(app)
-        register_infer_route(app, self.dataplane, self.settings.max_body_bytes)
         register_version_routes(app, V2Endpoints(self.dataplane, self.model_repository_extension))
         if self.feedback_store is not None:
             from predictors.feedback import build_feedback_router
@@ -154,7 +154,8 @@ class ClassifierServer(kserve.ModelServer):
             else:
                 mount_ui(app, self.repository.get_model)
         app.add_middleware(ServingMiddleware, max_body_bytes=self.settings.max_body_bytes, key=self.api_key,
-                           metrics_auth=self.settings.metrics_auth)
+                           metrics_auth=self.settings.metrics_auth,
+                           infer=InferEndpoint(self.repository, self.settings.max_body_bytes))
 
     def _start_retention(self) -> None:
         """Prune the prediction log now and every hour, in a daemon thread (never on the event loop)."""

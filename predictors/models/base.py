@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 from kserve import Model
-from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import RequestedOutput as KServeRequestedOutput
 
 from predictors.batching import Batcher
 from predictors.codecs import as_text, to_numpy
@@ -36,6 +37,7 @@ from predictors.fetch import ImageFetcher
 from predictors.package import ModelPackage
 from predictors.prediction_log import PredictionLog, WriteBehindLog
 from predictors.settings import ServerSettings
+from predictors.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, from_kserve
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +86,16 @@ class ServingContext:
         return self._log_writer
 
 
-@dataclass
+@dataclass(slots=True)
 class Prepared:
     """What ``preprocess`` hands to ``predict``: features plus the request facts postprocess needs."""
 
+    request: V2Request
     request_id: str
     features: Any
     n: int
     ids: list[str] | None
-    requested: list[RequestedOutput] | None
-    binary_outputs: bool
+    stock: bool  # came through KServe's data plane: postprocess answers with KServe's InferResponse
     probabilities: np.ndarray | None = None
 
 
@@ -187,26 +189,33 @@ class PackageModel(Model):
 
     # -- request handling --------------------------------------------------------------------
 
-    async def decode_features(self, tensor: InferInput) -> np.ndarray:
+    async def decode_features(self, tensor: Tensor) -> np.ndarray:
         """Turn the main input tensor into the model's feature batch. Raise BadInput on bad data."""
         raise NotImplementedError
 
-    async def preprocess(self, payload: InferRequest | dict, headers: dict[str, str] | None = None) -> Prepared:
-        if not isinstance(payload, InferRequest):
+    async def preprocess(self, payload: V2Request | InferRequest | dict,
+                         headers: dict[str, str] | None = None) -> Prepared:
+        """Check the request against the package and decode it (the direct path's :class:`V2Request`,
+        or KServe's ``InferRequest`` under stock ``kserve.ModelServer``)."""
+        stock = isinstance(payload, InferRequest)
+        if stock:
+            payload = from_kserve(payload)
+        elif not isinstance(payload, V2Request):
             raise BadInput("this server speaks the V2 inference protocol: POST /v2/models/{name}/infer")
-        by_name: dict[str, InferInput] = {}
+        by_name: dict[str, Tensor] = {}
         for tensor in payload.inputs:
             if tensor.name in by_name:
                 raise BadInput(f"input '{tensor.name}' appears twice")
             by_name[tensor.name] = tensor
         main_name = self.config.input.name
-        unknown = sorted(set(by_name) - {main_name, IDS_INPUT})
-        if unknown:
-            raise BadInput(f"unknown input(s) {unknown}; model '{self.name}' takes '{main_name}' and optional "
-                           f"'{IDS_INPUT}'")
-        if main_name not in by_name:
-            raise BadInput(f"missing input '{main_name}'")
-        requested = self._check_requested_outputs(payload.request_outputs)
+        if len(by_name) > 1 or main_name not in by_name:
+            unknown = sorted(set(by_name) - {main_name, IDS_INPUT})
+            if unknown:
+                raise BadInput(f"unknown input(s) {unknown}; model '{self.name}' takes '{main_name}' and optional "
+                               f"'{IDS_INPUT}'")
+            if main_name not in by_name:
+                raise BadInput(f"missing input '{main_name}'")
+        self._check_requested_outputs(payload.outputs)
         features = await self.decode_features(by_name[main_name])
         n = len(features)
         if n == 0:
@@ -214,19 +223,17 @@ class PackageModel(Model):
         if n > self.config.max_batch_size:
             raise PayloadTooLarge(f"batch of {n} exceeds this model's limit of {self.config.max_batch_size}")
         ids = self._decode_ids(by_name.get(IDS_INPUT), n)
-        request_id = payload.id or str(uuid.uuid4())
-        return Prepared(request_id, features, n, ids, requested, payload.use_binary_outputs)
+        return Prepared(payload, payload.id or str(uuid.uuid4()), features, n, ids, stock)
 
-    def _check_requested_outputs(self, requested: list[RequestedOutput] | None) -> list[RequestedOutput] | None:
+    def _check_requested_outputs(self, requested: list[RequestedOutput] | None) -> None:
         if not requested:
-            return None
+            return
         known = self.output_names()
         for out in requested:
             if out.name not in known:
                 raise BadInput(f"unknown output '{out.name}'; model '{self.name}' produces {known}")
-        return requested
 
-    def _decode_ids(self, tensor: InferInput | None, n: int) -> list[str] | None:
+    def _decode_ids(self, tensor: Tensor | None, n: int) -> list[str] | None:
         if tensor is None:
             return None
         if tensor.datatype != "BYTES":
@@ -250,43 +257,48 @@ class PackageModel(Model):
         return payload
 
     async def postprocess(self, result: Prepared, headers: dict[str, str] | None = None,
-                          response_headers: dict[str, str] | None = None) -> InferResponse:
+                          response_headers: dict[str, str] | None = None) -> V2Response | InferResponse:
+        """The V2 outputs (all, or the ones the request names, in its order), after queueing the predictions
+        for the log. KServe's ``InferResponse`` when the request came through KServe's data plane."""
         probs = np.asarray(result.probabilities, dtype=np.float32)
         labels = probs.argmax(axis=1).astype(np.int64)
         prediction_id = f"{result.request_id[:REQUEST_ID_CHARS]}:{_IDS.next()}"
         prediction_ids = [prediction_id] if result.n == 1 else [f"{prediction_id}/{i}" for i in range(result.n)]
         await self._log_predictions(prediction_ids, labels)
-        values = self._outputs(probs, labels, prediction_ids, result.ids)
-        wanted = [o.name for o in result.requested] if result.requested else [n for n in values if n != "ids"
-                                                                              or result.ids is not None]
-        outputs = []
-        for name in wanted:
-            if name not in values:
-                raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
-            data = values[name]
-            output = InferOutput(name=name, shape=list(data.shape), datatype=OUTPUTS[name][0])
-            output.set_data_from_numpy(data, binary_data=False)  # KServe re-encodes binary per request
-            outputs.append(output)
-        return InferResponse(response_id=result.request_id, model_name=self.name, model_version=self.config.version,
-                             infer_outputs=outputs, use_binary_outputs=result.binary_outputs,
-                             requested_outputs=result.requested)
+        request = result.request
+        if request.outputs:
+            wanted = request.outputs
+        else:
+            wanted = [RequestedOutput(name) for name in self.output_names() if name != IDS_INPUT or result.ids]
+        outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids)
+                   for name in wanted]
+        response = V2Response(result.request_id, self.name, self.config.version, outputs)
+        return _as_kserve(response, request) if result.stock else response
 
-    def _outputs(self, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
-                 ids: list[str] | None) -> dict[str, np.ndarray]:
-        allowed = set(self.output_names())
+    async def infer(self, request: V2Request) -> V2Response:
+        """The direct path (:mod:`predictors.v2`): the three hooks, without KServe's data plane around them."""
+        return await self.postprocess(await self.predict(await self.preprocess(request)))
+
+    def _output(self, name: str, binary: bool, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
+                ids: list[str] | None) -> Output:
+        n = len(labels)
+        if name == "label":
+            return Output(name, "INT64", [n], labels, binary)
+        if name == "label_name":
+            return Output(name, "BYTES", [n], [self.package.labels.name_of(int(i)) for i in labels], binary)
+        if name == "probabilities":
+            return Output(name, "FP32", list(probs.shape), probs, binary)
+        if name == "prediction_id":
+            return Output(name, "BYTES", [n], prediction_ids, binary)
+        if name == IDS_INPUT:
+            if ids is None:
+                raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
+            return Output(name, "BYTES", [n], ids, binary)
         k = min(self.config.postprocessing.top_k, probs.shape[1])
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        values: dict[str, np.ndarray] = {
-            "label": labels,
-            "label_name": _bytes_array([self.package.labels.name_of(int(i)) for i in labels]),
-            "probabilities": probs,
-            "top_k_labels": top.astype(np.int64),
-            "top_k_probabilities": np.take_along_axis(probs, top, axis=1),
-            "prediction_id": _bytes_array(prediction_ids),
-        }
-        if ids is not None:
-            values["ids"] = _bytes_array(ids)
-        return {name: v for name, v in values.items() if name in allowed}
+        if name == "top_k_labels":
+            return Output(name, "INT64", [n, k], top.astype(np.int64), binary)
+        return Output(name, "FP32", [n, k], np.take_along_axis(probs, top, axis=1), binary)
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
         """Queue predictions for the write-behind log (:mod:`predictors.prediction_log`): the response
@@ -331,7 +343,16 @@ class _UniqueSuffixes:
 _IDS = _UniqueSuffixes()
 
 
-def _bytes_array(values: list[str]) -> np.ndarray:
-    array = np.empty(len(values), dtype=object)
-    array[:] = [v.encode("utf-8") for v in values]
-    return array
+def _as_kserve(response: V2Response, request: V2Request) -> InferResponse:
+    """The stock path's answer: KServe's ``InferResponse`` (KServe encodes it for REST or gRPC)."""
+    outputs = []
+    for out in response.outputs:
+        output = InferOutput(name=out.name, shape=out.shape, datatype=out.datatype)
+        data = out.data if isinstance(out.data, np.ndarray) else np.array([v.encode() for v in out.data], dtype=object)
+        output.set_data_from_numpy(data, binary_data=False)  # KServe re-encodes binary per request
+        outputs.append(output)
+    requested = [KServeRequestedOutput(o.name, None if o.binary is None else {"binary_data": o.binary})
+                 for o in request.outputs or []]
+    return InferResponse(response_id=response.id, model_name=response.model_name,
+                         model_version=response.model_version, infer_outputs=outputs,
+                         use_binary_outputs=request.binary_outputs, requested_outputs=requested or None)

@@ -15,12 +15,12 @@ import asyncio
 import os
 
 import numpy as np
-from kserve.protocol.infer_type import InferInput
 
 from predictors.codecs import bytes_element, require_finite, to_numpy
 from predictors.errors import BadInput, InvalidImage, PayloadTooLarge
 from predictors.models.base import PackageModel
 from predictors.preprocessing import pixel_divisor, run_image_pipeline
+from predictors.v2 import Tensor
 
 MAX_CONCURRENT_FETCHES = 8
 
@@ -52,7 +52,7 @@ class ImageModel(PackageModel):
         x = features.reshape((len(features), *self.model_input_shape)).astype(np.float32, copy=False)
         return self._serve(x).numpy()
 
-    async def decode_features(self, tensor: InferInput) -> np.ndarray:
+    async def decode_features(self, tensor: Tensor) -> np.ndarray:
         if tensor.datatype == "BYTES":
             return await self._decode_encoded(tensor)
         if tensor.datatype not in ("FP32", "FP64", "UINT8"):
@@ -72,7 +72,7 @@ class ImageModel(PackageModel):
             raise BadInput(f"input '{tensor.name}': {tensor.datatype} pixels must be in [0, 1]; send UINT8 for 0..255")
         return array.astype(np.float32)
 
-    async def _decode_encoded(self, tensor: InferInput) -> np.ndarray:
+    async def _decode_encoded(self, tensor: Tensor) -> np.ndarray:
         shape = list(tensor.shape)
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
             raise BadInput(f"BYTES input '{tensor.name}' must have shape [N] or [N, 1], got {shape}")

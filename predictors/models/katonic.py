@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 from kserve.errors import InferenceError
-from kserve.protocol.infer_type import InferInput
 from pydantic import BaseModel, ValidationError
 
 from predictors.codecs import as_text, to_numpy
 from predictors.errors import BadInput
 from predictors.models.base import PackageModel, Prepared
 from predictors.package import PackageError
+from predictors.v2 import Tensor
 
 REQUIRED_FUNCTIONS = ("loadmodel", "preprocessing", "predict")
 
@@ -87,7 +87,7 @@ class KatonicModel(PackageModel):
         self.ready = True  # user code takes lists of dicts, not arrays: no adaptive batching
         return self.ready
 
-    async def decode_features(self, tensor: InferInput) -> list[dict[str, Any]]:
+    async def decode_features(self, tensor: Tensor) -> list[dict[str, Any]]:
         if tensor.datatype != "BYTES":
             raise BadInput(f"input '{tensor.name}' must be BYTES holding one JSON document per row")
         rows: list[dict[str, Any]] = []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import joblib
 import numpy as np
-from kserve.protocol.infer_type import InferInput
 
 from predictors.codecs import require_finite, to_numpy
 from predictors.errors import BadInput
 from predictors.models.base import PackageModel
+from predictors.v2 import Tensor
 
 NUMERIC = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 
@@ -28,7 +28,7 @@ class TabularModel(PackageModel):
     def predict_array(self, features: np.ndarray) -> np.ndarray:
         return self.estimator.predict_proba(features)
 
-    async def decode_features(self, tensor: InferInput) -> np.ndarray:
+    async def decode_features(self, tensor: Tensor) -> np.ndarray:
         n_features = self.config.input.shape[-1]
         if tensor.datatype not in NUMERIC:
             raise BadInput(f"input '{tensor.name}' must be a numeric tensor (FP32/FP64), got {tensor.datatype}")

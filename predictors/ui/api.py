@@ -25,9 +25,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from kserve.errors import ModelNotReady
 
-from predictors.codecs import parse_rest_request
 from predictors.errors import BadInput, UnknownModel
 from predictors.rest import JSONErrorRoute
+from predictors.v2 import BINARY_HEADER, parse_rest
 
 ModelLookup = Callable[[str], Any]
 """``lookup(name)``: the served model called ``name``, or ``None``."""
@@ -73,9 +73,8 @@ def build_ui_router(lookup: ModelLookup) -> APIRouter:
         if config is None or config.task != "image_classification":
             raise BadInput(f"model '{model_name}' is not an image model: the preprocessed preview shows the image "
                            "a model sees, and this model takes its features as sent")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        infer_request = parse_rest_request(await request.body(), headers, model_name)
-        prepared = await model.preprocess(infer_request, headers)
+        infer_request = parse_rest(await request.body(), request.headers.get(BINARY_HEADER), model_name)
+        prepared = await model.preprocess(infer_request)
         features = np.asarray(prepared.features, dtype=np.float32)
         body = {
             "model_name": model_name,
