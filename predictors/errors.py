@@ -11,7 +11,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import grpc
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotLive, ServerNotReady
 
 
 class ClientError(Exception):
@@ -91,6 +91,8 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, ModelNotReady):
+    if isinstance(exc, (ModelNotReady, ServerNotReady, ServerNotLive)):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED
     return grpc.StatusCode.INTERNAL

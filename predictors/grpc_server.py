@@ -9,9 +9,12 @@ function) and adds what REST already does, so both protocols behave the same:
   hooks → ``ModelInferResponse``, no KServe ``InferRequest`` / ``InferResponse`` in between;
 * the version check: ``model_version`` in ModelInfer / ModelMetadata / ModelReady must be the
   served version (or empty), else NOT_FOUND, like REST's 404 on ``/versions/{v}``;
-* one error mapping: a :class:`~predictors.errors.ClientError` aborts with its own gRPC code
-  (``PayloadTooLarge`` → RESOURCE_EXHAUSTED like REST's 413), everything else as KServe maps it
-  (ModelNotReady → UNAVAILABLE like 503);
+* one error mapping (:func:`predictors.errors.grpc_code`, REST's :func:`~predictors.errors.http_status`
+  twin): a :class:`~predictors.errors.ClientError` aborts with its own code (``PayloadTooLarge`` →
+  RESOURCE_EXHAUSTED like REST's 413), ModelNotReady → UNAVAILABLE like 503, anything unexpected →
+  INTERNAL like 500. It is applied in the servicer, not by interceptors: each ``grpc.aio``
+  interceptor is another Python layer on every call, which on a small model costs as much as the
+  prediction. ``ModelInfer`` also counts itself in the request metrics;
 * metadata carries the served version, as REST's does;
 * the repository extension's load / unload answer (KServe 0.21's servicer reads a dict that the
   extension never returns, so both RPCs failed with INTERNAL).
@@ -19,27 +22,62 @@ function) and adds what REST already does, so both protocols behave the same:
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from concurrent import futures
-from typing import Any
+from typing import Any, NoReturn
 
+import grpc
 from grpc import aio
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from predictors.errors import ClientError
+from predictors.errors import ClientError, grpc_code
+from predictors.observability import observe_grpc
 from predictors.rest import ready_model, served_model
 from predictors.v2 import encode_grpc, parse_grpc
 
 logger = logging.getLogger(__name__)
 
 
+async def abort_with_status(context: Any, exc: Exception) -> NoReturn:
+    """End the call with the status :func:`grpc_code` gives ``exc`` (INTERNAL hides the details, and is logged)."""
+    code = grpc_code(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        logger.error("gRPC call failed", exc_info=exc)
+        await context.abort(code, "Internal server error")
+    await context.abort(code, exc.reason if isinstance(exc, ClientError) else str(exc))
+
+
+def _status_mapped(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def mapped(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort_with_status(context, exc)
+
+    return mapped
+
+
+def _map_errors(cls: type) -> type:
+    """Apply :func:`abort_with_status` to every RPC of the service but ``ModelInfer`` (which does it inline)."""
+    for name in vars(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
+        if name[0].isupper() and name != "ModelInfer":
+            setattr(cls, name, _status_mapped(getattr(cls, name)))
+    return cls
+
+
+@_map_errors
 class ClassifierServicer(InferenceServicer):
-    """KServe's servicer with the served-version check and versioned metadata."""
+    """KServe's servicer with the direct ModelInfer, the served-version check and versioned metadata."""
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         served_model(self._data_plane.model_registry, request.name, request.version or None)
@@ -53,8 +91,16 @@ class ClassifierServicer(InferenceServicer):
         return response
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        model = ready_model(self._data_plane.model_registry, request.model_name, request.model_version or None)
-        return encode_grpc(await model.infer(parse_grpc(request)))
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            model = ready_model(self._data_plane.model_registry, request.model_name, request.model_version or None)
+            return encode_grpc(await model.infer(parse_grpc(request)))
+        except Exception as exc:
+            code = grpc_code(exc).name
+            await abort_with_status(context, exc)
+        finally:
+            observe_grpc(request.model_name, code, time.perf_counter() - start)
 
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
@@ -68,15 +114,6 @@ class ClassifierServicer(InferenceServicer):
         return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 
-class ClientErrorToStatus(ExceptionToStatusInterceptor):
-    """KServe's exception mapping, with our client errors aborting with their own code."""
-
-    async def handle_exception(self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str) -> None:
-        if isinstance(ex, ClientError):
-            await context.abort(ex.code, ex.reason)
-        await super().handle_exception(ex, request_or_iterator, context, method_name)
-
-
 class GRPCEndpoint:
     """A ``grpc.aio`` server on ``host:port`` serving :class:`ClassifierServicer` behind ``interceptors``."""
 
@@ -84,7 +121,7 @@ class GRPCEndpoint:
                  interceptors: tuple, *, max_workers: int, max_send_bytes: int, max_receive_bytes: int,
                  grace_period: float) -> None:
         self._servicer = ClassifierServicer(data_plane, repository)
-        self._interceptors = (*interceptors, ClientErrorToStatus())
+        self._interceptors = interceptors
         self._options = [("grpc.max_send_message_length", max_send_bytes),
                          ("grpc.max_receive_message_length", max_receive_bytes)]
         self._max_workers = max_workers

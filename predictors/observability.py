@@ -8,12 +8,7 @@ both protocols, including the ones rejected before reaching the model.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
-from typing import Any
 
-import grpc
-from grpc.aio import ServerInterceptor
 from prometheus_client import Counter, Histogram
 
 REQUESTS = Counter("classifier_requests_total", "Inference requests by model, protocol and status",
@@ -37,27 +32,8 @@ def observe_rest(model: str, status: int, seconds: float) -> None:
     REQUESTS.labels(label, "rest", str(status)).inc()
 
 
-class GRPCMetricsInterceptor(ServerInterceptor):
-    """Record ModelInfer calls with their gRPC status code."""
-
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.endswith("/ModelInfer") or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            model = _model_label(getattr(request, "model_name", "") or "_invalid")
-            start = time.perf_counter()
-            code = "OK"
-            try:
-                return await inner(request, context)
-            except BaseException:
-                code = context.code().name if context.code() is not None else "UNKNOWN"
-                raise
-            finally:
-                LATENCY.labels(model, "grpc").observe(time.perf_counter() - start)
-                REQUESTS.labels(model, "grpc", code).inc()
-
-        return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+def observe_grpc(model: str, code: str, seconds: float) -> None:
+    """Count one gRPC ``ModelInfer`` call by its status code name (called by the servicer itself)."""
+    label = _model_label(model or "_invalid")
+    LATENCY.labels(label, "grpc").observe(seconds)
+    REQUESTS.labels(label, "grpc", code).inc()

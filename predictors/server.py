@@ -47,7 +47,6 @@ from predictors.errors import BadInput, ClientError, UnknownModel
 from predictors.grpc_server import GRPCEndpoint
 from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
-from predictors.observability import GRPCMetricsInterceptor
 from predictors.package import LabelsFile, PackageError
 from predictors.prediction_log import WriteBehindLog
 from predictors.repository import PackageRepository
@@ -198,9 +197,7 @@ class ClassifierServer(kserve.ModelServer):
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
-            interceptors: tuple = (GRPCMetricsInterceptor(),)
-            if self.api_key is not None:
-                interceptors = (GRPCAuthInterceptor(self.api_key), *interceptors)
+            interceptors = () if self.api_key is None else (GRPCAuthInterceptor(self.api_key),)
             args = kserve_model_server.args
             self._grpc_server = GRPCEndpoint(
                 self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, interceptors,
