@@ -43,10 +43,9 @@ import json
 import logging
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,7 +54,7 @@ import orjson
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import CloudEvent, now, to_kafka_headers
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
-from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError
+from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
 from streaming.metrics import BridgeMetrics, HealthServer
 from streaming.settings import BridgeSettings
 from streaming.tensors import BatchSplitError, InferRequest, InferResponse, merge, split
@@ -276,7 +275,10 @@ class Bridge:
     async def _infer(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
         if len(requests) == 1:
             return [await self._infer_one(requests[0])]
-        parts = await asyncio.gather(*(self._infer_merged(c) for c in self._chunks(requests)))
+        chunks = self._chunks(requests)
+        if len(chunks) == 1:  # the usual case: no task per chunk
+            return await self._infer_merged(chunks[0])
+        parts = await asyncio.gather(*(self._infer_merged(c) for c in chunks))
         return [o for part in parts for o in part]
 
     async def _infer_merged(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
@@ -335,7 +337,7 @@ class Bridge:
             ready.append((w, value, headers))
         if ready:
             topic = self.settings.result_topic
-            errors = await self._send_all(topic, [(v, w.decoded.request_id if w.decoded else None, h)
+            errors = await self._send_all(topic, [(v, w.decoded.request_id.encode() if w.decoded else None, h)
                                                   for w, v, h in ready])
             for (w, value, headers), error in zip(ready, errors, strict=True):
                 if error is None:
@@ -388,17 +390,20 @@ class Bridge:
         self.metrics.pending.set(self._pending)
         self.metrics.latency.observe(time.monotonic() - work.received)
 
-    async def _send_all(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]
-                        ) -> list[BaseException | None]:
-        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None."""
-        loop = asyncio.get_running_loop()
-        futures = await loop.run_in_executor(self._producer_threads, self._send_each, topic, records)
-        await _all_done(futures)
-        return [f.exception() for f in futures]
+    async def _send_all(self, topic: str, records: list[Record]) -> list[BaseException | None]:
+        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None.
 
-    def _send_each(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]) -> list[Future[Any]]:
-        send = self.sink.send_async
-        return [send(value, key=key, headers=headers, topic=topic) for value, key, headers in records]
+        One wake-up of the loop per batch (the last ack), where a future per record would cost one each."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[BaseException | None]] = loop.create_future()
+
+        def done(errors: list[BaseException | None]) -> None:  # on the producer's thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_settle, waiter, errors)
+
+        await loop.run_in_executor(self._producer_threads, functools.partial(self.sink.send_batch, records, done,
+                                                                             topic=topic))
+        return await waiter
 
     async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList) -> None:
         """Send and wait for the broker's ack; transient failures are retried with capped backoff until it
@@ -477,30 +482,9 @@ async def _reraise(exc: BaseException) -> None:
     raise exc
 
 
-def _all_done(futures: list[Future[Any]]) -> asyncio.Future[None]:
-    """An asyncio future set once every one of ``futures`` is done: one wake-up of the loop per batch,
-    where ``asyncio.wrap_future`` would cost one per future."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def wake() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def one_done(_: Future[Any]) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            loop.call_soon_threadsafe(wake)
-
-    if not futures:
-        wake()
-    for f in futures:
-        f.add_done_callback(one_done)
-    return waiter
+def _settle(waiter: asyncio.Future[R], value: R) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _cut(text: str, limit: int) -> bytes:

@@ -33,7 +33,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
+from streaming.messenger import BatchDone, BatchSends, Delivery, HeaderList, Message, PermanentSendError, Record
 from streaming.offsets import OffsetTracker, PartitionTracker
 from streaming.settings import KafkaSettings
 
@@ -99,6 +99,7 @@ class KafkaBackend:
                 **s.client_config(),
                 acks="all" if s.acks == "all" else int(s.acks),
                 linger_ms=s.linger_ms,
+                batch_size=min(s.batch_size, s.max_request_size),
                 max_block_ms=s.max_block_ms,
                 max_request_size=s.max_request_size,
             )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
@@ -115,6 +116,18 @@ class KafkaBackend:
         pending.add_callback(lambda md: out.set_result(Delivery(md.topic, md.partition, md.offset)))
         pending.add_errback(lambda exc: out.set_exception(_classified(exc)))
         return out
+
+    def send_batch(self, topic: str, records: list[Record], done: BatchDone) -> None:
+        """Queue every record; ``done`` runs once all are acknowledged or refused (see BatchSends)."""
+        batch = BatchSends(len(records), done, _classified)
+        send = self.producer.send
+        for i, (value, key, headers) in enumerate(records):
+            try:
+                future = send(topic, value=value, key=key, headers=headers or None)
+            except Exception as exc:  # refused before queueing: settled like a late failure
+                batch.settle(i, exc)
+            else:
+                future.add_both(batch.settle, i)
 
     @property
     def max_record_bytes(self) -> int:

@@ -45,6 +45,10 @@ class KafkaSettings(BaseSettings):
     # "all" is what at-least-once needs; the bridge refuses "0" and warns about "1" (see BridgeSettings).
     acks: Literal["all", "1", "0"] = "all"
     linger_ms: int = Field(default=5, ge=0)
+    # Bytes per partition the producer packs into one record batch. kafka-python's 16 KiB default holds about a
+    # dozen results, and its sender's per-batch work then costs more CPU than the records (bench/RESULTS.md §3).
+    # Capped at max_request_size.
+    batch_size: int = Field(default=256 * 1024, ge=1024)
     # The largest record the producer sends (kafka-python's default). Keep it at or below the broker's and
     # topic's message.max.bytes; the bridge cuts dead letters to fit it.
     max_request_size: int = Field(default=1_048_576, ge=4096)
