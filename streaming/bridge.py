@@ -109,6 +109,9 @@ class Bridge:
         # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
         # waiters costs O(waiters) per acquire on Python 3.11: a burst made that the bridge's top frame).
         self._batches: asyncio.Queue[list[Work]] | None = None
+        # Backpressure resumes once a batch's worth of messages finished, not at every single one.
+        self._refill = max(1, min(s.max_batch_size, s.max_pending // 4))
+        self._room = asyncio.Event()
         self._batcher: MicroBatcher[Work] = MicroBatcher(s.max_batch_size, s.max_batch_delay_ms / 1000,
                                                          self._on_batch)
 
@@ -153,6 +156,12 @@ class Bridge:
         while not self._stop.is_set():
             room = s.max_pending_bytes - self._pending_bytes
             capacity = max(0, min(s.max_pending - self._pending, 500)) if room > 0 else 0
+            if capacity < self._refill and self._pending:
+                # Full: wait on the loop for a batch's worth of room rather than in a paused poll, which would
+                # hold the consumer thread for poll_timeout and drop what was fetched for the paused partitions.
+                if await self._room_or_timeout(s.poll_timeout_ms / 1000):
+                    continue
+                capacity = 0  # still full: a paused poll keeps the group membership and serves rebalances
             try:
                 messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity, room)
             except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
@@ -168,6 +177,21 @@ class Bridge:
                 for message in messages:
                     self._accept(message)
                 self.metrics.pending.set(self._pending)
+
+    def _has_room(self) -> bool:
+        s = self.settings
+        return (s.max_pending - self._pending >= self._refill or not self._pending) \
+            and self._pending_bytes < s.max_pending_bytes
+
+    async def _room_or_timeout(self, timeout_s: float) -> bool:
+        """Wait until :meth:`_done` made room; False if ``timeout_s`` passed first (or on stop)."""
+        assert self._stop is not None
+        self._room.clear()
+        if self._has_room():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
+        return self._room.is_set() and not self._stop.is_set()
 
     async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
         self._batcher.flush_all()
@@ -388,6 +412,8 @@ class Bridge:
         self._pending -= 1
         self._pending_bytes -= len(work.message.value)
         self.metrics.pending.set(self._pending)
+        if not self._room.is_set() and self._has_room():
+            self._room.set()
         self.metrics.latency.observe(time.monotonic() - work.received)
 
     async def _send_all(self, topic: str, records: list[Record]) -> list[BaseException | None]:
