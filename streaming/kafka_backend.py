@@ -197,8 +197,7 @@ class KafkaBackend:
                 self.tracker.add(tracker, r.offset)
                 out.append(Message(
                     topic=r.topic, value=r.value if r.value is not None else b"", key=r.key,
-                    headers=[(k, v if v is not None else b"") for k, v in (r.headers or [])],
-                    partition=r.partition, offset=r.offset, timestamp_ms=r.timestamp,
+                    headers=_headers(r.headers), partition=r.partition, offset=r.offset, timestamp_ms=r.timestamp,
                     position=f"{r.topic}/{r.partition}/{r.offset}", handle=tracker))
         return out
 
@@ -302,12 +301,22 @@ class KafkaReplyListener:
     def poll(self, timeout_s: float) -> list[Message]:
         records = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
         return [Message(topic=r.topic, value=r.value or b"", key=r.key,
-                        headers=[(k, v or b"") for k, v in (r.headers or [])], partition=r.partition,
+                        headers=_headers(r.headers), partition=r.partition,
                         offset=r.offset, timestamp_ms=r.timestamp, position=f"{r.topic}/{r.partition}/{r.offset}")
                 for batch in records.values() for r in batch]
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _headers(headers: list[tuple[str, bytes | None]] | None) -> HeaderList:
+    """A record's headers with null values as empty bytes; kafka-python's own list when it has none (the usual
+    case: no copy per record)."""
+    if not headers:
+        return []
+    if any(v is None for _, v in headers):
+        return [(k, v if v is not None else b"") for k, v in headers]
+    return headers  # type: ignore[return-value]
 
 
 def _partitions_for(consumer: KafkaConsumer, topic: str, timeout_s: float) -> list[int]:
