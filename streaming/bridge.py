@@ -176,6 +176,10 @@ class Bridge:
                 self.metrics.consumed.inc(len(messages))
                 for message in messages:
                     self._accept(message)
+                if len(messages) < capacity:
+                    # What was fetched is drained: nothing more arrives before the next fetch returns, so
+                    # waiting max_batch_delay_ms could not grow these batches, only delay them.
+                    self._batcher.flush_all()
                 self.metrics.pending.set(self._pending)
 
     def _has_room(self) -> bool:
