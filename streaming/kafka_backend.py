@@ -120,10 +120,9 @@ class KafkaBackend:
     def send_batch(self, topic: str, records: list[Record], done: BatchDone) -> None:
         """Queue every record; ``done`` runs once all are acknowledged or refused (see BatchSends)."""
         batch = BatchSends(len(records), done, _classified)
-        send = self.producer.send
         for i, (value, key, headers) in enumerate(records):
-            try:
-                future = send(topic, value=value, key=key, headers=headers or None)
+            try:  # self.producer inside: creating it fails while no broker answers (transient, like a late failure)
+                future = self.producer.send(topic, value=value, key=key, headers=headers or None)
             except Exception as exc:  # refused before queueing: settled like a late failure
                 batch.settle(i, exc)
             else:
