@@ -10,12 +10,14 @@ share an interpreter with anything measured. Two modes:
 
 Per-message latency = result received - request handed to the producer. Requests use the
 streaming package's own producer API (:func:`streaming.producers.iris_messages`, the
-``features`` form); results are read with a group-less :class:`streaming.messenger.Messenger`
-(a tail of the results topic), matched by request id.
+``features`` form); results are read with the backend's reply listener, which starts at the end of
+the results topic (a tail from the beginning would first read every earlier run's results, and
+that catch-up used to land in the latencies of a run's first requests), matched by request id.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import threading
@@ -56,7 +58,7 @@ class StreamResult:
 
 
 def run(spec: StreamSpec) -> StreamResult:
-    from streaming.messenger import Messenger
+    from streaming.messenger import Messenger, make_backend
     from streaming.producers import iris_messages, repeat
     from streaming.settings import KafkaSettings, MessengerSettings
 
@@ -68,19 +70,29 @@ def run(spec: StreamSpec) -> StreamResult:
     received_at: dict[str, float] = {}
     done = threading.Event()
 
+    backend = make_backend(settings)
+    positioned = threading.Event()
+
     def collect() -> None:
-        with Messenger(spec.result_topic, settings=settings) as tail:
+        tail = backend.reply_listener(spec.result_topic)  # positioned at the end before any request goes out
+        positioned.set()
+        try:
             deadline = time.monotonic() + spec.timeout_s
             while len(received_at) < spec.count and time.monotonic() < deadline:
-                for m in tail.receive(timeout_s=0.2, max_messages=2000):
+                for m in tail.poll(0.2):
                     key = m.key_str
                     if key is not None and key.startswith(spec.run_id) and key not in received_at:
                         received_at[key] = time.perf_counter()
-        done.set()
+        finally:
+            tail.close()
+            done.set()
 
+    # The load generator's own full GC collections (tens of ms over its imports) would land in the latencies.
+    gc.freeze()
     consumer = threading.Thread(target=collect, daemon=True)
     consumer.start()
-    time.sleep(2.0)  # let the tail join and position itself before the first request goes out
+    positioned.wait(60)
+    time.sleep(0.5)  # the listener's first fetch is on its way
     with Messenger(spec.request_topic, settings=settings) as producer:
         futures = []
         start = time.perf_counter()
@@ -97,6 +109,7 @@ def run(spec: StreamSpec) -> StreamResult:
             f.result(timeout=120)
         produce_seconds = time.perf_counter() - start
     done.wait(spec.timeout_s)
+    backend.close()
     end = max(received_at.values()) if received_at else time.perf_counter()
     latencies = np.asarray([1000.0 * (received_at[k] - sent_at[k]) for k in received_at if k in sent_at])
     if not len(latencies):

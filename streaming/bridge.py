@@ -38,15 +38,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,7 +55,7 @@ import orjson
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import CloudEvent, now, to_kafka_headers
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
-from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError
+from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
 from streaming.metrics import BridgeMetrics, HealthServer
 from streaming.settings import BridgeSettings
 from streaming.tensors import BatchSplitError, InferRequest, InferResponse, merge, split
@@ -110,6 +110,9 @@ class Bridge:
         # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
         # waiters costs O(waiters) per acquire on Python 3.11: a burst made that the bridge's top frame).
         self._batches: asyncio.Queue[list[Work]] | None = None
+        # Backpressure resumes once a batch's worth of messages finished, not at every single one.
+        self._refill = max(1, min(s.max_batch_size, s.max_pending // 4))
+        self._room = asyncio.Event()
         self._batcher: MicroBatcher[Work] = MicroBatcher(s.max_batch_size, s.max_batch_delay_ms / 1000,
                                                          self._on_batch)
 
@@ -154,6 +157,12 @@ class Bridge:
         while not self._stop.is_set():
             room = s.max_pending_bytes - self._pending_bytes
             capacity = max(0, min(s.max_pending - self._pending, 500)) if room > 0 else 0
+            if capacity < self._refill and self._pending:
+                # Full: wait on the loop for a batch's worth of room rather than in a paused poll, which would
+                # hold the consumer thread for poll_timeout and drop what was fetched for the paused partitions.
+                if await self._room_or_timeout(s.poll_timeout_ms / 1000):
+                    continue
+                capacity = 0  # still full: a paused poll keeps the group membership and serves rebalances
             try:
                 messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity, room)
             except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
@@ -163,12 +172,36 @@ class Bridge:
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
             failures = 0
+            if self.state == "starting":
+                # What is alive now (modules, clients, settings) lives as long as the bridge: keep it out of the
+                # cyclic GC's full collections, which scanned ~100k objects (~50 ms) and paused the loop every
+                # few thousand messages. Refcounting still frees these objects; only cycles among them would stay.
+                gc.freeze()
             self.state = "running"
             if messages:
                 self.metrics.consumed.inc(len(messages))
                 for message in messages:
                     self._accept(message)
+                if len(messages) < capacity:
+                    # What was fetched is drained: nothing more arrives before the next fetch returns, so
+                    # waiting max_batch_delay_ms could not grow these batches, only delay them.
+                    self._batcher.flush_all()
                 self.metrics.pending.set(self._pending)
+
+    def _has_room(self) -> bool:
+        s = self.settings
+        return (s.max_pending - self._pending >= self._refill or not self._pending) \
+            and self._pending_bytes < s.max_pending_bytes
+
+    async def _room_or_timeout(self, timeout_s: float) -> bool:
+        """Wait until :meth:`_done` made room; False if ``timeout_s`` passed first (or on stop)."""
+        assert self._stop is not None
+        self._room.clear()
+        if self._has_room():
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
+        return self._room.is_set() and not self._stop.is_set()
 
     async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
         self._batcher.flush_all()
@@ -276,7 +309,10 @@ class Bridge:
     async def _infer(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
         if len(requests) == 1:
             return [await self._infer_one(requests[0])]
-        parts = await asyncio.gather(*(self._infer_merged(c) for c in self._chunks(requests)))
+        chunks = self._chunks(requests)
+        if len(chunks) == 1:  # the usual case: no task per chunk
+            return await self._infer_merged(chunks[0])
+        parts = await asyncio.gather(*(self._infer_merged(c) for c in chunks))
         return [o for part in parts for o in part]
 
     async def _infer_merged(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
@@ -335,7 +371,7 @@ class Bridge:
             ready.append((w, value, headers))
         if ready:
             topic = self.settings.result_topic
-            errors = await self._send_all(topic, [(v, w.decoded.request_id if w.decoded else None, h)
+            errors = await self._send_all(topic, [(v, w.decoded.request_id.encode() if w.decoded else None, h)
                                                   for w, v, h in ready])
             for (w, value, headers), error in zip(ready, errors, strict=True):
                 if error is None:
@@ -386,19 +422,24 @@ class Bridge:
         self._pending -= 1
         self._pending_bytes -= len(work.message.value)
         self.metrics.pending.set(self._pending)
+        if not self._room.is_set() and self._has_room():
+            self._room.set()
         self.metrics.latency.observe(time.monotonic() - work.received)
 
-    async def _send_all(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]
-                        ) -> list[BaseException | None]:
-        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None."""
-        loop = asyncio.get_running_loop()
-        futures = await loop.run_in_executor(self._producer_threads, self._send_each, topic, records)
-        await _all_done(futures)
-        return [f.exception() for f in futures]
+    async def _send_all(self, topic: str, records: list[Record]) -> list[BaseException | None]:
+        """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None.
 
-    def _send_each(self, topic: str, records: list[tuple[bytes, str | None, HeaderList]]) -> list[Future[Any]]:
-        send = self.sink.send_async
-        return [send(value, key=key, headers=headers, topic=topic) for value, key, headers in records]
+        One wake-up of the loop per batch (the last ack), where a future per record would cost one each."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[list[BaseException | None]] = loop.create_future()
+
+        def done(errors: list[BaseException | None]) -> None:  # on the producer's thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_settle, waiter, errors)
+
+        await loop.run_in_executor(self._producer_threads, functools.partial(self.sink.send_batch, records, done,
+                                                                             topic=topic))
+        return await waiter
 
     async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList) -> None:
         """Send and wait for the broker's ack; transient failures are retried with capped backoff until it
@@ -477,30 +518,9 @@ async def _reraise(exc: BaseException) -> None:
     raise exc
 
 
-def _all_done(futures: list[Future[Any]]) -> asyncio.Future[None]:
-    """An asyncio future set once every one of ``futures`` is done: one wake-up of the loop per batch,
-    where ``asyncio.wrap_future`` would cost one per future."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def wake() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def one_done(_: Future[Any]) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            loop.call_soon_threadsafe(wake)
-
-    if not futures:
-        wake()
-    for f in futures:
-        f.add_done_callback(one_done)
-    return waiter
+def _settle(waiter: asyncio.Future[R], value: R) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _cut(text: str, limit: int) -> bytes:

@@ -26,6 +26,7 @@ STRUCTURED_JSON = "application/cloudevents+json"
 REQUIRED = ("id", "source", "specversion", "type")
 KNOWN = (*REQUIRED, "datacontenttype", "dataschema", "subject", "time")
 _ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+_VALID_NAMES: set[str] = set()
 _KNOWN_HEADERS = tuple((k, CONTENT_TYPE if k == "datacontenttype" else HEADER_PREFIX + k) for k in KNOWN)
 
 
@@ -139,8 +140,11 @@ def to_kafka_headers(event: CloudEvent) -> list[tuple[str, bytes]]:
         if value is not None:
             headers.append((header, value.encode("utf-8")))
     for name, value in event.extensions.items():
-        if not _ATTRIBUTE_NAME.match(name):
-            raise CloudEventError(f"invalid CloudEvents attribute name {name!r} (lowercase a-z, 0-9)")
+        if name not in _VALID_NAMES:
+            if not _ATTRIBUTE_NAME.match(name):
+                raise CloudEventError(f"invalid CloudEvents attribute name {name!r} (lowercase a-z, 0-9)")
+            if len(_VALID_NAMES) < 1024:  # the same few extension names come back on every event
+                _VALID_NAMES.add(name)
         headers.append((HEADER_PREFIX + name, value.encode("utf-8")))
     return headers
 

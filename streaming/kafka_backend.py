@@ -33,7 +33,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
+from streaming.messenger import BatchDone, BatchSends, Delivery, HeaderList, Message, PermanentSendError, Record
 from streaming.offsets import OffsetTracker, PartitionTracker
 from streaming.settings import KafkaSettings
 
@@ -99,6 +99,7 @@ class KafkaBackend:
                 **s.client_config(),
                 acks="all" if s.acks == "all" else int(s.acks),
                 linger_ms=s.linger_ms,
+                batch_size=min(s.batch_size, s.max_request_size),
                 max_block_ms=s.max_block_ms,
                 max_request_size=s.max_request_size,
             )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
@@ -115,6 +116,17 @@ class KafkaBackend:
         pending.add_callback(lambda md: out.set_result(Delivery(md.topic, md.partition, md.offset)))
         pending.add_errback(lambda exc: out.set_exception(_classified(exc)))
         return out
+
+    def send_batch(self, topic: str, records: list[Record], done: BatchDone) -> None:
+        """Queue every record; ``done`` runs once all are acknowledged or refused (see BatchSends)."""
+        batch = BatchSends(len(records), done, _classified)
+        for i, (value, key, headers) in enumerate(records):
+            try:  # self.producer inside: creating it fails while no broker answers (transient, like a late failure)
+                future = self.producer.send(topic, value=value, key=key, headers=headers or None)
+            except Exception as exc:  # refused before queueing: settled like a late failure
+                batch.settle(i, exc)
+            else:
+                future.add_both(batch.settle, i)
 
     @property
     def max_record_bytes(self) -> int:
@@ -184,8 +196,7 @@ class KafkaBackend:
                 self.tracker.add(tracker, r.offset)
                 out.append(Message(
                     topic=r.topic, value=r.value if r.value is not None else b"", key=r.key,
-                    headers=[(k, v if v is not None else b"") for k, v in (r.headers or [])],
-                    partition=r.partition, offset=r.offset, timestamp_ms=r.timestamp,
+                    headers=_headers(r.headers), partition=r.partition, offset=r.offset, timestamp_ms=r.timestamp,
                     position=f"{r.topic}/{r.partition}/{r.offset}", handle=tracker))
         return out
 
@@ -289,12 +300,22 @@ class KafkaReplyListener:
     def poll(self, timeout_s: float) -> list[Message]:
         records = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
         return [Message(topic=r.topic, value=r.value or b"", key=r.key,
-                        headers=[(k, v or b"") for k, v in (r.headers or [])], partition=r.partition,
+                        headers=_headers(r.headers), partition=r.partition,
                         offset=r.offset, timestamp_ms=r.timestamp, position=f"{r.topic}/{r.partition}/{r.offset}")
                 for batch in records.values() for r in batch]
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _headers(headers: list[tuple[str, bytes | None]] | None) -> HeaderList:
+    """A record's headers with null values as empty bytes; kafka-python's own list when it has none (the usual
+    case: no copy per record)."""
+    if not headers:
+        return []
+    if any(v is None for _, v in headers):
+        return [(k, v if v is not None else b"") for k, v in headers]
+    return headers  # type: ignore[return-value]
 
 
 def _partitions_for(consumer: KafkaConsumer, topic: str, timeout_s: float) -> list[int]:

@@ -18,6 +18,7 @@ responder's half. The bridge answers in the same way, so ``request`` works again
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ CORRELATION_HEADER = "kcp-correlation-id"
 REPLY_TO_HEADER = "kcp-reply-to"
 
 HeaderList = list[tuple[str, bytes]]
+Record = tuple[bytes, bytes | None, HeaderList]  # value, key, headers: already encoded
+BatchDone = Callable[[list[BaseException | None]], None]
 Headers = Mapping[str, bytes | str] | Sequence[tuple[str, bytes | str]]
 Payload = bytes | str | Mapping[str, Any] | list[Any]
 
@@ -99,6 +102,8 @@ class BackendClient(Protocol):
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: HeaderList) -> Future[Delivery]: ...
 
+    def send_batch(self, topic: str, records: list[Record], done: BatchDone) -> None: ...
+
     @property
     def max_record_bytes(self) -> int: ...
 
@@ -130,6 +135,34 @@ class ReplyListener(Protocol):
     def poll(self, timeout_s: float) -> list[Message]: ...
 
     def close(self) -> None: ...
+
+
+class BatchSends:
+    """The outcomes of a batch of sends, reported once: ``done(errors)`` runs when the last record settles.
+
+    Why not one future per record: a future plus its callbacks costs more CPU than kafka-python's own
+    per-record work for a small result, and the bridge needs one wake-up per batch, not one per record.
+    ``settle`` may be called from any thread; ``errors[i]`` is None for a record the broker acknowledged.
+    """
+
+    def __init__(self, count: int, done: BatchDone, classify: Callable[[BaseException], BaseException]) -> None:
+        self.errors: list[BaseException | None] = [None] * count
+        self._left = count
+        self._lock = threading.Lock()
+        self._done = done
+        self._classify = classify
+        if count == 0:
+            done(self.errors)
+
+    def settle(self, index: int, outcome: object) -> None:
+        """Record ``index`` is finished: ``outcome`` is its exception, or anything else for success."""
+        if isinstance(outcome, BaseException):
+            self.errors[index] = self._classify(outcome)
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done(self.errors)
 
 
 def encode_value(value: Payload) -> bytes:
@@ -213,6 +246,11 @@ class Messenger:
              topic: str | None = None, timeout_s: float = 30.0) -> Delivery:
         """Send and wait for the broker's acknowledgement."""
         return self.send_async(value, key=key, headers=headers, topic=topic).result(timeout=timeout_s)
+
+    def send_batch(self, records: list[Record], done: BatchDone, *, topic: str | None = None) -> None:
+        """Hand encoded records to the backend; ``done(errors)`` runs once (on any thread) when the broker
+        has acknowledged or refused every one (``errors[i]`` None, :class:`PermanentSendError` or transient)."""
+        self._client.send_batch(topic or self.topic, records, done)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self._client.flush(timeout_s)

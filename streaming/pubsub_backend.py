@@ -31,7 +31,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from streaming.messenger import Delivery, HeaderList, Message, PermanentSendError
+from streaming.messenger import BatchDone, BatchSends, Delivery, HeaderList, Message, PermanentSendError, Record
 from streaming.settings import PubSubSettings
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,13 @@ class PubSubBackend:
 
         pending.add_done_callback(_done)
         return out
+
+    def send_batch(self, topic: str, records: list[Record], done: BatchDone) -> None:
+        """Publish every record; ``done`` runs once all are acknowledged or refused (see BatchSends)."""
+        batch = BatchSends(len(records), done, _classified)
+        for i, (value, key, headers) in enumerate(records):
+            self.send(topic, value, key, headers).add_done_callback(
+                lambda f, i=i: batch.settle(i, f.exception()))
 
     @property
     def max_record_bytes(self) -> int:

@@ -45,12 +45,18 @@ class KafkaSettings(BaseSettings):
     # "all" is what at-least-once needs; the bridge refuses "0" and warns about "1" (see BridgeSettings).
     acks: Literal["all", "1", "0"] = "all"
     linger_ms: int = Field(default=5, ge=0)
+    # Bytes per partition the producer packs into one record batch. kafka-python's 16 KiB default holds about a
+    # dozen results, and its sender's per-batch work then costs more CPU than the records (bench/RESULTS.md §3).
+    # Capped at max_request_size.
+    batch_size: int = Field(default=256 * 1024, ge=1024)
     # The largest record the producer sends (kafka-python's default). Keep it at or below the broker's and
     # topic's message.max.bytes; the bridge cuts dead letters to fit it.
     max_request_size: int = Field(default=1_048_576, ge=4096)
-    # How long the broker may hold an empty fetch. Kafka's 500 ms default is paid on every hop of a
-    # request/result round trip whenever a topic runs dry; 100 ms keeps idle polling cheap and latency low.
-    fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
+    # How long the broker may hold an empty fetch. Kafka answers as soon as data arrives, but tansu holds an
+    # empty fetch for the whole wait even when records arrive meanwhile, so each hop of a request/result round
+    # trip costs up to this much (Kafka's 500 ms default; 100 ms gave a p99 of 200 ms at 1,000 msg/s). 20 ms
+    # costs at most 50 empty fetches a second per idle consumer.
+    fetch_max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     max_block_ms: int = Field(default=60_000, ge=100)
 
     def client_config(self) -> dict[str, object]:
@@ -140,7 +146,9 @@ class BridgeSettings(BaseSettings):
     dead_letter_topic: str = "kcp-dead-letters"
     group: str = "kcp-bridge"
     max_in_flight: int = Field(default=8, ge=1, description="concurrent V2 calls")
-    max_batch_size: int = Field(default=16, ge=1, description="requests merged into one V2 call (1 = off)")
+    # 32 halved the model server's CPU per result against 16 (bench/RESULTS.md §3); the merged call stays under
+    # max_call_bytes whatever the size.
+    max_batch_size: int = Field(default=32, ge=1, description="requests merged into one V2 call (1 = off)")
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
     # Bytes of consumed-but-unacknowledged record values: 512 pending 1 MB images would not fit a 512 Mi pod.

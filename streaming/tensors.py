@@ -39,7 +39,7 @@ class BatchSplitError(ValueError):
     """A batched response cannot be cut back into per-request parts (outputs not batch-major)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Tensor:
     """One named tensor with flat row-major ``data``."""
 
@@ -59,9 +59,10 @@ class Tensor:
         return (not shape or min(shape) >= 0) and math.prod(shape) == len(self.data)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready form; BYTES that are not UTF-8 text become base64 (flagged in parameters)."""
-        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-        params = dict(self.parameters)
+        """JSON-ready view for immediate encoding (it shares this tensor's lists: do not mutate it); BYTES that
+        are not UTF-8 text become base64 (flagged in parameters)."""
+        out: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": self.shape, "data": self.data}
+        params = self.parameters
         if self.datatype == "BYTES":
             data: list[Any] = []
             for v in self.data:
@@ -70,12 +71,10 @@ class Tensor:
                         data.append(v.decode("utf-8"))
                     except UnicodeDecodeError:
                         data.append(base64.b64encode(v).decode("ascii"))
-                        params["content_type"] = "base64"
+                        params = {**params, "content_type": "base64"}
                 else:
                     data.append(v)
             out["data"] = data
-        else:
-            out["data"] = list(self.data)
         if params:
             out["parameters"] = params
         return out
@@ -120,7 +119,7 @@ class InferRequest:
         return total
 
 
-@dataclass
+@dataclass(slots=True)
 class InferResponse:
     """A V2 inference response."""
 

@@ -54,6 +54,7 @@ CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "
                   "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 
+WIRE_SIZE = "binary_data_size"
 MODEL_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -211,7 +212,9 @@ def from_grpc(msg: pb2.ModelInferResponse) -> InferResponse:
             field_name = CONTENTS_FIELD.get(o.datatype)
             data = list(getattr(o.contents, field_name)) if field_name else []
             outputs.append(Tensor(o.name, o.datatype, shape, data))
-        outputs[-1].parameters = {k: _param_from_grpc(v) for k, v in o.parameters.items()}
+        # binary_data_size describes the wire encoding of this one reply (REST's binary extension; KServe sets it
+        # on gRPC too), not the tensor: carried into a result cut from a merged reply it would be wrong
+        outputs[-1].parameters = {k: _param_from_grpc(v) for k, v in o.parameters.items() if k != WIRE_SIZE}
     return InferResponse(msg.model_name, outputs, id=msg.id, model_version=msg.model_version or None,
                          parameters={k: _param_from_grpc(v) for k, v in msg.parameters.items()})
 
@@ -224,7 +227,7 @@ def to_rest(request: InferRequest) -> tuple[bytes, dict[str, str]]:
         params = dict(t.parameters)
         if t.datatype == "BYTES" and any(isinstance(v, bytes) for v in t.data):
             raw = serialize_bytes(_bytes_elements(t.data))
-            params["binary_data_size"] = len(raw)
+            params[WIRE_SIZE] = len(raw)
             binary.append(raw)
         elif t.datatype in NUMPY:
             entry["data"] = to_array(t).tolist()

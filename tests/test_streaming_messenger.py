@@ -8,7 +8,23 @@ from collections.abc import Iterator
 
 import pytest
 
-from streaming.messenger import CORRELATION_HEADER, Message, Messenger, RequestTimeout
+from streaming.messenger import CORRELATION_HEADER, Message, Messenger, PermanentSendError, RequestTimeout
+
+
+def send_batch(messenger: Messenger, records: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]
+               ) -> list[BaseException | None]:
+    """``Messenger.send_batch`` and wait for its single report."""
+    reports: list[list[BaseException | None]] = []
+    reported = threading.Event()
+
+    def done(errors: list[BaseException | None]) -> None:
+        reports.append(list(errors))
+        reported.set()
+
+    messenger.send_batch(records, done)
+    assert reported.wait(60)
+    assert len(reports) == 1
+    return reports[0]
 
 
 def drain(messenger: Messenger, want: int, idle_s: float = 10.0) -> list[Message]:
@@ -32,6 +48,19 @@ def test_kafka_send_receive_keys_headers_and_json(kafka_broker, kafka_topics) ->
     assert [g.json() for g in got] == [{"n": i} for i in range(6)]
     assert [g.key_str for g in got] == [f"k{i}" for i in range(6)]
     assert [g.header_str("h") for g in got] == [f"v{i}" for i in range(6)]
+
+
+def test_kafka_send_batch_reports_each_record_once_all_settled(kafka_broker, kafka_topics) -> None:
+    topic = kafka_topics(t=2)["t"]
+    too_big = b"x" * (64 * 1024)
+    records = [(b"a", b"ka", [("h", b"1")]), (too_big, b"kb", []), (b"c", None, [])]
+    with Messenger(topic, settings=kafka_broker.messenger_settings(max_request_size=16 * 1024)) as m:
+        errors = send_batch(m, records)
+        assert errors[0] is None and errors[2] is None
+        assert isinstance(errors[1], PermanentSendError)  # refused for what it is: dead-letter material
+        assert send_batch(m, []) == []
+        got = sorted(drain(m, 2), key=lambda x: x.value)
+    assert [(g.value, g.key, g.header_str("h")) for g in got] == [(b"a", b"ka", "1"), (b"c", None, None)]
 
 
 def test_kafka_group_resumes_after_the_last_acknowledged_message(kafka_broker, kafka_topics) -> None:
@@ -107,6 +136,20 @@ def test_pubsub_send_receive_ack(pubsub_emulator) -> None:
     assert sorted(g.json()["n"] for g in got) == list(range(5))
     by_n = {g.json()["n"]: g for g in got}
     assert by_n[3].key_str == "k3" and by_n[3].header_str("h") == "v3" and by_n[3].position
+
+
+def test_pubsub_send_batch_reports_each_record_once_all_settled(pubsub_emulator) -> None:
+    topic = f"ps-{uuid.uuid4().hex[:8]}"
+    settings = pubsub_emulator.messenger_settings()
+    with Messenger(topic, "pubsub", group="workers", settings=settings) as consumer:
+        consumer.receive(timeout_s=0.1)
+        with Messenger(topic, "pubsub", settings=settings) as producer:
+            errors = send_batch(producer, [(b"a", b"ka", []), (b"b", None, [("h", b"v" * 2000)]), (b"c", None, [])])
+        assert errors[0] is None and errors[2] is None and isinstance(errors[1], PermanentSendError)
+        got = drain(consumer, 2)
+        for g in got:
+            consumer.ack(g)
+    assert sorted(g.value for g in got) == [b"a", b"c"]
 
 
 def test_pubsub_consumers_in_one_group_share_a_subscription(pubsub_emulator) -> None:
