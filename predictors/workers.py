@@ -5,7 +5,7 @@ with more processes. Each worker is a complete :class:`~predictors.server.Classi
 its own models, batcher, prediction-log writer and ``/metrics``; the feedback database
 (``KCP_FEEDBACK_DB_URL``: SQLite in WAL mode, or PostgreSQL) is the one thing they share, so
 feedback sent to any worker finds a prediction answered by any other (the feedback API looks
-an unknown id up again after one flush interval, by which time the other worker has written it).
+for an unknown id from one flush interval on, until the other worker's write has landed).
 
 How the processes are arranged, and why:
 
@@ -18,9 +18,12 @@ How the processes are arranged, and why:
   inherited sockets), not forks: forking a process that has started TensorFlow or gRPC threads
   is unsafe. gRPC servers bind the shared port themselves (``grpc.so_reuseport`` is on by
   default on Linux; the kernel spreads connections over them).
-* **A control socket per worker**: the worker writes :data:`READY` once its packages are loaded
-  and its servers built; end-of-file tells the supervisor the worker is gone, and tells the
-  worker its supervisor is gone (it then stops itself as on SIGTERM, so no orphan keeps the port).
+* **A control socket per worker** (JSON lines): the worker says :data:`READY` once its packages
+  are loaded and its loop is about to serve, and reports each hot swap it did
+  (``/v2/repository/models/{m}/load`` or ``unload``), which the supervisor passes on to the other
+  workers so that all serve the same version. End of file tells the supervisor the worker is
+  gone, and tells the worker its supervisor is gone (it then stops itself as on SIGTERM, so no
+  orphan keeps the port).
 * **Signals**: SIGTERM or SIGINT is passed on to every worker as SIGTERM and the supervisor waits
   for them (each drains its requests and writes its queued prediction-log rows), at most
   :data:`STOP_TIMEOUT_S`, then kills what is left.
@@ -32,6 +35,9 @@ How the processes are arranged, and why:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 import os
 import selectors
@@ -41,21 +47,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kserve.logging import configure_logging
 
-from predictors.server import ClassifierServer, _log_like_kserve, serve
+from predictors.server import ClassifierServer, PackageRepositoryExtension, _log_like_kserve, serve
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 WORKER_FDS_FLAG = "--kcp-worker-fds"
 """Hidden ``serve`` option that makes a process a worker: ``<REST socket fd>,<control socket fd>``."""
-READY = b"R"
+READY = "ready"
 RESTART_BACKOFF_S = 0.5
 MAX_RESTART_BACKOFF_S = 30.0
 STABLE_AFTER_S = 30.0
@@ -67,39 +73,97 @@ TICK_S = 0.2
 # --- the worker side -------------------------------------------------------------------------------
 
 
+class SharedRepositoryExtension(PackageRepositoryExtension):
+    """Hot swap in every worker: load or unload here, then ``announce`` it (to the supervisor, who tells
+    the other workers to do the same)."""
+
+    def __init__(self, registry: Any, announce: Callable[[dict[str, str]], None]) -> None:
+        super().__init__(model_registry=registry)
+        self._announce = announce
+
+    async def load(self, model_name: str, *, announce: bool = True) -> None:  # type: ignore[override]
+        await super().load(model_name)
+        if announce:
+            self._announce({"op": "load", "model": model_name})
+
+    async def unload(self, model_name: str, *, announce: bool = True) -> None:  # type: ignore[override]
+        await super().unload(model_name)
+        if announce:
+            self._announce({"op": "unload", "model": model_name})
+
+
 class WorkerServer(ClassifierServer):
-    """A :class:`ClassifierServer` that serves REST on the supervisor's socket and reports to it."""
+    """A :class:`ClassifierServer` that serves REST on the supervisor's socket and talks to it."""
 
     def __init__(self, model_dir: str | Path, settings: ServerSettings, *, rest_socket: socket.socket,
                  control: socket.socket, **kwargs: Any) -> None:
         super().__init__(model_dir, settings, **kwargs)
         self.rest_sockets = [rest_socket]
+        self.model_repository_extension = SharedRepositoryExtension(self.repository, self._send)
         self._control = control
+        self._loop: asyncio.AbstractEventLoop | None = None
+        threading.Thread(target=self._follow_supervisor, name="supervisor", daemon=True).start()
 
-    def register_signal_handler(self) -> None:
-        """KServe calls this once the models are loaded and the servers built: the moment to say ready."""
-        super().register_signal_handler()
-        self._control.sendall(READY)
+    def setup_event_loop(self) -> None:
+        """Called by :meth:`ClassifierServer.start` on the loop that will serve, once the models are loaded
+        and the servers built: the worker is ready."""
+        super().setup_event_loop()
+        self._loop = asyncio.get_event_loop()
+        self._send({"event": READY})
+
+    def _send(self, message: dict[str, str]) -> None:
+        self._control.sendall(json.dumps(message).encode() + b"\n")
+
+    def _follow_supervisor(self) -> None:
+        """Apply what the supervisor sends (another worker's hot swap); when it is gone (end of file),
+        stop as on SIGTERM."""
+        for message in read_messages(self._control):
+            if message.get("op") in ("load", "unload") and self._loop is not None:
+                asyncio.run_coroutine_threadsafe(self._follow(message["op"], message["model"]), self._loop)
+        logger.error("worker %d: the supervisor is gone; stopping", os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _follow(self, op: str, model_name: str) -> None:
+        extension = self.model_repository_extension
+        try:
+            await (extension.load if op == "load" else extension.unload)(model_name, announce=False)
+        except Exception as exc:  # this worker keeps what it had; the one that was asked already answered
+            logger.error("model %s: %s done by another worker failed here: %s", model_name, op, exc)
+        else:
+            logger.info("model %s: %s done by another worker, done here too", model_name, op)
+
+
+def read_messages(sock: socket.socket) -> Iterator[dict[str, str]]:
+    """JSON lines from a blocking control socket until end of file (or a socket error)."""
+    pending = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        messages, pending = split_messages(pending, chunk)
+        yield from messages
+
+
+def split_messages(pending: bytes, chunk: bytes) -> tuple[list[dict[str, str]], bytes]:
+    """The complete JSON lines in ``pending + chunk``, and the incomplete rest."""
+    *lines, rest = (pending + chunk).split(b"\n")
+    messages = []
+    for line in lines:
+        try:
+            messages.append(json.loads(line))
+        except ValueError:
+            logger.error("control message is not JSON, ignored: %r", line[:200])
+    return messages, rest
 
 
 def serve_worker(fds: str, model_dir: str | Path, settings: ServerSettings, **server_kwargs: Any) -> None:
     """Run one worker on the sockets named by :data:`WORKER_FDS_FLAG` (inherited from the supervisor)."""
     rest_fd, control_fd = (int(fd) for fd in fds.split(","))
-    control = socket.socket(fileno=control_fd)
-    threading.Thread(target=_stop_when_orphaned, args=(control,), name="supervisor-watch", daemon=True).start()
     serve(model_dir, settings, server_class=WorkerServer, rest_socket=socket.socket(fileno=rest_fd),
-          control=control, **server_kwargs)
-
-
-def _stop_when_orphaned(control: socket.socket) -> None:
-    """Block on the control socket; when the supervisor is gone (end of file), stop as on SIGTERM."""
-    try:
-        while control.recv(64):
-            pass
-    except OSError:
-        pass
-    logger.error("worker %d: the supervisor is gone; stopping", os.getpid())
-    os.kill(os.getpid(), signal.SIGTERM)
+          control=socket.socket(fileno=control_fd), **server_kwargs)
 
 
 # --- the supervisor side ---------------------------------------------------------------------------
@@ -134,6 +198,7 @@ class _Worker:
     index: int
     process: subprocess.Popen | None = None
     control: socket.socket | None = None
+    pending: bytes = b""
     ready: bool = False
     started_at: float = 0.0
     failures: int = 0
@@ -173,11 +238,11 @@ class Supervisor:
             while self._stop_signal is None:
                 self._poll()
                 failed = self._reap(starting=not all_ready)
-                if failed is not None:
-                    logger.error("worker %d could not start (exit code %s); stopping", failed.index,
-                                 failed.process.returncode if failed.process else None)
+                if failed is not None and failed.process is not None:
+                    logger.error("worker %d could not start (%s); stopping", failed.index,
+                                 _describe(failed.process.returncode))
                     self._stop_all()
-                    return _exit_code(failed.process.returncode if failed.process else 1)
+                    return _exit_code(failed.process.returncode)
                 if not all_ready and all(w.ready for w in self.workers):
                     all_ready = True
                     logger.info("%d workers ready: REST %s:%d, gRPC %s", len(self.workers), self.host, self.http_port,
@@ -204,7 +269,8 @@ class Supervisor:
             worker.process = subprocess.Popen(cmd, pass_fds=fds)
         finally:
             theirs.close()
-        worker.control, worker.ready, worker.started_at, worker.restart_at = ours, False, time.monotonic(), None
+        worker.control, worker.pending, worker.ready = ours, b"", False
+        worker.started_at, worker.restart_at = time.monotonic(), None
         self.selector.register(ours, selectors.EVENT_READ, worker)
         logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -221,14 +287,30 @@ class Supervisor:
                 continue
             worker: _Worker = key.data
             try:
-                data = worker.control.recv(64) if worker.control else b""
+                data = worker.control.recv(4096) if worker.control else b""
             except OSError:
                 data = b""
-            if READY in data and not worker.ready:
-                worker.ready = True
-                logger.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
             if not data:
                 self._drop_control(worker)
+                continue
+            messages, worker.pending = split_messages(worker.pending, data)
+            for message in messages:
+                if message.get("event") == READY and not worker.ready:
+                    worker.ready = True
+                    logger.info("worker %d ready (pid %d)", worker.index, worker.process.pid)
+                elif message.get("op") in ("load", "unload"):
+                    self._pass_on(worker, message)
+
+    def _pass_on(self, sender: _Worker, message: dict[str, str]) -> None:
+        """A hot swap done by one worker, to be done by every other ready one (one that is still starting
+        loads the package directory as it is now)."""
+        line = json.dumps(message).encode() + b"\n"
+        for worker in self.workers:
+            if worker is not sender and worker.ready and worker.control is not None:
+                with contextlib.suppress(OSError):  # it is exiting; its replacement loads from disk
+                    worker.control.sendall(line)
+        logger.info("model %s: %s by worker %d, passed on to the others", message.get("model"), message["op"],
+                    sender.index)
 
     def _drop_control(self, worker: _Worker) -> None:
         if worker.control is not None:
@@ -294,7 +376,10 @@ class Supervisor:
 
 def _describe(returncode: int | None) -> str:
     if returncode is not None and returncode < 0:
-        return f"signal {signal.Signals(-returncode).name}"
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"signal {-returncode}"
     return f"exit code {returncode}"
 
 

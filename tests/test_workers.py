@@ -72,6 +72,11 @@ class Connection:
         response = self.http.getresponse()
         return response.status, json.loads(response.read())
 
+    def get(self, path: str) -> tuple[int, dict]:
+        self.http.request("GET", path)
+        response = self.http.getresponse()
+        return response.status, json.loads(response.read())
+
     def predict(self, request_id: str) -> str:
         status, body = self.post("/v2/models/iris/infer", infer_body(request_id))
         assert status == 200, body
@@ -172,6 +177,21 @@ def test_a_killed_worker_is_restarted(tmp_path, iris_dir):
         assert "exited unexpectedly (signal SIGKILL); restarting" in server.log()
         assert server.process.poll() is None
         assert len(rest_connections(server)) == WORKERS  # both serve again, on the same port
+
+
+def test_a_hot_swap_on_one_worker_reaches_every_worker(tmp_path, iris_dir):
+    config_path = iris_dir / "iris" / "config.json"
+    with workers_server(tmp_path, iris_dir) as server:
+        first, second = rest_connections(server).values()
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "version": "swap-2"}))
+        assert first.post("/v2/repository/models/iris/load", "")[0] == 200
+        wait_for(lambda: second.get("/v2/models/iris")[1]["versions"] == ["swap-2"], timeout=60,
+                 what="the other worker to load the new version")
+        assert first.get("/v2/models/iris")[1]["versions"] == ["swap-2"]
+        assert second.post("/v2/repository/models/iris/unload", "")[0] == 200
+        wait_for(lambda: first.get("/v2/models/iris")[0] == 404, timeout=60, what="the other worker to unload")
+        assert "model iris: unload by worker" in server.log()
 
 
 def test_workers_stop_themselves_when_the_supervisor_is_killed(tmp_path, iris_dir):
