@@ -204,6 +204,36 @@ def test_workers_stop_themselves_when_the_supervisor_is_killed(tmp_path, iris_di
     assert all(logged(tmp_path, ids))
 
 
+OPEN_AND_LOG = """
+import pathlib, sys, time
+from predictors.feedback.store import FeedbackStore
+store = FeedbackStore(sys.argv[1])
+print("ready", flush=True)
+while not pathlib.Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+store.record_predictions("iris", "1", [(sys.argv[3], 0)])
+"""
+
+
+def test_workers_opening_a_new_sqlite_store_at_once_all_write(tmp_path):
+    """Workers share a new SQLite file: the first writes of several processes race to switch it to WAL
+    and to create the tables; none may fail (a failure marks the store down for 5 s)."""
+    for attempt in range(5):
+        where = tmp_path / f"attempt-{attempt}"
+        where.mkdir()
+        db, go = where / "feedback.db", where / "go"
+        processes = [subprocess.Popen([sys.executable, "-c", OPEN_AND_LOG, f"sqlite:///{db}", str(go), f"p{i}"],
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for i in range(3)]
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready"
+        go.touch()
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-2000:]
+        assert all(logged(where, ["p0", "p1", "p2"]))
+
+
 def run_serve(args: list[str], tmp_path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'f.db'}"}
     return subprocess.run([sys.executable, "-m", "predictors", "serve", "--host", "127.0.0.1", *args],
