@@ -12,7 +12,9 @@ All servers run at once and are driven in turn, round after round (see
 :func:`bench.common.interleave`), so other load on the machine hits them alike. "ours" is the
 server as it should ship for Iris: package defaults plus adaptive batching 32 / 0 ms (see
 ``DEFAULTS``); extra rows measure batching off and the prediction log off, the measurements
-behind that default and behind where the time goes.
+behind that default and behind where the time goes, and "ours, --workers 2" (two worker
+processes on the same ports, :mod:`predictors.workers`) against "ours" (one): on two cores
+that the load generator shares, the second worker can only use what the generator leaves.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from bench.packages import iris
 
 ROW = [5.9, 3.0, 5.1, 1.8]
 STOCK_KSERVE = "KServe 0.21 (stock)"
+TWO_WORKERS = "ours, --workers 2"
 CASES: list[tuple[Protocol, int]] = [("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16)]
 # "ours" runs with the batching the Iris package should ship with (adaptive, natural batching: no
 # timer), set on the command line so the figure does not depend on what models/iris says today.
@@ -69,7 +72,9 @@ def run(requests: int = 3000, rounds: int = 3, quick: bool = False) -> dict[str,
     package = iris(models)
     c16 = [c for c in CASES if c[1] == 16]
     with ExitStack() as stack:
-        contenders = [contender("ours", stack.enter_context(our_server("iris-ours", models, extra_args=DEFAULTS)))]
+        contenders = [contender("ours", stack.enter_context(our_server("iris-ours", models, extra_args=DEFAULTS))),
+                      contender(TWO_WORKERS, stack.enter_context(our_server(
+                          "iris-ours-w2", models, extra_args=[*DEFAULTS, "--workers", "2"])))]
         if not quick:
             contenders += [
                 contender("ours, batching off", stack.enter_context(our_server(
@@ -99,6 +104,9 @@ def run(requests: int = 3000, rounds: int = 3, quick: bool = False) -> dict[str,
         r["ratio_vs_kserve"] = r["throughput"] / stock[(r["protocol"], r["concurrency"])]["throughput"]
 
     ours = {(r["protocol"], r["concurrency"]): r for r in rows if r["server"] == "ours"}
+    for r in rows:
+        if r["server"] == TWO_WORKERS:
+            r["ratio_vs_one_worker"] = r["throughput"] / ours[(r["protocol"], r["concurrency"])]["throughput"]
 
     def target(value: float, goal: float, at_most: bool = False) -> dict[str, Any]:
         return {"value": round(value, 2), "target": goal, "met": value <= goal if at_most else value >= goal}
@@ -119,6 +127,9 @@ def run(requests: int = 3000, rounds: int = 3, quick: bool = False) -> dict[str,
           r["server_cpu_ms"], r["ratio_vs_mlserver"], r["ratio_vs_kserve"], r["loadavg"]] for r in rows])
     for name, t in targets.items():
         print(f"  target {name}: {'met' if t['met'] else 'MISSED'} ({t['value']})")
+    for r in rows:
+        if r["server"] == TWO_WORKERS:
+            print(f"  --workers 2 vs 1, {r['protocol']} c={r['concurrency']}: {r['ratio_vs_one_worker']:.2f}x")
     payload = {"benchmark": "iris", "machine": info, "requests_per_round": requests, "rounds": rounds,
                "package": package.source, "mlserver": PINS, "rows": rows, "targets": targets, "table": text,
                "loadavg_at_end": loadavg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -2,7 +2,8 @@
 
 ``serve`` accepts KServe's own server flags in KServe's spelling (``--http_port``,
 ``--grpc_port``, ``--workers``, ``--max_threads``, ``--enable_grpc``, ...), so the same
-arguments work here and in an InferenceService container.
+arguments work here and in an InferenceService container. ``--workers N`` runs N server
+processes on the same ports (:mod:`predictors.workers`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,31 @@ logger = logging.getLogger("predictors")
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from predictors.server import serve
     from predictors.settings import ServerSettings
 
     settings = ServerSettings.from_env(host=args.host, max_batch_size=args.max_batch_size,
                                        max_latency_ms=args.max_latency_ms, metrics_auth=args.metrics_auth,
                                        access_log=args.access_log)
-    if args.workers > 1:
-        logger.warning("--workers %d ignored: one process serves REST and gRPC; scale with replicas", args.workers)
-    serve(args.model_dir, settings, http_port=args.http_port, grpc_port=args.grpc_port, workers=1,
-          max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
-          enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
-          access_log_format=args.access_log_format, event_loop=args.event_loop,
-          timeout_keep_alive=args.timeout_keep_alive)
+    if args.workers > 1 and args.worker_fds is None:
+        from predictors.workers import supervise
+
+        sys.exit(supervise(args.argv, args.workers, host=args.host, http_port=args.http_port,
+                           grpc_port=args.grpc_port if args.enable_grpc else None,
+                           configure_logs=args.configure_logging, log_config_file=args.log_config_file))
+    server_kwargs = dict(
+        http_port=args.http_port, grpc_port=args.grpc_port, workers=1, max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format, event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive)
+    if args.worker_fds is not None:
+        from predictors.workers import serve_worker
+
+        serve_worker(args.worker_fds, args.model_dir, settings, **server_kwargs)
+    else:
+        from predictors.server import serve
+
+        serve(args.model_dir, settings, **server_kwargs)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -72,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "env KCP_METRICS_AUTH)")
     serve.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                        help="log one line per HTTP request (default: off; env KCP_ACCESS_LOG)")
+    # Set by predictors.workers on the worker processes of --workers N: their inherited sockets.
+    serve.add_argument("--kcp-worker-fds", dest="worker_fds", default=None, help=argparse.SUPPRESS)
     # KServe logs a latency line per request by default; like the access log, that is opt-in here.
     serve.set_defaults(func=_serve, enable_latency_logging=False)
 
@@ -89,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve" and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --workers passes on to each worker
     args.func(args)
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,11 @@ class BoundRESTServer(RESTServer):
     time on every request. uvicorn's access log is one more log line per request: off unless asked for.
     """
 
-    def __init__(self, *args: Any, host: str, access_log: bool, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, host: str, access_log: bool, sockets: list[socket.socket] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = host
+        self._sockets = sockets
         if not access_log:  # uvicorn logs access whenever its logger has a handler (uvicorn.Config does the same)
             access_logger = logging.getLogger("uvicorn.access")
             access_logger.handlers = []
@@ -117,9 +120,17 @@ class BoundRESTServer(RESTServer):
         app = kserve_model_server.app
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
+    async def start(self) -> None:
+        """KServe's ``start``, on ``sockets`` when given (``--workers``: the one REST socket all workers share)."""
+        self.create_application()
+        await self._server.serve(sockets=self._sockets)
+
 
 class ClassifierServer(kserve.ModelServer):
     """The model server: KServe's, plus the pieces listed in this module's docstring."""
+
+    rest_sockets: list[socket.socket] | None = None
+    """Sockets to serve REST on instead of binding ``host:http_port`` (set by :mod:`predictors.workers`)."""
 
     def __init__(self, model_dir: str | Path, settings: ServerSettings, **kwargs: Any) -> None:
         self.settings = settings
@@ -192,7 +203,7 @@ class ClassifierServer(kserve.ModelServer):
         self._rest_server = BoundRESTServer(
             FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
             self.http_port, host=self.settings.host, access_log=self.settings.access_log,
-            access_log_format=self.access_log_format, workers=1,
+            access_log_format=self.access_log_format, workers=1, sockets=self.rest_sockets,
             grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())
@@ -266,9 +277,10 @@ def _open_feedback_store(settings: ServerSettings):
     return FeedbackStore(settings.feedback_db_url)
 
 
-def serve(model_dir: str | Path, settings: ServerSettings, **server_kwargs: Any) -> None:
-    """Entry point used by ``python -m predictors serve``."""
-    server = ClassifierServer(model_dir, settings, **server_kwargs)
+def serve(model_dir: str | Path, settings: ServerSettings, *,
+          server_class: Callable[..., ClassifierServer] = ClassifierServer, **server_kwargs: Any) -> None:
+    """Entry point used by ``python -m predictors serve`` (``server_class``: a ``--workers`` worker's)."""
+    server = server_class(model_dir, settings, **server_kwargs)
     try:
         server.start()
     except PackageError as exc:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -349,11 +350,15 @@ class FeedbackStore:
                              pool_timeout=self.statement_timeout_s, connect_args=connect_args)
 
     def _create_tables(self) -> None:
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Several replicas starting together would race on CREATE TABLE's catalog rows.
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-            metadata.create_all(conn, checkfirst=True)
+        """Several replicas (or ``--workers`` processes) starting together would race on CREATE TABLE:
+        PostgreSQL serialises them with an advisory lock, SQLite with the write lock taken up front."""
+        with self.engine.connect() as conn:
+            if self._is_sqlite:
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+                metadata.create_all(conn, checkfirst=True)
 
     # --- availability -----------------------------------------------------------------------
 
@@ -691,7 +696,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         try:
             cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-            cur.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cur)
         finally:
             cur.close()
 
@@ -699,3 +704,21 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _enable_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while the database is locked.
+
+    Processes opening a new database together (``--workers``) race to switch it to WAL; a
+    connection that loses may get "database is locked" at once, busy timeout or not (SQLite
+    does not wait where waiting could deadlock), so it tries again within the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
