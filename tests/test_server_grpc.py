@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
-from tests.support.v2 import png_bytes, raw_stub
+from tests.support.v2 import png_bytes, raw_stub, split_bytes_tensor
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 
@@ -37,12 +37,7 @@ def _outputs(response) -> dict[str, np.ndarray]:
         if response.raw_output_contents:
             raw = response.raw_output_contents[i]
             if out.datatype == "BYTES":
-                values, offset = [], 0
-                while offset < len(raw):
-                    n = int.from_bytes(raw[offset: offset + 4], "little")
-                    values.append(raw[offset + 4: offset + 4 + n])
-                    offset += 4 + n
-                result[out.name] = np.asarray(values, dtype=object)
+                result[out.name] = np.asarray(split_bytes_tensor(raw), dtype=object)
             else:
                 dtype = {"INT64": np.int64, "FP32": np.float32}[out.datatype]
                 result[out.name] = np.frombuffer(raw, dtype=dtype).reshape(list(out.shape))

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.ports import free_port, stop_process, wait_for
 from tests.fixtures.server import REPO, TRAINED_MODELS
-from tests.support.v2 import output, raw_stub, tensor
+from tests.support.v2 import output, raw_stub, split_bytes_tensor, tensor
 
 SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]
 
@@ -103,11 +103,7 @@ def _binary_rest(url: str, request_outputs: list[dict] | None, parameters: dict 
         chunk = body[offset: offset + size]
         offset += size
         if out["datatype"] == "BYTES":
-            values, i = [], 0
-            while i < len(chunk):
-                n = int.from_bytes(chunk[i: i + 4], "little")
-                values.append(chunk[i + 4: i + 4 + n].decode())
-                i += 4 + n
+            values = [v.decode() for v in split_bytes_tensor(chunk)]
             decoded[out["name"]] = np.asarray(values).reshape(out["shape"])
         else:
             dtype = {"FP32": "<f4", "INT64": "<i8"}[out["datatype"]]
@@ -133,11 +129,7 @@ def _grpc(target: str, raw: bool) -> dict:
         if response.raw_output_contents:
             chunk = response.raw_output_contents[i]
             if out.datatype == "BYTES":
-                items, j = [], 0
-                while j < len(chunk):
-                    n = int.from_bytes(chunk[j: j + 4], "little")
-                    items.append(chunk[j + 4: j + 4 + n].decode())
-                    j += 4 + n
+                items = [v.decode() for v in split_bytes_tensor(chunk)]
                 values[out.name] = np.asarray(items).reshape(list(out.shape))
             else:
                 dtype = {"FP32": "<f4", "INT64": "<i8"}[out.datatype]

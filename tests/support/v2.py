@@ -62,6 +62,16 @@ def output(response: dict[str, Any], name: str) -> np.ndarray:
     raise KeyError(f"no output {name} in {[o['name'] for o in response['outputs']]}")
 
 
+def split_bytes_tensor(chunk: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor in the binary format (4-byte little-endian length, then the bytes)."""
+    values, offset = [], 0
+    while offset < len(chunk):
+        n = int.from_bytes(chunk[offset: offset + 4], "little")
+        values.append(chunk[offset + 4: offset + 4 + n])
+        offset += 4 + n
+    return values
+
+
 class RawV2Stub:
     """gRPC stub built from the project's ``open_inference_grpc.proto`` at test time.
 
