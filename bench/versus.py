@@ -1,11 +1,12 @@
-"""Iris A/B between commits: ``python -m bench.versus [--rounds 3] [--requests 2000] [--stock] REV [REV ...]``.
+"""Iris A/B between commits: ``python -m bench.versus [--rounds 3] [--requests 2000] [--stock] [--only P] REV ...``.
 
 Each ``REV`` (a git revision, or ``.`` for the working tree) is served by ``python -m predictors
 serve`` from its own ``git archive`` export, with the same flags ``bench iris`` gives "ours";
 ``REV:ARGS`` adds server flags (``HEAD:--event-loop asyncio``). All contenders run at once and are
 driven in turn, round after round (:func:`bench.common.interleave`), so a change is measured
 against its parent under the same machine load, which ``bench iris`` alone cannot do.
-``--stock`` adds stock KServe (:mod:`bench.kserve_stock`). Prints the table; writes nothing.
+``--stock`` adds stock KServe (:mod:`bench.kserve_stock`); ``--only rest`` or ``--only grpc`` keeps
+one protocol's cases. Prints the table; writes nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--stock", action="store_true", help="add stock KServe as a contender")
+    parser.add_argument("--only", choices=["rest", "grpc"], help="only this protocol's cases")
     args = parser.parse_args(argv)
     models = WORK / "iris-models"
     package = iris(models)
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.stock:
             contenders.append(contender(STOCK_KSERVE, stack.enter_context(kserve_stock(
                 "versus-kserve", package.path / "model.joblib"))))
-        rows = interleave(contenders, CASES, args.requests, args.rounds)
+        cases = [c for c in CASES if args.only in (None, c[0])]
+        rows = interleave(contenders, cases, args.requests, args.rounds)
     print(table(f"Iris A/B — median of {args.rounds} interleaved rounds × {args.requests} requests",
                 ["server", "protocol", "conc.", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "load avg"],
                 [[r["server"], r["protocol"], r["concurrency"], r["throughput"], r["p50_ms"], r["p99_ms"],

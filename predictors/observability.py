@@ -7,7 +7,9 @@ both protocols, including the ones rejected before reaching the model.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -25,15 +27,22 @@ def _model_label(name: str) -> str:
     return name if len(name) <= MAX_MODEL_LABEL and re.fullmatch(r"[A-Za-z0-9._-]+", name) else "_invalid"
 
 
+@functools.lru_cache(maxsize=1024)
+def _children(model: str, protocol: str, status: str) -> tuple[Any, Any]:
+    """The latency and count series of one (model, protocol, status): looked up once, not per request."""
+    label = _model_label(model or "_invalid")
+    return LATENCY.labels(label, protocol), REQUESTS.labels(label, protocol, status)
+
+
 def observe_rest(model: str, status: int, seconds: float) -> None:
     """Count one REST ``/infer`` request (called by :class:`predictors.middleware.ServingMiddleware`)."""
-    label = _model_label(model)
-    LATENCY.labels(label, "rest").observe(seconds)
-    REQUESTS.labels(label, "rest", str(status)).inc()
+    latency, count = _children(model, "rest", str(status))
+    latency.observe(seconds)
+    count.inc()
 
 
 def observe_grpc(model: str, code: str, seconds: float) -> None:
     """Count one gRPC ``ModelInfer`` call by its status code name (called by the servicer itself)."""
-    label = _model_label(model or "_invalid")
-    LATENCY.labels(label, "grpc").observe(seconds)
-    REQUESTS.labels(label, "grpc", code).inc()
+    latency, count = _children(model, "grpc", code)
+    latency.observe(seconds)
+    count.inc()

@@ -111,12 +111,16 @@ class WriteBehindLog:
                              "logged", self._queued_rows, len(rows), model)
                 return
             await self._wait_progress()
+        idle = not self._queue
         self._seq += 1
         self._queue.append(_Entry(model, version, rows, self._seq, time.monotonic()))
         self._queued_rows += len(rows)
         QUEUED_ROWS.set(self._queued_rows)
-        assert self._wakeup is not None
-        self._wakeup.set()
+        if idle or self._queued_rows >= self.flush_rows:
+            # Only what can end the writer's wait: the first row (it starts the flush interval) or a full
+            # flush. Waking it for every row cost a task switch and a new timer per request.
+            assert self._wakeup is not None
+            self._wakeup.set()
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Write everything queued so far; False if it is not written within ``timeout`` seconds."""
