@@ -88,6 +88,16 @@ def test_a_logged_prediction_is_never_overwritten(store: FeedbackStore) -> None:
     assert store.prediction_count("iris") == 2
 
 
+def test_a_flush_larger_than_one_statement_logs_every_row_once(store: FeedbackStore) -> None:
+    """Rows go in multi-row statements of at most 500: a 1,203-row flush spans three of them."""
+    store.record_predictions("iris", "1", [("p-700", 0)])  # already logged: keeps its first answer
+    rows = [(f"p-{i}", i % 3) for i in range(1203)]
+    assert store.record_predictions("iris", "1", rows) == 1202
+    assert store.prediction_count("iris") == 1203
+    store.add_feedback_by_ids("iris", [("p-700", 1), ("p-1202", 1)])
+    assert store.confusion("iris", [0, 1, 2]).tolist() == [[0, 0, 0], [1, 0, 1], [0, 0, 0]]  # p-700 kept 0
+
+
 def test_relogging_an_id_with_feedback_leaves_it_counted_once(store: FeedbackStore) -> None:
     store.record_predictions("iris", "1", [("r", 0)])
     store.add_feedback_by_ids("iris", [("r", 0)])
