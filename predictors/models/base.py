@@ -102,6 +102,10 @@ class Prepared:
 class PackageModel(Model):
     """A ``kserve.Model`` serving one model package; subclasses load the artifact and decode inputs."""
 
+    inline_candidate = True
+    """False for a framework whose ``predict_array`` must never run on the event loop unless config.json
+    says so (it releases the GIL while computing, so the thread pool overlaps it with request handling)."""
+
     def __init__(self, package: ModelPackage, context: ServingContext) -> None:
         super().__init__(package.name)
         self.package = package
@@ -136,6 +140,10 @@ class PackageModel(Model):
             logger.info("model %s: predict runs %s (config.json inline_predict)", self.name,
                         "inline" if override else "in the thread pool")
             return override
+        if not self.inline_candidate:
+            logger.info("model %s: predict runs in the thread pool (%s computes outside the GIL)", self.name,
+                        self.config.framework)
+            return False
         sample = self.sample_features()
         fastest = min(_timed(self.predict_array, sample) for _ in range(INLINE_TIMING_CALLS))
         inline = fastest < INLINE_MAX_SECONDS
