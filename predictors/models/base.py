@@ -48,6 +48,7 @@ INLINE_MAX_ROWS = 64
 INLINE_TIMING_CALLS = 20
 
 IDS_INPUT = "ids"
+_TOP_K_OUTPUTS = frozenset({"top_k_labels", "top_k_probabilities"})
 # The request id's share of a prediction id: the server part and a batch row index must still fit the
 # feedback store's 256 characters, so a longer request id is cut (the server part alone is unique).
 REQUEST_ID_CHARS = 200
@@ -113,6 +114,11 @@ class PackageModel(Model):
         self.context = context
         self.batcher: Batcher | None = None
         self.inline_max_rows = 0  # requests up to this many rows predict on the event loop (see _decide_inline)
+        # Fixed by the package: computed once, not per request.
+        self._output_names = self._compute_output_names()
+        self._default_outputs = [RequestedOutput(name) for name in self._output_names if name != IDS_INPUT]
+        self._default_outputs_with_ids = [RequestedOutput(name) for name in self._output_names]
+        self._label_names = [package.labels.name_of(label) for label in package.labels.labels]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -187,6 +193,9 @@ class PackageModel(Model):
                 for name, (dtype, _) in OUTPUTS.items() if name in self.output_names()]
 
     def output_names(self) -> list[str]:
+        return self._output_names
+
+    def _compute_output_names(self) -> list[str]:
         post = self.config.postprocessing
         names = ["label"]
         if post.label_names:
@@ -277,9 +286,14 @@ class PackageModel(Model):
         if request.outputs:
             wanted = request.outputs
         else:
-            wanted = [RequestedOutput(name) for name in self.output_names() if name != IDS_INPUT or result.ids]
-        outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids)
-                   for name in wanted]
+            wanted = self._default_outputs_with_ids if result.ids else self._default_outputs
+        top = None
+        if any(name.name in _TOP_K_OUTPUTS for name in wanted):  # once for both top-k outputs, vectorised
+            k = min(self.config.postprocessing.top_k, probs.shape[1])
+            top_labels = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            top = (top_labels, probs[np.arange(len(probs))[:, None], top_labels])
+        outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids,
+                                top) for name in wanted]
         response = V2Response(result.request_id, self.name, self.config.version, outputs)
         return _as_kserve(response, request) if result.stock else response
 
@@ -288,12 +302,13 @@ class PackageModel(Model):
         return await self.postprocess(await self.predict(await self.preprocess(request)))
 
     def _output(self, name: str, binary: bool, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
-                ids: list[str] | None) -> Output:
+                ids: list[str] | None, top: tuple[np.ndarray, np.ndarray] | None) -> Output:
         n = len(labels)
         if name == "label":
             return Output(name, "INT64", [n], labels, binary)
         if name == "label_name":
-            return Output(name, "BYTES", [n], [self.package.labels.name_of(int(i)) for i in labels], binary)
+            names = self._label_names
+            return Output(name, "BYTES", [n], [names[i] for i in labels.tolist()], binary)
         if name == "probabilities":
             return Output(name, "FP32", list(probs.shape), probs, binary)
         if name == "prediction_id":
@@ -302,11 +317,12 @@ class PackageModel(Model):
             if ids is None:
                 raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
             return Output(name, "BYTES", [n], ids, binary)
-        k = min(self.config.postprocessing.top_k, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        assert top is not None  # postprocess computes it when a top-k output is wanted
+        top_labels, top_probs = top
+        k = top_labels.shape[1]
         if name == "top_k_labels":
-            return Output(name, "INT64", [n, k], top.astype(np.int64), binary)
-        return Output(name, "FP32", [n, k], np.take_along_axis(probs, top, axis=1), binary)
+            return Output(name, "INT64", [n, k], top_labels.astype(np.int64), binary)
+        return Output(name, "FP32", [n, k], top_probs, binary)
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
         """Queue predictions for the write-behind log (:mod:`predictors.prediction_log`): the response
