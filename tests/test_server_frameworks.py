@@ -11,12 +11,14 @@ import sys
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from predictors.errors import BadInput
 from predictors.models import ServingContext, model_for
+from predictors.models.base import Prepared
 from predictors.models.tabular import TabularModel
 from predictors.package import FRAMEWORKS, load_package
-from predictors.v2 import Tensor
+from predictors.v2 import Tensor, V2Request
 from tests.fixtures.server import REPO, TRAINED_MODELS, start_model_server
 
 
@@ -124,3 +126,20 @@ def test_raw_fp32_pixels_must_be_finite_and_in_range(fashion_model, value, messa
     pixels[0, 3, 4] = 1.0
     decoded = asyncio.run(fashion_model.decode_features(Tensor("input-0", "FP32", [1, 28, 28], raw=pixels.tobytes())))
     assert np.array_equal(decoded, pixels) and decoded.dtype == np.float32
+
+
+def test_a_request_that_fills_a_batch_by_itself_skips_the_batcher(fashion_model):
+    def batched_calls() -> float:
+        return REGISTRY.get_sample_value("classifier_batch_requests_count", {"model": "fashion-mnist"}) or 0.0
+
+    async def predict(x: np.ndarray) -> np.ndarray:
+        prepared = Prepared(V2Request(None, []), "r", x, len(x), None, False)
+        return (await fashion_model.predict(prepared)).probabilities
+
+    assert fashion_model.batcher is not None and fashion_model.batcher.max_batch_size == 64
+    x = np.random.default_rng(2).random((64, 28, 28), dtype=np.float32)
+    before = batched_calls()
+    np.testing.assert_allclose(asyncio.run(predict(x)), fashion_model.predict_array(x), atol=1e-6)
+    assert batched_calls() == before  # ran on its own, not as a batch
+    np.testing.assert_allclose(asyncio.run(predict(x[:3])), fashion_model.predict_array(x[:3]), atol=1e-6)
+    assert batched_calls() == before + 1  # a smaller request still goes through the batcher

@@ -264,8 +264,12 @@ class PackageModel(Model):
         return ids
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
-        if self.batcher is not None:
-            payload.probabilities = await self.batcher.submit(payload.features)
+        """Through the batcher, unless the request fills a batch by itself: merging would gain it nothing,
+        and queueing it behind the batcher's one call in flight would leave the other cores idle (64-image
+        requests at 4 clients: 6,300 images/s through the batcher, 9,300 without)."""
+        batcher = self.batcher
+        if batcher is not None and payload.n < batcher.max_batch_size:
+            payload.probabilities = await batcher.submit(payload.features)
         elif payload.n <= self.inline_max_rows:
             payload.probabilities = self.predict_array(payload.features)
         else:
