@@ -1,9 +1,11 @@
 """The in-process ceiling: how many images per second the model itself manages with ``predict_on_batch``.
 
 No server, no network, no decoding: the Keras model called on ready float32 batches in a
-loop. Served throughput at concurrency N is compared with this figure at batch size N —
-the best batching could possibly do. Runs in its own process (``python -m bench.ceiling
-MODEL.keras 1 16 64``) so TensorFlow's threads are not shared with anything else of ours.
+loop, with TensorFlow's default thread pools (one thread per core; the server uses one). Served
+throughput of one image per request at concurrency N is compared with this figure at batch size
+N — the best batching could possibly do — and requests of 64 images with batch size 64 (issue
+11's target: ≥ 50 %). Runs in its own process (``python -m bench.ceiling MODEL.keras 1 16 64``)
+so TensorFlow's threads are not shared with anything else of ours.
 """
 
 from __future__ import annotations

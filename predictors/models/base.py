@@ -48,6 +48,7 @@ INLINE_MAX_ROWS = 64
 INLINE_TIMING_CALLS = 20
 
 IDS_INPUT = "ids"
+_TOP_K_OUTPUTS = frozenset({"top_k_labels", "top_k_probabilities"})
 # The request id's share of a prediction id: the server part and a batch row index must still fit the
 # feedback store's 256 characters, so a longer request id is cut (the server part alone is unique).
 REQUEST_ID_CHARS = 200
@@ -102,6 +103,10 @@ class Prepared:
 class PackageModel(Model):
     """A ``kserve.Model`` serving one model package; subclasses load the artifact and decode inputs."""
 
+    inline_candidate = True
+    """False for a framework whose ``predict_array`` must never run on the event loop unless config.json
+    says so (it releases the GIL while computing, so the thread pool overlaps it with request handling)."""
+
     def __init__(self, package: ModelPackage, context: ServingContext) -> None:
         super().__init__(package.name)
         self.package = package
@@ -109,6 +114,11 @@ class PackageModel(Model):
         self.context = context
         self.batcher: Batcher | None = None
         self.inline_max_rows = 0  # requests up to this many rows predict on the event loop (see _decide_inline)
+        # Fixed by the package: computed once, not per request.
+        self._output_names = self._compute_output_names()
+        self._default_outputs = [RequestedOutput(name) for name in self._output_names if name != IDS_INPUT]
+        self._default_outputs_with_ids = [RequestedOutput(name) for name in self._output_names]
+        self._label_names = [package.labels.name_of(label) for label in package.labels.labels]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -136,6 +146,10 @@ class PackageModel(Model):
             logger.info("model %s: predict runs %s (config.json inline_predict)", self.name,
                         "inline" if override else "in the thread pool")
             return override
+        if not self.inline_candidate:
+            logger.info("model %s: predict runs in the thread pool (%s computes outside the GIL)", self.name,
+                        self.config.framework)
+            return False
         sample = self.sample_features()
         fastest = min(_timed(self.predict_array, sample) for _ in range(INLINE_TIMING_CALLS))
         inline = fastest < INLINE_MAX_SECONDS
@@ -179,6 +193,9 @@ class PackageModel(Model):
                 for name, (dtype, _) in OUTPUTS.items() if name in self.output_names()]
 
     def output_names(self) -> list[str]:
+        return self._output_names
+
+    def _compute_output_names(self) -> list[str]:
         post = self.config.postprocessing
         names = ["label"]
         if post.label_names:
@@ -247,8 +264,12 @@ class PackageModel(Model):
         return ids
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
-        if self.batcher is not None:
-            payload.probabilities = await self.batcher.submit(payload.features)
+        """Through the batcher, unless the request fills a batch by itself: merging would gain it nothing,
+        and queueing it behind the batcher's one call in flight would leave the other cores idle (64-image
+        requests at 4 clients: 6,300 images/s through the batcher, 9,300 without)."""
+        batcher = self.batcher
+        if batcher is not None and payload.n < batcher.max_batch_size:
+            payload.probabilities = await batcher.submit(payload.features)
         elif payload.n <= self.inline_max_rows:
             payload.probabilities = self.predict_array(payload.features)
         else:
@@ -269,9 +290,14 @@ class PackageModel(Model):
         if request.outputs:
             wanted = request.outputs
         else:
-            wanted = [RequestedOutput(name) for name in self.output_names() if name != IDS_INPUT or result.ids]
-        outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids)
-                   for name in wanted]
+            wanted = self._default_outputs_with_ids if result.ids else self._default_outputs
+        top = None
+        if any(name.name in _TOP_K_OUTPUTS for name in wanted):  # once for both top-k outputs, vectorised
+            k = min(self.config.postprocessing.top_k, probs.shape[1])
+            top_labels = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            top = (top_labels, probs[np.arange(len(probs))[:, None], top_labels])
+        outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids,
+                                top) for name in wanted]
         response = V2Response(result.request_id, self.name, self.config.version, outputs)
         return _as_kserve(response, request) if result.stock else response
 
@@ -280,12 +306,13 @@ class PackageModel(Model):
         return await self.postprocess(await self.predict(await self.preprocess(request)))
 
     def _output(self, name: str, binary: bool, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
-                ids: list[str] | None) -> Output:
+                ids: list[str] | None, top: tuple[np.ndarray, np.ndarray] | None) -> Output:
         n = len(labels)
         if name == "label":
             return Output(name, "INT64", [n], labels, binary)
         if name == "label_name":
-            return Output(name, "BYTES", [n], [self.package.labels.name_of(int(i)) for i in labels], binary)
+            names = self._label_names
+            return Output(name, "BYTES", [n], [names[i] for i in labels.tolist()], binary)
         if name == "probabilities":
             return Output(name, "FP32", list(probs.shape), probs, binary)
         if name == "prediction_id":
@@ -294,11 +321,12 @@ class PackageModel(Model):
             if ids is None:
                 raise BadInput(f"output '{name}' needs input '{IDS_INPUT}'")
             return Output(name, "BYTES", [n], ids, binary)
-        k = min(self.config.postprocessing.top_k, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        assert top is not None  # postprocess computes it when a top-k output is wanted
+        top_labels, top_probs = top
+        k = top_labels.shape[1]
         if name == "top_k_labels":
-            return Output(name, "INT64", [n, k], top.astype(np.int64), binary)
-        return Output(name, "FP32", [n, k], np.take_along_axis(probs, top, axis=1), binary)
+            return Output(name, "INT64", [n, k], top_labels.astype(np.int64), binary)
+        return Output(name, "FP32", [n, k], top_probs, binary)
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
         """Queue predictions for the write-behind log (:mod:`predictors.prediction_log`): the response
