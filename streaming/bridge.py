@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import orjson
 
 from streaming.batching import MicroBatcher
-from streaming.cloudevents import CloudEvent, now, to_kafka_headers
+from streaming.cloudevents import SPEC_VERSION, now
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
 from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
 from streaming.metrics import BridgeMetrics, HealthServer
@@ -106,6 +106,7 @@ class Bridge:
         self._pending = 0
         self._pending_bytes = 0
         self._produced_by_model: dict[str, Any] = {}
+        self._result_fixed: HeaderList | None = None
         self._stop: asyncio.Event | None = None
         # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
         # waiters costs O(waiters) per acquire on Python 3.11: a burst made that the bridge's top frame).
@@ -475,7 +476,10 @@ class Bridge:
 
     def result_record(self, d: DecodedRequest, response: InferResponse, source: Message,
                       stamp: str | None = None) -> tuple[bytes, HeaderList]:
-        """The result value (JSON) and headers (CloudEvents binary mode + correlation)."""
+        """The result value (JSON) and headers (CloudEvents binary mode + correlation).
+
+        The headers are those :func:`~streaming.cloudevents.to_kafka_headers` writes for the result event (same
+        names, order and values), built directly: the attributes that never change are encoded once."""
         model = response.model_name or d.request.model_name
         version = response.model_version or d.request.model_version
         body: dict[str, Any] = {
@@ -490,18 +494,27 @@ class Bridge:
         body.update(d.extra)
         body["source"] = {"topic": source.topic, "partition": source.partition, "offset": source.offset,
                           "position": source.position}
-        extensions = {"correlationid": d.correlation_id, "modelversion": version or ""}
+        if self._result_fixed is None:
+            self._result_fixed = [("ce_source", self.settings.cloudevents_source.encode()),
+                                  ("ce_specversion", SPEC_VERSION.encode()), ("ce_type", RESULT_TYPE.encode()),
+                                  ("content-type", b"application/json")]
+        correlation = d.correlation_id.encode()
+        model_b = model.encode()
+        headers = [("ce_id", d.request_id.encode()), *self._result_fixed, ("ce_subject", model_b),
+                   ("ce_time", (stamp or now()).encode())]
+        if correlation:
+            headers.append(("ce_correlationid", correlation))
+        version_b = version.encode() if version else b""
+        if version_b:
+            headers.append(("ce_modelversion", version_b))
         if d.cloudevent is not None:
+            extensions = d.cloudevent.extensions
             for name in ("traceparent", "tracestate"):
-                if name in d.cloudevent.extensions:
-                    extensions[name] = d.cloudevent.extensions[name]
-        event = CloudEvent(id=d.request_id, source=self.settings.cloudevents_source, type=RESULT_TYPE,
-                           subject=model, time=stamp or now(), datacontenttype="application/json",
-                           extensions={k: v for k, v in extensions.items() if v})
-        headers = [*to_kafka_headers(event), (CORRELATION_HEADER, d.correlation_id.encode()),
-                   ("kcp-model", model.encode())]
-        if version:
-            headers.append(("kcp-model-version", version.encode()))
+                if extensions.get(name):
+                    headers.append(("ce_" + name, extensions[name].encode()))
+        headers += [(CORRELATION_HEADER, correlation), ("kcp-model", model_b)]
+        if version_b:
+            headers.append(("kcp-model-version", version_b))
         return to_json(body), headers
 
 
