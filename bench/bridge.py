@@ -116,6 +116,8 @@ def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int 
                 burst = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), count, f"{run_id}b"))
             cpu_ms_per_result = {name: round(1000 * (cpu_seconds(svc.process.pid) - cpu_before[name]) / count, 3)
                                  for name, svc in procs.items()}
+            if burst.cpu_s is not None:  # the load generator shares the cores too: its CPU is part of the picture
+                cpu_ms_per_result["load generator"] = round(1000 * burst.cpu_s / count, 3)
             print(f"  CPU ms per result during the burst: {cpu_ms_per_result}", flush=True)
             print(f"  burst: {burst.received}/{count} results in {burst.seconds:.2f} s = "
                   f"{burst.results_per_s:,.0f}/s (load {load_burst[0]})", flush=True)

@@ -77,16 +77,18 @@ def is_cloudevent(headers: Iterable[tuple[str, bytes]]) -> bool:
 
 
 def from_kafka(headers: Iterable[tuple[str, bytes]], value: bytes | None) -> CloudEvent | None:
-    """Decode a Kafka record as a CloudEvent; None if it is not one, CloudEventError if malformed."""
-    headers = list(headers)
+    """Decode a Kafka record as a CloudEvent; None if it is not one, CloudEventError if malformed.
+
+    Header names compare case-insensitively (the last of a name wins); this runs once per consumed message,
+    so the loop stays flat (no helper call per header)."""
     attrs: dict[str, str] = {}
     content_type: str | None = None
     for k, v in headers:
         name = k.lower()
         if name.startswith(HEADER_PREFIX):
-            attrs[name[len(HEADER_PREFIX):]] = _text(v) or ""
+            attrs[name[3:]] = v.decode("utf-8", errors="replace") if v else ""
         elif name == CONTENT_TYPE:
-            content_type = _text(v)
+            content_type = v.decode("utf-8", errors="replace") if v is not None else None
     if content_type and content_type.lower().startswith(STRUCTURED_JSON):
         return _from_structured(value or b"")
     if "specversion" not in attrs:
@@ -123,13 +125,14 @@ def _is_json(content_type: str | None) -> bool:
 
 
 def _build(attrs: dict[str, str], data: bytes | None) -> CloudEvent:
-    missing = [a for a in REQUIRED if not attrs.get(a)]
-    if missing:
+    if not (attrs.get("id") and attrs.get("source") and attrs.get("specversion") and attrs.get("type")):
+        missing = [a for a in REQUIRED if not attrs.get(a)]
         raise CloudEventError(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
     if attrs["specversion"] != SPEC_VERSION:
         raise CloudEventError(f"unsupported CloudEvents specversion {attrs['specversion']!r}")
-    known = {k: attrs.pop(k) for k in KNOWN if k in attrs}
-    return CloudEvent(**known, extensions=attrs, data=data)
+    pop = attrs.pop
+    return CloudEvent(pop("id"), pop("source"), pop("type"), pop("specversion"), pop("datacontenttype", None),
+                      pop("dataschema", None), pop("subject", None), pop("time", None), attrs, data)
 
 
 def to_kafka_headers(event: CloudEvent) -> list[tuple[str, bytes]]:

@@ -35,6 +35,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streaming.messenger import BatchDone, BatchSends, Delivery, HeaderList, Message, PermanentSendError, Record
 from streaming.offsets import OffsetTracker, PartitionTracker
+from streaming.partitioner import Murmur2Partitioner
 from streaming.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class KafkaBackend:
                 batch_size=min(s.batch_size, s.max_request_size),
                 max_block_ms=s.max_block_ms,
                 max_request_size=s.max_request_size,
+                # the default key -> partition mapping (Java-compatible), without its pure-Python cost per record
+                partitioner=Murmur2Partitioner(),
             )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
         return self._producer
 

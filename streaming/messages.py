@@ -151,12 +151,20 @@ def _request_id(message: Message, event: CloudEvent | None, explicit: Any) -> st
     return message.position or f"{message.topic}/{message.partition}/{message.offset}"
 
 
+def _first_header(headers: Mapping[str, bytes], names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` present with a non-empty value, decoded."""
+    for name in names:
+        raw = headers.get(name)
+        if raw:
+            return raw.decode("utf-8", errors="replace")
+    return None
+
+
 def _model(headers: Mapping[str, bytes], doc: dict[str, Any], default: str | None) -> tuple[str, str | None]:
-    header_model = next((v for h in MODEL_HEADERS if (v := _header_str(headers, h))), None)
-    model = header_model or doc.get("model_name") or doc.get("model") or default
+    model = _first_header(headers, MODEL_HEADERS) or doc.get("model_name") or doc.get("model") or default
     if not model or not isinstance(model, str):
         raise BadMessage("invalid-request", "no model named (kcp-model header or model_name field)")
-    version = next((v for h in VERSION_HEADERS if (v := _header_str(headers, h))), None) or doc.get("model_version")
+    version = _first_header(headers, VERSION_HEADERS) or doc.get("model_version")
     return model, str(version) if version not in (None, "") else None
 
 
@@ -165,11 +173,12 @@ def _finish(message: Message, headers: Mapping[str, bytes], event: CloudEvent | 
             extra: dict[str, Any] | None = None) -> DecodedRequest:
     rid = _checked_id("request id", _request_id(message, event, explicit_id), options)
     request.id = rid
-    true_label = next((doc[f] for f in TRUE_LABEL_FIELDS if f in doc), None)
-    extra = dict(extra or {})
+    true_label = doc["true_label"] if "true_label" in doc else doc.get("label")  # TRUE_LABEL_FIELDS, in order
+    extra = dict(extra) if extra else {}
     if "label_name" in doc:
         extra["true_label_name"] = doc["label_name"]
-    correlation = _checked_id("correlation id", _header_str(headers, CORRELATION_HEADER) or rid, options)
+    header = headers.get(CORRELATION_HEADER)
+    correlation = _checked_id("correlation id", header.decode("utf-8", errors="replace"), options) if header else rid
     return DecodedRequest(request, rid, correlation, form, true_label, extra, event)
 
 
@@ -177,10 +186,11 @@ def _checked_id(what: str, value: str, options: DecodeOptions) -> str:
     """An id goes into the key, the CloudEvent id, a header and the body: bound it, and it must be text."""
     if len(value) > options.max_id_chars:
         raise BadMessage("invalid-request", f"{what} is {len(value)} characters; the limit is {options.max_id_chars}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise BadMessage("invalid-request", f"{what} is not valid Unicode ({exc.reason})") from exc
+    if not value.isascii():  # ASCII always encodes; anything else may hold a lone surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadMessage("invalid-request", f"{what} is not valid Unicode ({exc.reason})") from exc
     return value
 
 
@@ -237,21 +247,30 @@ def _row(message: Message, headers: Mapping[str, bytes], event: CloudEvent | Non
                                                 else _named_features(doc, options))
     if not isinstance(values, list) or not values:
         raise BadMessage("invalid-request", "row features must be a non-empty list of numbers")
-    rows = values if isinstance(values[0], list) else [values]
-    width = len(rows[0])
-    if any(not isinstance(r, list) or len(r) != width for r in rows):
-        raise BadMessage("invalid-request", "rows must all have the same number of features")
-    flat = [v for r in rows for v in r]
-    if not all(type(v) in _NUMBERS for v in flat):  # exact types: JSON gives int and float, and bool is no number
-        raise BadMessage("invalid-request", "row features must be numbers")
+    if isinstance(values[0], list):
+        rows = len(values)
+        width = len(values[0])
+        if any(not isinstance(r, list) or len(r) != width for r in values):
+            raise BadMessage("invalid-request", "rows must all have the same number of features")
+        flat = [v for r in values for v in r]
+    else:
+        rows, width, flat = 1, len(values), values
+    floats = True
+    for v in flat:  # exact types: JSON gives int and float, and bool is no number
+        if type(v) is not float:
+            if type(v) is not int:
+                raise BadMessage("invalid-request", "row features must be numbers")
+            floats = False
     model, version = _model(headers, meta, options.default_row_model)
-    inputs = [Tensor(options.input_name, "FP32", [len(rows), width], [float(v) for v in flat])]
+    # the parsed document is ours alone: an all-float row becomes the tensor's data without a copy
+    data = flat if floats else [float(v) for v in flat]
+    inputs = [Tensor(options.input_name, "FP32", [rows, width], data)]
     decoded = _finish(message, headers, event, options, InferRequest(model, inputs, model_version=version), "row",
                       meta, meta.get("id"))
     if options.ids_input:
         rid = decoded.request_id
-        ids = [rid] if len(rows) == 1 else [f"{rid}/{i}" for i in range(len(rows))]
-        inputs.append(Tensor(options.ids_input, "BYTES", [len(rows)], [i.encode("utf-8") for i in ids]))
+        ids = [rid.encode("utf-8")] if rows == 1 else [f"{rid}/{i}".encode() for i in range(rows)]
+        inputs.append(Tensor(options.ids_input, "BYTES", [rows], ids))
     return decoded
 
 
