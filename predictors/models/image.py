@@ -12,10 +12,7 @@ Accepted for the main input, in one request:
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
@@ -24,8 +21,6 @@ from predictors.errors import BadInput, InvalidImage, PayloadTooLarge
 from predictors.models.base import PackageModel
 from predictors.preprocessing import pixel_divisor, run_image_pipeline
 from predictors.v2 import Tensor
-
-logger = logging.getLogger(__name__)
 
 MAX_CONCURRENT_FETCHES = 8
 TF_THREADS = 1
@@ -69,29 +64,9 @@ class ImageModel(PackageModel):
         # call skips the polymorphic function's argument binding and trace lookup.
         concrete = tf.function(lambda x: model(x, training=False), input_signature=[signature]).get_concrete_function()
         self._to_tensor = tf.convert_to_tensor
-        self._serve = lambda x: concrete(x)
+        self._serve = concrete
         self.size = self.config.image_size or self.model_input_shape[0]
-        self._serve = self._flat_call(concrete) or self._serve
         self.predict_array(np.zeros((1, self.size, self.size), dtype=np.float32))  # warm up
-
-    def _flat_call(self, concrete: Any) -> Callable[[Any], Any] | None:
-        """The concrete function's flat call (one tensor in, no structured-signature binding: about 0.2 ms
-        of CPU less per call on the bench machine), if this TensorFlow has it and it answers exactly as the
-        public call does on a test batch; None otherwise."""
-        call_flat, captured = getattr(concrete, "_call_flat", None), getattr(concrete, "captured_inputs", None)
-        if call_flat is None or captured is None:
-            return None
-
-        def flat(x: Any) -> Any:
-            return call_flat([x], captured)
-
-        probe = self._to_tensor(np.random.default_rng(0).random((2, *self.model_input_shape), dtype=np.float32))
-        try:
-            if np.array_equal(flat(probe).numpy(), concrete(probe).numpy()):
-                return flat
-        except Exception:  # a TensorFlow whose private call differs: keep the public one
-            logger.debug("model %s: concrete function flat call unavailable", self.name, exc_info=True)
-        return None
 
     def predict_array(self, features: np.ndarray) -> np.ndarray:
         x = features.reshape((len(features), *self.model_input_shape)).astype(np.float32, copy=False)
