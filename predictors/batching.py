@@ -24,11 +24,6 @@ Why it is *adaptive* and not a fixed timer:
   16 or 64 concurrent clients fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
   wait on Fashion-MNIST cost 20 % of throughput at concurrency 1; bench/RESULTS.md has the
   current figures.)
-* a request that would be a batch of one on an idle *inline* model (see ``inline_max_rows``)
-  skips the queue and runs in its caller's task: the worker's hand-offs would cost more than
-  the model. ``grpc.aio`` admits one call per event-loop turn, so Iris over gRPC is nearly
-  always in this case; every :data:`PROBE_EVERY`-th such request still goes through the
-  queue, so that concurrency hidden behind requests that never overlap is still noticed.
 
 Correctness rules the tests pin down:
 
@@ -80,8 +75,6 @@ class BatchSizeMismatch(RuntimeError):
     """The model returned a different number of rows than it was given: results cannot be split safely."""
 
 
-PROBE_EVERY = 8
-"""Of the requests an idle inline model would run alone, every this-many goes through the queue instead."""
 PEAK_MEMORY_S = 2.0  # how fast the remembered peak concurrency fades back to 1 once load drops
 
 
@@ -116,7 +109,6 @@ class Batcher:
         self._outstanding = 0  # submitted, not yet answered
         self._peak = 1.0  # recent peak of _outstanding, fading towards 1 (see _peak_now)
         self._peak_at = time.perf_counter()
-        self._alone_streak = 0  # requests run alone since the last probe through the queue (see _alone)
         # Bound once: a labelled child lookup per request is measurable at thousands of requests/s.
         self._rows_metric = BATCH_ROWS.labels(model_name)
         self._requests_metric = BATCH_REQUESTS.labels(model_name)
@@ -136,12 +128,9 @@ class Batcher:
             # Lazily, because models load before the server's event loop exists; restarted if it ever died.
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.model_name}")
-        now = time.perf_counter()
-        if self._alone(rows, now):
-            return self._predict_alone(rows)
-        pending = _Pending(rows, loop.create_future(), now)
+        pending = _Pending(rows, loop.create_future())
         self._outstanding += 1
-        self._peak, self._peak_at = max(float(self._outstanding), self._peak_now(now)), now
+        self._peak, self._peak_at = max(float(self._outstanding), self._peak_now(pending.enqueued)), pending.enqueued
         self._queue.append(pending)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -149,29 +138,6 @@ class Batcher:
             return await pending.future
         finally:
             self._settle(pending)  # no-op if the worker already did; counts a cancelled caller out
-
-    def _alone(self, rows: np.ndarray, now: float) -> bool:
-        """Whether this request would be a batch of its own on an inline model: nothing waiting or running here
-        and no recent concurrency that could bring a batch-mate (one client, or gRPC's one-call-at-a-time
-        admission). Then the worker task's hand-offs cost more than they could save."""
-        alone = (len(rows) <= self.inline_max_rows and self._outstanding == 0 and not self._in_flight
-                 and self._peak_now(now) < 1.5)
-        if alone:
-            # Requests that run alone never overlap, so the peak could never show concurrency that does
-            # exist (REST clients queued behind this one): every few, one goes through the queue as a probe.
-            self._alone_streak = (self._alone_streak + 1) % PROBE_EVERY
-            return self._alone_streak != 0
-        return False
-
-    def _predict_alone(self, rows: np.ndarray) -> np.ndarray:
-        """Run one request's inline model call in the caller's task, counted in the batch metrics as a batch of one."""
-        self._queue_metric.observe(0.0)
-        self._requests_metric.observe(1)
-        self._rows_metric.observe(len(rows))
-        result = self.predict_fn(rows)
-        if len(result) != len(rows):
-            raise BatchSizeMismatch(f"model {self.model_name} returned {len(result)} rows for {len(rows)}")
-        return result
 
     def close(self) -> None:
         """Stop batching new requests; requests already queued are still answered, then the worker ends."""

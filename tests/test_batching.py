@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from predictors.batching import PROBE_EVERY, Batcher, BatchSizeMismatch
+from predictors.batching import Batcher, BatchSizeMismatch
 
 LIVENESS_S = 30.0  # generous upper bound so a hang fails the test instead of the suite; not a speed check
 
@@ -338,47 +338,3 @@ def test_small_batches_of_an_inline_model_run_on_the_event_loop_large_ones_in_th
 
     loop_thread = asyncio.run(asyncio.wait_for(main(), LIVENESS_S))
     assert threads[0] == loop_thread and threads[1] != loop_thread
-
-
-def test_a_lone_request_on_an_idle_inline_model_runs_in_its_callers_task_and_every_eighth_probes_the_queue():
-    tasks: list[str] = []
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        try:
-            tasks.append(asyncio.current_task().get_name())
-        except RuntimeError:  # no event loop in this thread: the thread pool
-            tasks.append("pool")
-        return np.zeros((len(x), 3))
-
-    async def main() -> None:
-        batcher = Batcher("unit-alone", predict, max_batch_size=64, max_latency_ms=0, inline_max_rows=8)
-        asyncio.current_task().set_name("caller")
-        for _ in range(2 * PROBE_EVERY):
-            await batcher.submit(np.zeros((1, 4)))
-        await batcher.submit(np.zeros((9, 4)))  # too large to run inline: never alone
-        batcher.close()
-
-    asyncio.run(asyncio.wait_for(main(), LIVENESS_S))
-    queued = [i for i, name in enumerate(tasks) if name != "caller"]
-    assert queued == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1, 2 * PROBE_EVERY]
-    assert [tasks[i] for i in queued] == ["batcher-unit-alone", "batcher-unit-alone", "pool"]
-
-
-def test_concurrent_requests_on_an_inline_model_still_share_model_calls(classifier, rows):
-    calls: list[int] = []
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        calls.append(len(x))
-        return classifier.predict_proba(x)
-
-    async def main() -> list[np.ndarray]:
-        batcher = Batcher("unit-alone-burst", predict, max_batch_size=64, max_latency_ms=0, inline_max_rows=64)
-        results = await asyncio.gather(*(batcher.submit(rows[i:i + 1]) for i in range(64)))
-        batcher.close()
-        return results
-
-    results = asyncio.run(asyncio.wait_for(main(), LIVENESS_S))
-    for i, got in enumerate(results):
-        np.testing.assert_allclose(got, classifier.predict_proba(rows[i:i + 1]))
-    assert sum(calls) == 64
-    assert len(calls) <= 16, calls  # the probe lets the rest of the burst queue up behind it
