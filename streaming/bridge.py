@@ -401,35 +401,18 @@ class Bridge:
         self._published(work)
 
     def _published(self, work: Work) -> None:
-        assert work.decoded is not None
-        self._produced(work.decoded.request.model_name).inc()
-        self._done(work)
+        self._published_all([work])
 
     def _published_all(self, works: list[Work]) -> None:
-        """:meth:`_published` for a batch's acknowledged results, with one update of the counters and gauge."""
-        if not works:
-            return
+        """Count a batch's acknowledged results per model and finish them, one counter update per model."""
         produced: dict[str, int] = {}
-        finished = freed = 0
-        ack, observe, now = self.source.ack, self.metrics.latency.observe, time.monotonic()
         for w in works:
             assert w.decoded is not None
             model = w.decoded.request.model_name
             produced[model] = produced.get(model, 0) + 1
-            if w.done:
-                continue
-            w.done = True
-            ack(w.message)
-            finished += 1
-            freed += len(w.message.value)
-            observe(now - w.received)
         for model, n in produced.items():
             self._produced(model).inc(n)
-        self._pending -= finished
-        self._pending_bytes -= freed
-        self.metrics.pending.set(self._pending)
-        if not self._room.is_set() and self._has_room():
-            self._room.set()
+        self._done_all(works)
 
     async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
         message = work.message
@@ -445,16 +428,27 @@ class Bridge:
         self._done(work)
 
     def _done(self, work: Work) -> None:
-        if work.done:
+        self._done_all([work])
+
+    def _done_all(self, works: list[Work]) -> None:
+        """Acknowledge finished work (each once) and free its room, with one update of the pending gauge."""
+        finished = freed = 0
+        ack, observe, now = self.source.ack, self.metrics.latency.observe, time.monotonic()
+        for w in works:
+            if w.done:
+                continue
+            w.done = True
+            ack(w.message)
+            finished += 1
+            freed += len(w.message.value)
+            observe(now - w.received)
+        if not finished:
             return
-        work.done = True
-        self.source.ack(work.message)
-        self._pending -= 1
-        self._pending_bytes -= len(work.message.value)
+        self._pending -= finished
+        self._pending_bytes -= freed
         self.metrics.pending.set(self._pending)
         if not self._room.is_set() and self._has_room():
             self._room.set()
-        self.metrics.latency.observe(time.monotonic() - work.received)
 
     async def _send_all(self, topic: str, records: list[Record]) -> list[BaseException | None]:
         """Send records in one hop to a producer thread and wait for every broker ack; each one's error or None.
