@@ -127,8 +127,10 @@ def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int 
                 load_steady[rate] = loadavg()
                 steady[rate] = stream(StreamSpec("steady", bootstrap, REQUESTS, RESULTS, str(csv_path),
                                                  int(rate * steady_seconds), f"{run_id}s{int(rate)}", rate=rate))
-                print(f"  steady {rate:,.0f}/s: p50 {steady[rate].p50_ms:.1f} ms  p99 {steady[rate].p99_ms:.1f} ms "
-                      f"({steady[rate].received}/{steady[rate].count}; load {load_steady[rate][0]})", flush=True)
+                r = steady[rate]
+                print(f"  steady {rate:,.0f}/s: p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms; to the result's "
+                      f"hand-off p50/p99 {r.to_result_ms}, result hop to the reader {r.result_hop_ms} "
+                      f"({r.received}/{r.count}; load {load_steady[rate][0]})", flush=True)
             bridge_alive = http_ok(f"http://127.0.0.1:{health}/healthz")
         # The reference loop reads the same requests, after the bridge has stopped (one consumer at a time).
         load_ref = loadavg()

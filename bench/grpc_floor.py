@@ -23,25 +23,53 @@ from bench.packages import iris
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def serve_null(port: int) -> None:
-    import grpc
-    from grpc import aio
+def _null_answer() -> bytes:
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
-    answer = pb.ModelInferResponse(
+    return pb.ModelInferResponse(
         model_name="iris", outputs=[pb.ModelInferResponse.InferOutputTensor(name="label", datatype="INT64", shape=[1])],
         raw_output_contents=[bytes(8)]).SerializeToString()
 
-    async def infer(request: bytes, context: object) -> bytes:
-        return answer
+
+def _null_handlers(infer: object) -> object:
+    import grpc
 
     class Handlers(grpc.GenericRpcHandler):
         def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
             return grpc.unary_unary_rpc_method_handler(infer) if details.method == METHOD else None
 
+    return Handlers()
+
+
+def serve_null_sync(port: int) -> None:
+    """The same null answer from grpc's thread-pool server (no event loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    answer = _null_answer()
+
+    def infer(request: bytes, context: object) -> bytes:
+        return answer
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers([_null_handlers(infer)])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def serve_null(port: int) -> None:
+    from grpc import aio
+
+    answer = _null_answer()
+
+    async def infer(request: bytes, context: object) -> bytes:
+        return answer
+
     async def main() -> None:
         server = aio.server()
-        server.add_generic_rpc_handlers([Handlers()])
+        server.add_generic_rpc_handlers([_null_handlers(infer)])
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -68,10 +96,15 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         null = stack.enter_context(service("grpc-null", [PYTHON, "-m", "bench.grpc_floor", "--serve-null", str(port)],
                                            grpc_port=port, ready=lambda: _listening(port)))
+        sync_port = free_port()
+        null_sync = stack.enter_context(service(
+            "grpc-null-sync", [PYTHON, "-m", "bench.grpc_floor", "--serve-null-sync", str(sync_port)],
+            grpc_port=sync_port, ready=lambda: _listening(sync_port)))
         ours = stack.enter_context(our_server("grpc-floor-ours", models, extra_args=DEFAULTS))
         stock = stack.enter_context(kserve_stock("grpc-floor-kserve", package.path / "model.joblib"))
         contenders = [Contender(label, svc, body, lambda _p, s=svc: s.grpc_target)
-                      for label, svc in [("null grpc.aio handler", null), ("ours", ours),
+                      for label, svc in [("null grpc.aio handler", null),
+                                         ("null grpc.server (threads)", null_sync), ("ours", ours),
                                          ("KServe 0.21 (stock)", stock)]]
         rows = interleave(contenders, grpc_cases, args.requests, args.rounds)
     print(table(f"gRPC floor — median of {args.rounds} interleaved rounds × {args.requests} requests",
@@ -83,5 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-null":
         serve_null(int(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-null-sync":
+        serve_null_sync(int(sys.argv[2]))
     else:
         main()

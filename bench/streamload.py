@@ -8,7 +8,10 @@ share an interpreter with anything measured. Two modes:
 * ``steady``: produce at ``rate`` messages/s for ``count`` messages (paced on a clock, not
   on acknowledgements) and report end-to-end latency percentiles at that rate.
 
-Per-message latency = result received - request handed to the producer. Requests use the
+Per-message latency = result received - request handed to the producer. It is also split at the
+result's Kafka timestamp (set when the bridge hands the result to its producer, same clock): before
+it, the request's broker hop and the bridge's work; after it, the result's broker hop to this
+process, which any consumer of the results pays. Requests use the
 streaming package's own producer API (:func:`streaming.producers.iris_messages`, the
 ``features`` form); results are read with the backend's reply listener, which starts at the end of
 the results topic (a tail from the beginning would first read every earlier run's results, and
@@ -58,6 +61,9 @@ class StreamResult:
     max_ms: float
     offered_rate: float | None = None
     cpu_s: float | None = None  # this load process's own CPU over the run (user + system, all threads)
+    # p50 / p99 of the two legs, split at the result record's timestamp (ms; None without timestamps)
+    to_result_ms: tuple[float, float] | None = None
+    result_hop_ms: tuple[float, float] | None = None
 
 
 def run(spec: StreamSpec) -> StreamResult:
@@ -71,6 +77,8 @@ def run(spec: StreamSpec) -> StreamResult:
     messages = list(repeat(base, times))[:spec.count]
     sent_at: dict[str, float] = {}
     received_at: dict[str, float] = {}
+    stamped: dict[str, tuple[int, float]] = {}  # request id -> (result record's timestamp ms, wall clock on receipt)
+    sent_wall: dict[str, float] = {}
     done = threading.Event()
 
     backend = make_backend(settings)
@@ -86,6 +94,8 @@ def run(spec: StreamSpec) -> StreamResult:
                     key = m.key_str
                     if key is not None and key.startswith(spec.run_id) and key not in received_at:
                         received_at[key] = time.perf_counter()
+                        if m.timestamp_ms:
+                            stamped[key] = (m.timestamp_ms, time.time())
         finally:
             tail.close()
             done.set()
@@ -122,9 +132,10 @@ def run(spec: StreamSpec) -> StreamResult:
                 pause = start + first / spec.rate - time.perf_counter()
                 if pause > 0:
                     time.sleep(pause)
-            handed = time.perf_counter()  # a request's latency counts from when its chunk was handed over
+            handed, wall = time.perf_counter(), time.time()  # a latency counts from when its chunk was handed over
             for key in keys[first:first + size]:
                 sent_at[key] = handed
+                sent_wall[key] = wall
             producer.send_batch(chunk, sent)
         producer.flush(timeout_s=120)
         if not acked.wait(120):
@@ -139,12 +150,18 @@ def run(spec: StreamSpec) -> StreamResult:
     latencies = np.asarray([1000.0 * (received_at[k] - sent_at[k]) for k in received_at if k in sent_at])
     if not len(latencies):
         latencies = np.asarray([float("nan")])
+    legs = [(ts - 1000 * sent_wall[k], 1000 * got - ts) for k, (ts, got) in stamped.items() if k in sent_wall]
+    to_result = result_hop = None
+    if legs:
+        split = np.percentile(np.asarray(legs), [50, 99], axis=0)
+        to_result, result_hop = (tuple(round(float(v), 1) for v in split[:, i]) for i in (0, 1))
     return StreamResult(
         mode=spec.mode, count=spec.count, received=len(received_at), seconds=end - start,
         results_per_s=len(received_at) / (end - start), produce_seconds=produce_seconds,
         p50_ms=float(np.percentile(latencies, 50)), p90_ms=float(np.percentile(latencies, 90)),
         p99_ms=float(np.percentile(latencies, 99)), max_ms=float(np.max(latencies)),
-        offered_rate=spec.rate if spec.mode == "steady" else None, cpu_s=time.process_time() - cpu_start)
+        offered_rate=spec.rate if spec.mode == "steady" else None, cpu_s=time.process_time() - cpu_start,
+        to_result_ms=to_result, result_hop_ms=result_hop)
 
 
 def main() -> None:

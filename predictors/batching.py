@@ -19,9 +19,10 @@ Why it is *adaptive* and not a fixed timer:
 * and it waits only when batch-mates are actually likely: the batcher remembers the peak
   number of outstanding requests (submitted, not yet answered) over the last couple of
   seconds — the offered concurrency — and waits only while that peak exceeds what is
-  already waiting here. A single client sending one request at a time therefore never
-  waits for a batch-mate that cannot come (its next request follows this answer), while
-  16 or 64 concurrent clients fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
+  already waiting here; a wait that runs out with nobody arriving forgets the peak. A
+  single client sending one request at a time therefore never waits for a batch-mate that
+  cannot come (its next request follows this answer), while 16 or 64 concurrent clients
+  fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
   wait on Fashion-MNIST cost 20 % of throughput at concurrency 1; bench/RESULTS.md has the
   current figures.)
 
@@ -182,6 +183,7 @@ class Batcher:
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
+                    self._forget_peak()
                     break
             size_before = len(batch)
             batch, rows = self._take(batch, rows)
@@ -191,6 +193,11 @@ class Batcher:
 
     def _peak_now(self, now: float) -> float:
         return 1.0 + (self._peak - 1.0) * math.exp(-(now - self._peak_at) / PEAK_MEMORY_S)
+
+    def _forget_peak(self) -> None:
+        """A wait ran out with nobody arriving: the remembered concurrency is gone, so the next batches wait
+        only once it shows up again (a lone client after a burst waits one window, not until the peak fades)."""
+        self._peak, self._peak_at = float(max(self._outstanding, 1)), time.perf_counter()
 
     def _expect_more(self) -> bool:
         """Whether another request is likely to arrive soon: recent concurrency above what is waiting here.

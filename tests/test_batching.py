@@ -146,6 +146,28 @@ def test_one_client_at_a_time_never_waits_for_batch_mates(classifier, rows):
     assert predict.calls == [1, 1, 1, 1, 1]
 
 
+def test_a_lone_client_after_a_burst_waits_out_one_window_not_the_fading_peak(classifier, rows):
+    """After 8 concurrent clients the batcher expects batch-mates for seconds; once a wait runs out with
+    nobody arriving it forgets them, so a lone client then pays one window, not one per request. The
+    bound is in windows (six would be waited without forgetting), far from any machine's speed."""
+    window_s = 0.4
+    predict = Recording(classifier.predict_proba)
+
+    async def main() -> float:
+        batcher = Batcher("unit-forget", predict, max_batch_size=64, max_latency_ms=1000 * window_s)
+        await asyncio.gather(*(batcher.submit(rows[i:i + 1]) for i in range(8)))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(8, 14):
+            await batcher.submit(rows[i:i + 1])
+        batcher.close()
+        return loop.time() - start
+
+    windows_waited = run(main()) / window_s
+    assert predict.calls[-6:] == [1] * 6
+    assert 0.9 <= windows_waited < 3
+
+
 def test_requests_arriving_while_the_model_is_busy_form_the_next_batch(classifier, rows):
     """Natural batching: no timer needed (max_latency_ms=0); the queue fills while a call runs."""
     release = threading.Event()

@@ -135,8 +135,10 @@ def package_config(data: Tabular, version: str = "1") -> PackageConfig:
                     "tuned with GridSearchCV.",
         inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, n])],
         feature_names=list(data.feature_names),
-        # Iris rows are microseconds of work: group what is already queued, never wait for more.
-        batching=Batching(max_batch_size=32, max_latency_ms=0),
+        # Iris rows are microseconds of work, but grpc.aio admits one call per event-loop turn, so without a
+        # window concurrent gRPC calls never meet in the batcher (mean batch 1.05 at 16 clients). The
+        # batcher waits only while more concurrent clients are expected, so a lone client never waits.
+        batching=Batching(max_batch_size=32, max_latency_ms=10),
     )
 
 
