@@ -103,8 +103,13 @@ class Batcher:
         self.executor = executor  # None: the event loop's default thread pool, like unbatched predicts
         self.inline_max_rows = inline_max_rows  # batches up to this many rows run on the loop (a cheap model)
         self._queue: deque[_Pending] = deque()
-        self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        # While the worker sleeps: the future that wakes it, and how many newly queued rows should (one when
+        # idle; the room left in the batch while it gathers batch-mates: a wake-up per arrival cost more
+        # than the model call per row on 64 gRPC clients).
+        self._waiter: asyncio.Future | None = None
+        self._wake_at_rows = 1
+        self._arrived_rows = 0
         self._in_flight: list[_Pending] = []
         self._closed = False
         self._outstanding = 0  # submitted, not yet answered
@@ -127,14 +132,15 @@ class Batcher:
             return await loop.run_in_executor(self.executor, self.predict_fn, rows)
         if self._worker is None or self._worker.done():
             # Lazily, because models load before the server's event loop exists; restarted if it ever died.
-            self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._run(), name=f"batcher-{self.model_name}")
         pending = _Pending(rows, loop.create_future())
         self._outstanding += 1
         self._peak, self._peak_at = max(float(self._outstanding), self._peak_now(pending.enqueued)), pending.enqueued
         self._queue.append(pending)
-        assert self._wakeup is not None
-        self._wakeup.set()
+        if self._waiter is not None:
+            self._arrived_rows += len(rows)
+            if self._arrived_rows >= self._wake_at_rows or not self._expect_more():
+                self._wake()
         try:
             return await pending.future
         finally:
@@ -143,8 +149,7 @@ class Batcher:
     def close(self) -> None:
         """Stop batching new requests; requests already queued are still answered, then the worker ends."""
         self._closed = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wake()
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -161,15 +166,13 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Pending]:
         """The next batch to run; empty once closed and drained."""
-        assert self._wakeup is not None
         batch: list[_Pending] = []
         rows = 0
         while not batch:
             while not self._queue:
                 if self._closed:
                     return []
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                await self._sleep(1, None)
             batch, rows = self._take(batch, rows)  # empty only if every queued caller was cancelled
         deadline = batch[0].enqueued + self.max_latency_s
         while rows < self.max_batch_size and not self._closed:
@@ -179,17 +182,33 @@ class Batcher:
             if not self._queue:
                 if not self._expect_more():
                     break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    self._forget_peak()
+                if not await self._sleep(self.max_batch_size - rows, remaining):
+                    self._forget_peak()  # before taking what came: the peak becomes what actually showed up
+                    batch, rows = self._take(batch, rows)
                     break
             size_before = len(batch)
             batch, rows = self._take(batch, rows)
             if len(batch) == size_before and self._queue:  # the head does not fit: this batch is full
                 break
         return batch
+
+    async def _sleep(self, wake_at_rows: int, timeout: float | None) -> bool:
+        """Sleep until ``wake_at_rows`` rows were queued, batch-mates stop being expected, or :meth:`close`;
+        False if ``timeout`` ran out first."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        self._wake_at_rows, self._arrived_rows = wake_at_rows, 0
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter, result=True)
 
     def _peak_now(self, now: float) -> float:
         return 1.0 + (self._peak - 1.0) * math.exp(-(now - self._peak_at) / PEAK_MEMORY_S)
@@ -281,7 +300,7 @@ class Batcher:
             self._answer(self._queue.popleft(), exception=error)
 
 
-def _resolve(future: asyncio.Future, *, result: object = None, exception: BaseException | None = None) -> None:
+def _resolve(future: asyncio.Future, result: object = None, *, exception: BaseException | None = None) -> None:
     if future.done():  # the caller was cancelled meanwhile
         return
     if exception is not None:
