@@ -10,7 +10,7 @@ Stock KServe (:mod:`bench.kserve_stock`: ``kserve.ModelServer`` + a plain sklear
 
 All servers run at once and are driven in turn, round after round (see
 :func:`bench.common.interleave`), so other load on the machine hits them alike. "ours" is the
-server as it should ship for Iris: package defaults plus adaptive batching 32 / 10 ms (see
+server as it should ship for Iris: package defaults plus adaptive batching 32 / 2 ms (see
 ``DEFAULTS``); extra rows measure batching off and the prediction log off, the measurements
 behind that default and behind where the time goes, and "ours, --workers 2" (two worker
 processes on the same ports, :mod:`predictors.workers`) against "ours" (one): on two cores
@@ -36,10 +36,10 @@ ROW = [5.9, 3.0, 5.1, 1.8]
 STOCK_KSERVE = "KServe 0.21 (stock)"
 TWO_WORKERS = "ours, --workers 2"
 CASES: list[tuple[Protocol, int]] = [("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16)]
-# "ours" runs with the batching the Iris package ships with (adaptive: the 10 ms window is waited only
+# "ours" runs with the batching the Iris package ships with (adaptive: the 2 ms window is waited only
 # while more concurrent clients are expected), set on the command line so the figure does not depend on
 # what models/iris says today.
-DEFAULTS = ["--max_batch_size", "32", "--max_latency_ms", "10"]
+DEFAULTS = ["--max_batch_size", "32", "--max_latency_ms", "2"]
 
 
 def rest_body() -> bytes:
