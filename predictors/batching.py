@@ -19,7 +19,7 @@ Why it is *adaptive* and not a fixed timer:
 * and it waits only when batch-mates are actually likely: the batcher remembers the peak
   number of outstanding requests (submitted, not yet answered) over the last couple of
   seconds — the offered concurrency — and waits only while that peak exceeds what is
-  already waiting here; a wait that runs out with nobody arriving forgets the peak. A
+  already waiting here; a window that runs out first resets the peak to what showed up. A
   single client sending one request at a time therefore never waits for a batch-mate that
   cannot come (its next request follows this answer), while 16 or 64 concurrent clients
   fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
@@ -179,16 +179,16 @@ class Batcher:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
+            timed_out = False
             if not self._queue:
                 if not self._expect_more():
                     break
-                if not await self._sleep(self.max_batch_size - rows, remaining):
+                timed_out = not await self._sleep(self.max_batch_size - rows, remaining)
+                if timed_out:
                     self._forget_peak()  # before taking what came: the peak becomes what actually showed up
-                    batch, rows = self._take(batch, rows)
-                    break
             size_before = len(batch)
             batch, rows = self._take(batch, rows)
-            if len(batch) == size_before and self._queue:  # the head does not fit: this batch is full
+            if timed_out or (len(batch) == size_before and self._queue):  # out of time, or the head does not fit
                 break
         return batch
 
@@ -214,8 +214,8 @@ class Batcher:
         return 1.0 + (self._peak - 1.0) * math.exp(-(now - self._peak_at) / PEAK_MEMORY_S)
 
     def _forget_peak(self) -> None:
-        """A wait ran out with nobody arriving: the remembered concurrency is gone, so the next batches wait
-        only once it shows up again (a lone client after a burst waits one window, not until the peak fades)."""
+        """The window ran out before the expected batch-mates came: remember only the concurrency that did
+        show up, so a lone client after a burst waits one window, not on every request until the peak fades."""
         self._peak, self._peak_at = float(max(self._outstanding, 1)), time.perf_counter()
 
     def _expect_more(self) -> bool:
