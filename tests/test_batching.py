@@ -360,3 +360,49 @@ def test_small_batches_of_an_inline_model_run_on_the_event_loop_large_ones_in_th
 
     loop_thread = asyncio.run(asyncio.wait_for(main(), LIVENESS_S))
     assert threads[0] == loop_thread and threads[1] != loop_thread
+
+
+def test_a_lone_request_to_an_inline_model_is_predicted_by_its_caller_without_the_worker(classifier, rows):
+    """Nothing queued, nothing held, no batch-mate expected: the caller predicts itself (no worker task,
+    no hand-off); its errors stay its own, and concurrent callers still share model calls."""
+    predict = Recording(classifier.predict_proba)
+
+    def fails_on_negative(features: np.ndarray) -> np.ndarray:
+        if (features < 0).any():
+            raise ValueError("negative measurement")
+        return predict(features)
+
+    async def main() -> tuple[list[np.ndarray], Any, list[str]]:
+        batcher = Batcher("unit-alone", fails_on_negative, max_batch_size=8, max_latency_ms=3_600_000,
+                          inline_max_rows=8)
+        answers = [await batcher.submit(rows[i:i + 1]) for i in range(3)]
+        error = await asyncio.gather(batcher.submit(-rows[3:4]), return_exceptions=True)
+        tasks = [t.get_name() for t in asyncio.all_tasks()]
+        answers.append(await batcher.submit(rows[4:5]))
+        await asyncio.gather(*(batcher.submit(rows[i:i + 1]) for i in range(5, 13)))  # 8 clients at once
+        batcher.close()
+        return answers, error[0], tasks
+
+    answers, error, tasks = run(main())
+    for i, answer in zip([0, 1, 2, 4], answers, strict=True):
+        np.testing.assert_allclose(answer, classifier.predict_proba(rows[i:i + 1]), rtol=1e-12)
+    assert isinstance(error, ValueError)
+    assert "batcher-unit-alone" not in tasks
+    assert predict.calls[:4] == [1, 1, 1, 1] and sum(predict.calls[4:]) == 8 and len(predict.calls) < 12
+
+
+def test_callers_of_a_batch_still_gathering_mates_are_answered_if_the_worker_dies(classifier, rows):
+    """The worker holds a part-full batch while it waits for batch-mates; cancelled then (the event loop
+    shutting down), it must fail those callers rather than leave them waiting for ever."""
+
+    async def main() -> list[Any]:
+        batcher = Batcher("unit-held", classifier.predict_proba, max_batch_size=64, max_latency_ms=3_600_000)
+        await asyncio.gather(*(batcher.submit(rows[i:i + 1]) for i in range(8)))
+        held = [asyncio.ensure_future(batcher.submit(rows[i:i + 1])) for i in (8, 9)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the worker takes both and, expecting more, waits
+        worker = next(t for t in asyncio.all_tasks() if t.get_name() == "batcher-unit-held")
+        worker.cancel()
+        return await asyncio.gather(*held, return_exceptions=True)
+
+    assert all(isinstance(r, BaseException) for r in run(main()))

@@ -43,13 +43,14 @@ STARTUP_S = 300.0  # TensorFlow import on a shared, busy 2-core machine; a readi
 # --- packages and servers ----------------------------------------------------------------------
 
 
-def _iris_package(path: Path, name: str, estimator: Any, batching: Batching) -> None:
+def _iris_package(path: Path, name: str, estimator: Any, batching: Batching,
+                  inline_predict: bool | None = None) -> None:
     path.mkdir(parents=True)
     joblib.dump(estimator, path / "model.joblib")
     save_package(path, PackageConfig(format_version=1, name=name, version="1", framework="sklearn",
                                      task="tabular_classification", artifact="model.joblib",
                                      inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, 4])],
-                                     batching=batching),
+                                     batching=batching, inline_predict=inline_predict),
                  LabelsFile(labels=[0, 1, 2], names=IRIS_NAMES))
 
 
@@ -105,9 +106,11 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _iris_package(root / "iris", "iris", iris, Batching(max_batch_size=32, max_latency_ms=5))
     _iris_package(root / "iris-unbatched", "iris-unbatched", iris, Batching(max_batch_size=1))
     # Squares its inputs first: a finite but huge feature overflows to inf and the model raises,
-    # which is how one request passes validation and still fails inside a shared model call.
+    # which is how one request passes validation and still fails inside a shared model call. In the thread
+    # pool, so every request goes through the batcher's queue (a lone request to an inline model skips it).
     fragile = make_pipeline(FunctionTransformer(np.square), LogisticRegression(max_iter=500)).fit(x, y)
-    _iris_package(root / "iris-fragile", "iris-fragile", fragile, Batching(max_batch_size=8, max_latency_ms=20))
+    _iris_package(root / "iris-fragile", "iris-fragile", fragile, Batching(max_batch_size=8, max_latency_ms=20),
+                  inline_predict=False)
     _image_packages(root, {"digits": Batching(max_batch_size=16, max_latency_ms=5),
                            "digits-unbatched": Batching(max_batch_size=1)})
     return root
