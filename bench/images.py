@@ -79,7 +79,7 @@ def ceiling(model_file: str, sizes: list[int]) -> dict[int, float]:
     return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def run(requests: int = 2000, rounds: int = 3, quick: bool = False) -> dict[str, Any]:
+def run(requests: int = 2000, rounds: int = 5, quick: bool = False) -> dict[str, Any]:
     if quick:
         requests, rounds = min(requests, 600), 1
     batch_requests = max(50, requests // 16)

@@ -65,7 +65,7 @@ def contender(label: str, svc: Service, cases: list[tuple[Protocol, int]] | None
     return Contender(label, svc, body, target, cases)
 
 
-def run(requests: int = 3000, rounds: int = 3, quick: bool = False) -> dict[str, Any]:
+def run(requests: int = 3000, rounds: int = 5, quick: bool = False) -> dict[str, Any]:
     if quick:
         requests, rounds = min(requests, 1000), 1
     info = machine()
