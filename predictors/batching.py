@@ -176,12 +176,15 @@ class Batcher:
             self._queue_metric.observe(0.0)
             self._requests_metric.observe(1)
             self._rows_metric.observe(len(rows))
-            result = self.predict_fn(rows)
-            if len(result) != len(rows):
-                raise BatchSizeMismatch(f"model {self.model_name} returned {len(result)} rows for {len(rows)}")
-            return result
+            return self._checked(self.predict_fn(rows), rows)
         finally:
             self._outstanding -= 1
+
+    def _checked(self, result: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``result``, unless the model returned a different number of rows than it was given."""
+        if len(result) != len(rows):
+            raise BatchSizeMismatch(f"model {self.model_name} returned {len(result)} rows for {len(rows)}")
+        return result
 
     # -- the worker ------------------------------------------------------------------------------
 
@@ -303,8 +306,7 @@ class Batcher:
                 result = self.predict_fn(merged)
             else:
                 result = await loop.run_in_executor(self.executor, self.predict_fn, merged)
-            if len(result) != len(merged):
-                raise BatchSizeMismatch(f"model {self.model_name} returned {len(result)} rows for {len(merged)}")
+            self._checked(result, merged)
         except Exception as exc:  # isolated below, then delivered to its own caller
             if len(batch) == 1:
                 self._answer(batch[0], exception=exc)
