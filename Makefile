@@ -56,7 +56,7 @@ test: setup ## the test suite (real servers, broker, databases, helm)
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check predictors streaming training tests bench
+	$(VENV)/bin/ruff check .
 
 bench: venv ## benchmarks (never part of make test); results in bench/results/ and bench/RESULTS.md
 	$(PY) -m bench all

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 import numpy as np
@@ -74,7 +75,7 @@ def test_infer_with_raw_input_contents_and_generated_id(stub):
     request = _request(stub, inputs=[cls(name="input-0", datatype="FP32", shape=[2, 4])],
                        raw_input_contents=[features.tobytes()])
     response = stub.ModelInfer(request)
-    assert response.id  # generated
+    assert uuid.UUID(response.id).version == 7  # generated, time-ordered
     assert _outputs(response)["label"].tolist() == [0, 2]
 
 

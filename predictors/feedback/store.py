@@ -342,9 +342,11 @@ class FeedbackStore:
         self._health = StoreHealth(self.engine.dialect.name, True, _now())
         self._down_until = 0.0  # time.monotonic() before which calls fail without trying
         # The prediction log's insert is SQL text run on the driver (see _log_insert_sql): its placeholder,
-        # and the created_at value as SQLAlchemy's column type would bind it.
+        # and the created_at value as SQLAlchemy's column type binds it on this dialect (on SQLite, text made
+        # once per flush rather than by the driver's adapter once per row).
         self._placeholder = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-        self._bind_created_at = prediction_log.c.created_at.type.bind_processor(self.engine.dialect)
+        created_at_type = prediction_log.c.created_at.type.dialect_impl(self.engine.dialect)
+        self._bind_created_at = created_at_type.bind_processor(self.engine.dialect)
 
     # --- set-up -----------------------------------------------------------------------------
 

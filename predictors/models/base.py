@@ -16,12 +16,8 @@ All steps are ``async``: KServe runs a plain ``def`` step on the event-loop thre
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +30,7 @@ from predictors.batching import Batcher
 from predictors.codecs import as_text, to_numpy
 from predictors.errors import BadInput, PayloadTooLarge
 from predictors.fetch import ImageFetcher
+from predictors.ids import UniqueSuffixes, uuid7
 from predictors.package import ModelPackage
 from predictors.prediction_log import PredictionLog, WriteBehindLog
 from predictors.settings import ServerSettings
@@ -240,7 +237,7 @@ class PackageModel(Model):
         if n > self.config.max_batch_size:
             raise PayloadTooLarge(f"batch of {n} exceeds this model's limit of {self.config.max_batch_size}")
         ids = self._decode_ids(by_name.get(IDS_INPUT), n)
-        return Prepared(payload, payload.id or str(uuid.uuid4()), features, n, ids, stock)
+        return Prepared(payload, payload.id or uuid7(), features, n, ids, stock)
 
     def _check_requested_outputs(self, requested: list[RequestedOutput] | None) -> None:
         if not requested:
@@ -287,10 +284,7 @@ class PackageModel(Model):
         prediction_ids = [prediction_id] if result.n == 1 else [f"{prediction_id}/{i}" for i in range(result.n)]
         await self._log_predictions(prediction_ids, labels)
         request = result.request
-        if request.outputs:
-            wanted = request.outputs
-        else:
-            wanted = self._default_outputs_with_ids if result.ids else self._default_outputs
+        wanted = request.outputs or (self._default_outputs_with_ids if result.ids else self._default_outputs)
         top = None
         if any(name.name in _TOP_K_OUTPUTS for name in wanted):  # once for both top-k outputs, vectorised
             k = min(self.config.postprocessing.top_k, probs.shape[1])
@@ -347,28 +341,7 @@ def _timed(fn: Any, arg: Any) -> float:
     return time.perf_counter() - start
 
 
-class _UniqueSuffixes:
-    """Server-made id parts no other prediction shares: a random per-process prefix and a counter.
-
-    Clients reuse request ids (retries, fixed ids, two clients picking the same one), so the
-    request id alone cannot name a prediction. 48 random bits per process keep replicas and
-    workers apart; the counter keeps one process's predictions apart. A forked worker draws a
-    new prefix.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
-
-
-_IDS = _UniqueSuffixes()
+_IDS = UniqueSuffixes()
 
 
 def _as_kserve(response: V2Response, request: V2Request) -> InferResponse:

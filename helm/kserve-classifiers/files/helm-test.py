@@ -1,9 +1,10 @@
 """`helm test`: one V2 inference and one feedback call against one InferenceService, with the release's API key.
 
 Env: KCP_TEST_URL (the predictor's base URL), KCP_TEST_MODEL, KCP_API_KEY (absent: no key), KCP_TEST_REQUEST
-(a V2 inference request as JSON; absent: zeros shaped like the first input in the model's metadata). The feedback call reads the
-model's feedback report rather than posting labels: a smoke test must not add made-up ground truth to the
-accuracy the model is judged by. Exit status 0 only if every call answered 200 with the expected body.
+(a V2 inference request as JSON; absent: zeros shaped like the first input in the model's metadata). The
+feedback call reads the model's feedback report rather than posting labels: a smoke test must not add made-up
+ground truth to the accuracy the model is judged by. Exit status 0 only if every call answered 200 with the
+expected body.
 """
 
 import json
