@@ -48,6 +48,29 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time counters from ``/proc/stat`` (user … steal), or ``[]`` where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_percent(before: list[int], after: list[int]) -> float | None:
+    """Share of the machine's CPU time that the hypervisor gave to other guests between two :func:`cpu_ticks`.
+
+    On a shared virtual machine this "steal" comes and goes, and a run that met much of it ran
+    slower, and used more CPU per request, for reasons that are not the code's: it is reported
+    next to every measured run so such runs can be told apart.
+    """
+    if len(before) < 8 or len(after) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta)
+    return round(100.0 * delta[7] / total, 1) if total > 0 else None
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were taken: they mean little without it."""
     cpu = "unknown"
@@ -197,6 +220,7 @@ def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, req
                     concurrency=concurrency, requests=requests,
                     warmup=warmup if warmup is not None else max(100, min(1000, requests // 10)))
     cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+    ticks_before = cpu_ticks()
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=WORK, delete=False) as f:
         json.dump(asdict(spec), f)
@@ -207,9 +231,11 @@ def run_load(protocol: Protocol, target: str, body: bytes, concurrency: int, req
     finally:
         os.unlink(spec_path)
     cpu_after = cpu_seconds(server_pid) if server_pid else 0.0
+    steal = steal_percent(ticks_before, cpu_ticks())
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    result.steal_pct = steal
     if server_pid:
         result.server_cpu_ms = 1000.0 * (cpu_after - cpu_before) / (spec.requests + spec.warmup)
     return result
@@ -250,7 +276,8 @@ def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, 
                 runs.setdefault((c.label, protocol, concurrency), []).append((result, load))
                 print(f"  round {r + 1}/{rounds}  {c.label:<40} {protocol:<4} c={concurrency:<3} "
                       f"{result.throughput:8.0f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
-                      f"server CPU {result.server_cpu_ms or 0:5.2f} ms/req  (load {load[0]})", flush=True)
+                      f"server CPU {result.server_cpu_ms or 0:5.2f} ms/req  (load {load[0]}, steal "
+                      f"{result.steal_pct}%)", flush=True)
     rows = []
     for (label, protocol, concurrency), results in runs.items():
         latencies = np.concatenate([np.asarray(res.latencies_ms) for res, _ in results])
@@ -263,8 +290,24 @@ def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, 
             "p99_ms": float(np.percentile(latencies, 99)), "max_ms": float(latencies.max()),
             "server_cpu_ms": float(np.median([res.server_cpu_ms or 0.0 for res, _ in results])),
             "loadavg": round(float(np.mean([load[0] for _, load in results])), 2),
+            "steal_pct_runs": [res.steal_pct for res, _ in results],
+            "steal_pct": _median_or_none([res.steal_pct for res, _ in results]),
         })
     return rows
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(float(np.median(known)), 1) if known else None
+
+
+def paired_ratio(row: dict[str, Any], peer: dict[str, Any]) -> float:
+    """Median over rounds of ``row``'s throughput over ``peer``'s in the same round.
+
+    The two ran back to back within each round, so a slow spell of the machine that spans both
+    cancels out; the ratio of the two medians (the figure the targets use) does not pair them.
+    """
+    return float(np.median([a / b for a, b in zip(row["throughput_runs"], peer["throughput_runs"], strict=True)]))
 
 
 # --- profiling ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from bench.common import (
     loadavg,
     machine,
     our_server,
+    paired_ratio,
     table,
     write_result,
 )
@@ -109,6 +110,7 @@ def run(requests: int = 2000, rounds: int = 5, quick: bool = False) -> dict[str,
         r["images_per_request"] = 1
         r["images_per_s"] = r["throughput"]
         r["ratio_vs_off"] = r["throughput"] / off[r["concurrency"]]["throughput"]
+        r["paired_ratio_vs_off"] = paired_ratio(r, off[r["concurrency"]])
         r["ceiling"] = top[r["concurrency"]]
         r["fraction_of_ceiling"] = r["throughput"] / top[r["concurrency"]]
     off_batch = {r["concurrency"]: r for r in batch_rows if r["server"] == OFF}
@@ -135,14 +137,15 @@ def run(requests: int = 2000, rounds: int = 5, quick: bool = False) -> dict[str,
         f"Fashion-MNIST over gRPC (raw FP32 tensors, prediction log on) — median of {rounds} interleaved rounds "
         f"× {requests} requests (1 image each) and × {batch_requests} requests ({BATCH_IMAGES} images each)",
         ["server", "img/req", "conc.", "img/s", "p50 ms", "p99 ms", "server CPU ms/req", "× off", "ceiling img/s",
-         "of ceiling", "load avg"],
+         "of ceiling", "load avg", "steal %"],
         [[r["server"], r["images_per_request"], r["concurrency"], r["images_per_s"], r["p50_ms"], r["p99_ms"],
           r["server_cpu_ms"], r["ratio_vs_off"], r["ceiling"], f"{100 * r['fraction_of_ceiling']:.0f}%",
-          r["loadavg"]] for r in all_rows])
+          r["loadavg"], r["steal_pct"]] for r in all_rows])
     print(f"  ceiling (in-process predict_on_batch, load {load[0]}): "
           + ", ".join(f"batch {k}: {v:,.0f} img/s" for k, v in top.items()))
     for name, t in targets.items():
         print(f"  target {name}: {'met' if t['met'] else 'MISSED'} ({t['value']} vs {t['target']}, {t['setting']})")
+    print(f"  batching on vs off at c=64, median of per-round ratios: {shipped64['paired_ratio_vs_off']:.2f}x")
     payload = {"benchmark": "images", "machine": info, "requests_per_round": requests,
                "batch_requests_per_round": batch_requests, "rounds": rounds, "package": package.source,
                "ceiling": top, "ceiling_loadavg": load, "rows": all_rows, "targets": targets, "table": text,

@@ -26,7 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import WORK, Contender, Service, interleave, loadavg, machine, our_server, table, write_result
+from bench.common import (
+    WORK,
+    Contender,
+    Service,
+    interleave,
+    loadavg,
+    machine,
+    our_server,
+    paired_ratio,
+    table,
+    write_result,
+)
 from bench.kserve_stock import kserve_stock
 from bench.loadgen import Protocol
 from bench.mlserver import PINS, mlserver
@@ -103,6 +114,8 @@ def run(requests: int = 3000, rounds: int = 5, quick: bool = False) -> dict[str,
         r["ratio_vs_mlserver"] = r["throughput"] / base["throughput"]
         r["baseline"] = base["server"]
         r["ratio_vs_kserve"] = r["throughput"] / stock[(r["protocol"], r["concurrency"])]["throughput"]
+        r["paired_ratio_vs_mlserver"] = paired_ratio(r, base)
+        r["paired_ratio_vs_kserve"] = paired_ratio(r, stock[(r["protocol"], r["concurrency"])])
 
     ours = {(r["protocol"], r["concurrency"]): r for r in rows if r["server"] == "ours"}
     for r in rows:
@@ -123,11 +136,15 @@ def run(requests: int = 3000, rounds: int = 5, quick: bool = False) -> dict[str,
         f"Iris over V2 — median of {rounds} interleaved rounds × {requests} requests; load generator in a "
         "separate process on the same 2 cores",
         ["server", "protocol", "conc.", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "× MLServer", "× KServe",
-         "load avg"],
+         "× KServe, paired", "load avg", "steal %"],
         [[r["server"], r["protocol"], r["concurrency"], r["throughput"], r["p50_ms"], r["p99_ms"],
-          r["server_cpu_ms"], r["ratio_vs_mlserver"], r["ratio_vs_kserve"], r["loadavg"]] for r in rows])
+          r["server_cpu_ms"], r["ratio_vs_mlserver"], r["ratio_vs_kserve"], r["paired_ratio_vs_kserve"],
+          r["loadavg"], r["steal_pct"]] for r in rows])
     for name, t in targets.items():
         print(f"  target {name}: {'met' if t['met'] else 'MISSED'} ({t['value']})")
+    for key in [("grpc", 1), ("grpc", 16)]:
+        print(f"  ours vs stock KServe, {key[0]} c={key[1]}, median of per-round ratios: "
+              f"{ours[key]['paired_ratio_vs_kserve']:.2f}x")
     for r in rows:
         if r["server"] == TWO_WORKERS:
             print(f"  --workers 2 vs 1, {r['protocol']} c={r['concurrency']}: {r['ratio_vs_one_worker']:.2f}x")

@@ -61,6 +61,7 @@ class LoadResult:
     first_error: str | None = None
     server_cpu_ms: float | None = None  # filled in by the caller, who can see the server process
     latencies_ms: list[float] | None = None  # every timed request, for percentiles pooled over runs
+    steal_pct: float | None = None  # the machine's CPU steal over the run (filled in by the caller)
 
 
 async def _closed_loop(spec: LoadSpec, send: Callable[[], Awaitable[str | None]]) -> LoadResult:
