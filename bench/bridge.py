@@ -52,6 +52,9 @@ PARTITIONS = 3
 STEADY_RATES = (1000.0, 250.0)  # the asked-for rate, and one well inside the bridge's capacity here
 
 
+IRIS_ROWS = 150  # what iris_csv writes: the whole data set
+
+
 def iris_csv(path: Path) -> Path:
     """All 150 Iris rows with labels, in the CSV layout ``streaming produce iris`` reads."""
     from sklearn.datasets import load_iris
@@ -65,13 +68,18 @@ def iris_csv(path: Path) -> Path:
     return path
 
 
-def _run_json(cmd: list[str], timeout: float, json_last: bool = True) -> dict[str, Any]:
-    """Run ``cmd`` from the repository; its last line of output as JSON (``json_last``), else ``{}``."""
+def _run(cmd: list[str], timeout: float) -> str:
+    """Run ``cmd`` from the repository; its standard output (an error with its stderr if it fails)."""
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{cmd[2]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]) if json_last else {}
+    return done.stdout
+
+
+def _run_json(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """:func:`_run`, and the last line it printed as JSON."""
+    return json.loads(_run(cmd, timeout).strip().splitlines()[-1])
 
 
 def stream(spec: StreamSpec) -> StreamResult:
@@ -166,10 +174,10 @@ def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int 
                   f"({r.received}/{r.count}; load {load_steady[rate][0]})", flush=True)
         # The reference loop on a broker of its own too, holding just the requests it reads.
         with fresh_broker("reference") as (bootstrap, _broker):
-            _run_json([PYTHON, "-m", "streaming", "produce", "iris", "--bootstrap-servers", bootstrap, "--csv",
-                       str(csv_path), "--form", "features", "--delay", "0", "--repeat",
-                       str(-(-reference_count // 150)), "--count", str(reference_count), "--topic", REQUESTS,
-                       "--run-id", f"{run_id}r", "--log-level", "WARNING"], timeout=600, json_last=False)
+            _run([PYTHON, "-m", "streaming", "produce", "iris", "--bootstrap-servers", bootstrap, "--csv",
+                  str(csv_path), "--form", "features", "--delay", "0", "--repeat",
+                  str(-(-reference_count // IRIS_ROWS)), "--count", str(reference_count), "--topic", REQUESTS,
+                  "--run-id", f"{run_id}r", "--log-level", "WARNING"], timeout=600)
             load_ref = loadavg()
             reference = _run_json([PYTHON, "-m", "bench.reference_loop", bootstrap, REQUESTS, f"bench-ref-{run_id}",
                                    server.http_url, str(reference_count)], timeout=1800)

@@ -21,13 +21,11 @@ NUMERIC = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "
 class TabularModel(PackageModel):
     """Serves a ``model.joblib`` estimator with ``predict_proba`` (its closed form where one is exact)."""
 
-    estimator = None
     _predict_proba: PredictProba
 
     def load_artifact(self) -> None:
         estimator = joblib.load(self.package.artifact_path)
         self.package.check_artifact(estimator)
-        self.estimator = estimator
         n_features = self.config.input.shape[-1]
         compiled = compile_predict_proba(estimator, n_features)
         self._predict_proba = compiled or estimator.predict_proba
