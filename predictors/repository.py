@@ -29,6 +29,7 @@ import grpc
 from kserve.model_repository import ModelRepository
 
 from predictors.errors import ClientError, UnknownModel
+from predictors.heap import freeze_loaded_heap
 from predictors.models import PackageModel, ServingContext, model_for
 from predictors.package import CONFIG_FILE, PackageError, discover_packages, load_package
 
@@ -113,6 +114,7 @@ class PackageRepository(ModelRepository):
             self.update(model)
             if old is not None and old is not model:
                 old.stop()
+            freeze_loaded_heap()
             logger.info("model %s version %s loaded from %s", name, model.config.version, dirs[name])
             return True
 
@@ -140,6 +142,7 @@ class PackageRepository(ModelRepository):
         self._unloads += 1
         if name in self.models:
             super().unload(name)
+            freeze_loaded_heap()
         logger.info("model %s unloaded", name)
 
     def _dirs_without_errors(self, name: str) -> dict[str, Path]:

@@ -46,6 +46,7 @@ from timing_asgi import TimingMiddleware
 from predictors.auth import APIKey, GRPCAuthInterceptor
 from predictors.errors import BadInput, ClientError, UnknownModel
 from predictors.grpc_server import GRPCEndpoint
+from predictors.heap import freeze_loaded_heap
 from predictors.middleware import ServingMiddleware
 from predictors.models import ServingContext
 from predictors.package import LabelsFile, PackageError
@@ -222,6 +223,7 @@ class ClassifierServer(kserve.ModelServer):
                 max_receive_bytes=args.grpc_max_receive_message_length, grace_period=self.grace_period)
             self.servers.append(self._grpc_server.serve())
         self.register_signal_handler()
+        freeze_loaded_heap()
         with asyncio.Runner(loop_factory=self._loop_factory()) as runner:
             asyncio.set_event_loop(runner.get_loop())
             self.setup_event_loop()  # KServe's thread pool size and exception handler, on the loop that serves
