@@ -10,7 +10,8 @@ phase (the burst, each steady rate, the reference loop) gets a broker of its own
 
 Reported: results/s for a burst of N requests (produce all, wait for every result), the
 reference loop's results/s, and end-to-end latency percentiles at a steady offered 1,000
-messages/s. Targets (issue 12, 2 cores): ≥ 2,500 results/s; ≥ 10× the reference loop; bridge CPU
+messages/s; each the median of ``rounds`` rounds, a round running every phase once, in turn.
+Targets (issue 12, 2 cores): ≥ 2,500 results/s; ≥ 10× the reference loop; bridge CPU
 ≤ 0.25 ms per message; p99 ≤ 100 ms at a steady 1,000 messages/s.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -128,90 +130,133 @@ def bridge_on(bootstrap: str, server: Service, group: str) -> Iterator[tuple[Ser
         yield bridge, health
 
 
-def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int = 1000,
+def _burst(server: Service, csv_path: Path, count: int, run_id: str, profile: bool) -> dict[str, Any]:
+    """One burst on a fresh broker: results/s, and each process's CPU per result."""
+    with fresh_broker("burst") as (bootstrap, broker_svc), \
+            bridge_on(bootstrap, server, f"bench-bridge-{run_id}") as (bridge_svc, health):
+        warm = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), 500, f"{run_id}w"))
+        print(f"  warm-up: {warm.received}/{warm.count} results", flush=True)
+        load = loadavg()
+        procs = {"broker (tansu)": broker_svc, "model server": server, "bridge": bridge_svc}
+        cpu_before = {name: cpu_seconds(svc.process.pid) for name, svc in procs.items()}
+        # --gil: only the thread holding the GIL, i.e. Python work, not threads waiting for it
+        with profiled(bridge_svc.process.pid, "bridge-burst", profile, gil=True):
+            burst = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), count, f"{run_id}b"))
+        cpu = {name: round(1000 * (cpu_seconds(svc.process.pid) - cpu_before[name]) / count, 3)
+               for name, svc in procs.items()}
+        if burst.cpu_s is not None:  # the load generator shares the cores too: its CPU is part of the picture
+            cpu["load generator"] = round(1000 * burst.cpu_s / count, 3)
+        healthy = http_ok(f"http://127.0.0.1:{health}/healthz")
+    print(f"  burst: {burst.received}/{count} results in {burst.seconds:.2f} s = {burst.results_per_s:,.0f}/s "
+          f"(load {load[0]}); CPU ms per result: {cpu}", flush=True)
+    return {"result": burst, "cpu_ms_per_result": cpu, "loadavg": load, "healthy": healthy}
+
+
+def _steady(server: Service, csv_path: Path, rate: float, seconds: float, run_id: str) -> dict[str, Any]:
+    """A steady offered ``rate`` for ``seconds`` on a fresh broker (after a 500-message warm-up)."""
+    tag = f"s{int(rate)}"
+    with fresh_broker(tag) as (bootstrap, _broker), \
+            bridge_on(bootstrap, server, f"bench-bridge-{run_id}{tag}") as (_bridge, health):
+        stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), 500, f"{run_id}w{tag}"))
+        load = loadavg()
+        r = stream(StreamSpec("steady", bootstrap, REQUESTS, RESULTS, str(csv_path), int(rate * seconds),
+                              f"{run_id}{tag}", rate=rate))
+        healthy = http_ok(f"http://127.0.0.1:{health}/healthz")
+    print(f"  steady {rate:,.0f}/s: p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms; to the result's hand-off p50/p99 "
+          f"{r.to_result_ms}, result hop to the reader {r.result_hop_ms} ({r.received}/{r.count}; load {load[0]})",
+          flush=True)
+    return {"result": r, "loadavg": load, "healthy": healthy}
+
+
+def _reference(server: Service, csv_path: Path, count: int, run_id: str) -> dict[str, Any]:
+    """The reference loop on a broker of its own too, holding just the requests it reads."""
+    with fresh_broker("reference") as (bootstrap, _broker):
+        _run([PYTHON, "-m", "streaming", "produce", "iris", "--bootstrap-servers", bootstrap, "--csv",
+              str(csv_path), "--form", "features", "--delay", "0", "--repeat", str(-(-count // IRIS_ROWS)),
+              "--count", str(count), "--topic", REQUESTS, "--run-id", f"{run_id}r", "--log-level", "WARNING"],
+             timeout=600)
+        load = loadavg()
+        reference = _run_json([PYTHON, "-m", "bench.reference_loop", bootstrap, REQUESTS, f"bench-ref-{run_id}",
+                               server.http_url, str(count)], timeout=1800)
+    print(f"  reference loop: {reference['count']} results in {reference['seconds']:.2f} s = "
+          f"{reference['results_per_s']:,.0f}/s (load {load[0]})", flush=True)
+    return {**reference, "loadavg": load}
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def run(count: int = 20_000, steady_seconds: float = 15.0, reference_count: int = 1000, rounds: int = 3,
         quick: bool = False, profile: bool = False) -> dict[str, Any]:
     if quick:
-        count, steady_seconds, reference_count = 3000, 5.0, 300
+        count, steady_seconds, reference_count, rounds = 3000, 5.0, 300, 1
     info = machine()
     models = WORK / "bridge-models"
     package = iris(models)
     csv_path = iris_csv(WORK / "bridge-iris.csv")
-    run_id = time.strftime("b%H%M%S")
-    healthy: list[bool] = []
+    bursts: list[dict[str, Any]] = []
+    steadies: dict[float, list[dict[str, Any]]] = {rate: [] for rate in STEADY_RATES}
+    references: list[dict[str, Any]] = []
     with our_server("bridge-iris", models) as server:
-        with fresh_broker("burst") as (bootstrap, broker_svc), \
-                bridge_on(bootstrap, server, f"bench-bridge-{run_id}") as (bridge_svc, health):
-            warm = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), 500, f"{run_id}w"))
-            print(f"  warm-up: {warm.received}/{warm.count} results", flush=True)
-            load_burst = loadavg()
-            procs = {"broker (tansu)": broker_svc, "model server": server, "bridge": bridge_svc}
-            cpu_before = {name: cpu_seconds(svc.process.pid) for name, svc in procs.items()}
-            # --gil: only the thread holding the GIL, i.e. Python work, not threads waiting for it
-            with profiled(bridge_svc.process.pid, "bridge-burst", profile, gil=True):
-                burst = stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), count, f"{run_id}b"))
-            cpu_ms_per_result = {name: round(1000 * (cpu_seconds(svc.process.pid) - cpu_before[name]) / count, 3)
-                                 for name, svc in procs.items()}
-            if burst.cpu_s is not None:  # the load generator shares the cores too: its CPU is part of the picture
-                cpu_ms_per_result["load generator"] = round(1000 * burst.cpu_s / count, 3)
-            healthy.append(http_ok(f"http://127.0.0.1:{health}/healthz"))
-        print(f"  CPU ms per result during the burst: {cpu_ms_per_result}", flush=True)
-        print(f"  burst: {burst.received}/{count} results in {burst.seconds:.2f} s = "
-              f"{burst.results_per_s:,.0f}/s (load {load_burst[0]})", flush=True)
-        steady: dict[float, StreamResult] = {}
-        load_steady: dict[float, list[float]] = {}
-        for rate in STEADY_RATES:
-            tag = f"s{int(rate)}"
-            with fresh_broker(tag) as (bootstrap, _broker), \
-                    bridge_on(bootstrap, server, f"bench-bridge-{run_id}{tag}") as (_bridge, health):
-                stream(StreamSpec("burst", bootstrap, REQUESTS, RESULTS, str(csv_path), 500, f"{run_id}w{tag}"))
-                load_steady[rate] = loadavg()
-                steady[rate] = stream(StreamSpec("steady", bootstrap, REQUESTS, RESULTS, str(csv_path),
-                                                 int(rate * steady_seconds), f"{run_id}{tag}", rate=rate))
-                healthy.append(http_ok(f"http://127.0.0.1:{health}/healthz"))
-            r = steady[rate]
-            print(f"  steady {rate:,.0f}/s: p50 {r.p50_ms:.1f} ms  p99 {r.p99_ms:.1f} ms; to the result's "
-                  f"hand-off p50/p99 {r.to_result_ms}, result hop to the reader {r.result_hop_ms} "
-                  f"({r.received}/{r.count}; load {load_steady[rate][0]})", flush=True)
-        # The reference loop on a broker of its own too, holding just the requests it reads.
-        with fresh_broker("reference") as (bootstrap, _broker):
-            _run([PYTHON, "-m", "streaming", "produce", "iris", "--bootstrap-servers", bootstrap, "--csv",
-                  str(csv_path), "--form", "features", "--delay", "0", "--repeat",
-                  str(-(-reference_count // IRIS_ROWS)), "--count", str(reference_count), "--topic", REQUESTS,
-                  "--run-id", f"{run_id}r", "--log-level", "WARNING"], timeout=600)
-            load_ref = loadavg()
-            reference = _run_json([PYTHON, "-m", "bench.reference_loop", bootstrap, REQUESTS, f"bench-ref-{run_id}",
-                                   server.http_url, str(reference_count)], timeout=1800)
-        print(f"  reference loop: {reference['count']} results in {reference['seconds']:.2f} s = "
-              f"{reference['results_per_s']:,.0f}/s (load {load_ref[0]})", flush=True)
-    bridge_alive = all(healthy)
+        # Every phase once per round, in turn, so that a slow spell of the machine hits a round, not a phase.
+        for r in range(rounds):
+            run_id = time.strftime(f"b%H%M%S{r}")
+            print(f"  round {r + 1}/{rounds}", flush=True)
+            bursts.append(_burst(server, csv_path, count, run_id, profile and r == 0))
+            for rate in STEADY_RATES:
+                steadies[rate].append(_steady(server, csv_path, rate, steady_seconds, run_id))
+            references.append(_reference(server, csv_path, reference_count, run_id))
+    bridge_alive = all(b["healthy"] for b in bursts) and all(s["healthy"] for runs in steadies.values() for s in runs)
 
-    ratio = burst.results_per_s / reference["results_per_s"]
+    burst_rate = _median([b["result"].results_per_s for b in bursts])
+    reference_rate = _median([ref["results_per_s"] for ref in references])
+    ratio = burst_rate / reference_rate
+    paired = _median([b["result"].results_per_s / ref["results_per_s"]
+                      for b, ref in zip(bursts, references, strict=True)])
+    cpu_ms_per_result = {name: round(_median([b["cpu_ms_per_result"][name] for b in bursts]), 3)
+                         for name in bursts[0]["cpu_ms_per_result"]}
     bridge_cpu = cpu_ms_per_result["bridge"]
+    steady_p99 = {rate: _median([s["result"].p99_ms for s in runs]) for rate, runs in steadies.items()}
     targets = {
-        "ge_2500_results_per_s": {"value": round(burst.results_per_s), "target": 2500,
-                                  "met": burst.results_per_s >= 2500},
+        "ge_2500_results_per_s": {"value": round(burst_rate), "target": 2500, "met": burst_rate >= 2500},
         "ge_10x_reference_loop": {"value": round(ratio, 1), "target": 10.0, "met": ratio >= 10.0},
         "bridge_cpu_le_0.25_ms_per_message": {"value": bridge_cpu, "target": 0.25, "met": bridge_cpu <= 0.25},
-        "p99_le_100_ms_at_1000_per_s": {"value": round(steady[1000.0].p99_ms, 1), "target": 100.0,
-                                        "met": steady[1000.0].p99_ms <= 100.0},
+        "p99_le_100_ms_at_1000_per_s": {"value": round(steady_p99[1000.0], 1), "target": 100.0,
+                                        "met": steady_p99[1000.0] <= 100.0},
     }
+
+    def runs_of(values: list[float]) -> str:
+        return " / ".join(f"{v:,.0f}" for v in values)
+
     text = table(
-        f"Kafka bridge end to end (Iris, tansu broker, gRPC to the model server) — burst of {count}, "
-        f"steady offered rates for {steady_seconds:g} s each",
-        ["consumer", "messages", "results/s", "p50 ms", "p99 ms", "× reference", "load avg"],
-        [["bridge, burst", burst.count, burst.results_per_s, burst.p50_ms, burst.p99_ms, ratio, load_burst[0]],
-         *([f"bridge, steady {rate:,.0f}/s offered", r.count, r.results_per_s, r.p50_ms, r.p99_ms, "",
-            load_steady[rate][0]] for rate, r in steady.items()),
-         ["reference loop (1 at a time, sync REST)", reference["count"], reference["results_per_s"], "", "", 1.0,
-          load_ref[0]]])
+        f"Kafka bridge end to end (Iris, tansu broker, gRPC to the model server) — median of {rounds} rounds "
+        f"(each phase on a fresh broker, phases in turn); burst of {count}, steady offered rates for "
+        f"{steady_seconds:g} s each",
+        ["consumer", "messages", "results/s", "p50 ms", "p99 ms", "p99 ms per round", "× reference", "load avg"],
+        [["bridge, burst", count, burst_rate, _median([b["result"].p50_ms for b in bursts]),
+          _median([b["result"].p99_ms for b in bursts]), runs_of([b["result"].p99_ms for b in bursts]), ratio,
+          _median([b["loadavg"][0] for b in bursts])],
+         *([f"bridge, steady {rate:,.0f}/s offered", runs[0]["result"].count,
+            _median([s["result"].results_per_s for s in runs]), _median([s["result"].p50_ms for s in runs]),
+            steady_p99[rate], runs_of([s["result"].p99_ms for s in runs]), "",
+            _median([s["loadavg"][0] for s in runs])] for rate, runs in steadies.items()),
+         ["reference loop (1 at a time, sync REST)", reference_count, reference_rate, "", "",
+          f"results/s: {runs_of([ref['results_per_s'] for ref in references])}", 1.0,
+          _median([ref["loadavg"][0] for ref in references])]])
+    print(f"  bridge burst / reference loop: {ratio:.2f}x (median of per-round ratios {paired:.2f}x)")
     for name, t in targets.items():
         print(f"  target {name}: {t['value']} ({'met' if t['met'] else 'MISSED' if t['met'] is False else 'reported'})")
-    payload = {"benchmark": "bridge", "machine": info, "package": package.source, "burst": asdict(burst),
-               "steady": {str(rate): asdict(r) for rate, r in steady.items()}, "reference": reference,
-               "bridge_healthy_after": bridge_alive,
+    payload = {"benchmark": "bridge", "machine": info, "package": package.source, "rounds": rounds,
+               "burst": [asdict(b["result"]) for b in bursts],
+               "steady": {str(rate): [asdict(s["result"]) for s in runs] for rate, runs in steadies.items()},
+               "reference": references, "paired_ratio": paired, "bridge_healthy_after": bridge_alive,
                "cpu_ms_per_result_burst": cpu_ms_per_result,
-               "targets": targets, "table": text, "loadavg": {"burst": load_burst, "steady": load_steady,
-                                                               "reference": load_ref},
+               "cpu_ms_per_result_burst_runs": [b["cpu_ms_per_result"] for b in bursts],
+               "targets": targets, "table": text,
+               "loadavg": {"burst": [b["loadavg"] for b in bursts],
+                           "steady": {str(rate): [s["loadavg"] for s in runs] for rate, runs in steadies.items()},
+                           "reference": [ref["loadavg"] for ref in references]},
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_result("bridge", payload)
     return payload
