@@ -3,8 +3,9 @@
 A server with TensorFlow and Keras loaded holds about half a million Python objects, nearly
 all of them alive for as long as its models are. Python's full collection walks every one of
 them, holding the GIL: on the 2-core bench machine one took about 0.4 s, paused the event loop
-(every request in flight waited), and came every few thousand Fashion-MNIST requests, which
-put 60-80 µs of CPU on each request and the pauses into the p99 (bench/RESULTS.md).
+(every request in flight waited) and came every few thousand Fashion-MNIST requests: with the
+young and middle collections, 82 µs of CPU per request at 64 clients, and the pauses in the p99
+(bench/RESULTS.md).
 
 So once the models are loaded, what is alive is moved out of the collector's reach
 (``gc.freeze``): reference counting still frees those objects, the collector no longer scans
