@@ -23,7 +23,10 @@ import numpy as np
 
 def measure(model_path: str, batch_sizes: list[int], seconds: float = 1.0, repeats: int = 3) -> dict[int, float]:
     """Best images per second of ``model.predict_on_batch`` over ``repeats`` windows, per batch size."""
+    from predictors.models.image import ONEDNN_OPTS
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", ONEDNN_OPTS)  # the server's kernels, for a fair ceiling
     import keras
 
     model = keras.models.load_model(model_path, compile=False)

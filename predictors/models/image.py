@@ -29,10 +29,15 @@ TF_THREADS = 1
 second compute thread costs more CPU in hand-offs and spinning than it saves (on the 2-core bench
 machine a 1-image call took 0.63 against 1.27 ms of CPU, 8 images 0.19 against 0.29 ms per image),
 and the other cores are busy with the event loop, gRPC and the clients."""
+ONEDNN_OPTS = "1"
+"""``TF_ENABLE_ONEDNN_OPTS`` unless set: this TensorFlow build leaves oneDNN's kernels off by default, and
+with them the Fashion-MNIST CNN took 113-131 instead of 158-187 µs of CPU per image on one thread
+(batches of 16-64, bench/RESULTS.md §0)."""
 
 
 def _import_keras():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", ONEDNN_OPTS)  # read once, when TensorFlow loads
     import keras
     import tensorflow as tf
 
