@@ -135,12 +135,11 @@ def package_config(data: Tabular, version: str = "1") -> PackageConfig:
                     "tuned with GridSearchCV.",
         inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, n])],
         feature_names=list(data.feature_names),
-        # Iris rows are microseconds of work, but grpc.aio admits one call per event-loop turn, so without a
-        # window concurrent gRPC calls never meet in the batcher (mean batch 1.05 at 16 clients). The
-        # batcher waits only while more concurrent clients are expected, so a lone client never waits.
-        # 2 ms gained as much at 16 gRPC clients as 5 or 10 ms, and a client with a few calls in flight
-        # now and then (the streaming bridge) pays at most that per call (10 ms doubled its p99).
-        batching=Batching(max_batch_size=32, max_latency_ms=2),
+        # Batching off: an Iris row is microseconds of work (8 µs in closed form), so merging concurrent
+        # requests saves less than the batcher's hand-offs cost. Against a 2 ms window, off served 1.06× /
+        # 1.12× the requests over gRPC at 1 / 16 clients and 1.02× / 1.02× over REST, at the same or less CPU
+        # (bench/RESULTS.md §0). The streaming bridge merges its requests into multi-row calls itself.
+        batching=Batching(max_batch_size=1),
     )
 
 
