@@ -131,7 +131,7 @@ def image_config(name: str, spec: cnn.CNNSpec, preprocessing: list[PreprocessSte
         preprocessing=list(preprocessing),
         # One CNN call per group of concurrent requests. The window is long because grpc.aio admits calls
         # one per event-loop turn (2 ms gathered 6 of 64 clients' images); the batcher waits only while
-        # more concurrent clients are expected, so a lone client never waits (bench/RESULTS.md §0).
+        # more concurrent clients are expected, so a lone client never waits (bench/RESULTS.md, "Batching defaults").
         batching=Batching(max_batch_size=64, max_latency_ms=40),
     )
 

@@ -32,7 +32,7 @@ and the other cores are busy with the event loop, gRPC and the clients."""
 ONEDNN_OPTS = "1"
 """``TF_ENABLE_ONEDNN_OPTS`` unless set: this TensorFlow build leaves oneDNN's kernels off by default, and
 with them the Fashion-MNIST CNN took 113-131 instead of 158-187 µs of CPU per image on one thread
-(batches of 16-64, bench/RESULTS.md §0)."""
+(batches of 16-64, bench/RESULTS.md, the run on f688cfe)."""
 
 
 def _import_keras():
