@@ -68,7 +68,7 @@ def run(repeats: int = 3, quick: bool = False) -> dict[str, Any]:
             with cm as svc:
                 samples[label].append(svc.ready_s)
             print(f"  {label:<24} ready in {svc.ready_s:6.2f} s (load {loads[label][-1]})", flush=True)
-    imports = {m: import_seconds(m) for m in ("kserve", "predictors.server", "tensorflow")}
+    imports = {m: import_seconds(m) for m in ("kserve", "predictors.runtime.server", "tensorflow")}
     baseline = statistics.median(samples["MLServer 1.7.1, iris"])
     rows = [{"server": k, "median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs": v,
              "ratio_vs_mlserver": statistics.median(v) / baseline, "loadavg": statistics.mean(loads[k])}

@@ -13,7 +13,7 @@ All servers run at once and are driven in turn, round after round (see
 server as it ships for Iris: batching off (see ``DEFAULTS``); extra rows measure the adaptive
 batcher (32 rows, 2 ms window: the default until this measured worse) and the prediction log off,
 the measurements behind that default and behind where the time goes, and "ours, --workers 2" (two worker
-processes on the same ports, :mod:`predictors.workers`) against "ours" (one): on two cores
+processes on the same ports, :mod:`predictors.runtime.workers`) against "ours" (one): on two cores
 that the load generator shares, the second worker can only use what the generator leaves.
 """
 

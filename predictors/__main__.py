@@ -3,7 +3,7 @@
 ``serve`` accepts KServe's own server flags in KServe's spelling (``--http_port``,
 ``--grpc_port``, ``--workers``, ``--max_threads``, ``--enable_grpc``, ...), so the same
 arguments work here and in an InferenceService container. ``--workers N`` runs N server
-processes on the same ports (:mod:`predictors.workers`).
+processes on the same ports (:mod:`predictors.runtime.workers`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> None:
                                        max_latency_ms=args.max_latency_ms, metrics_auth=args.metrics_auth,
                                        access_log=args.access_log)
     if args.workers > 1 and args.worker_fds is None:
-        from predictors.workers import supervise
+        from predictors.runtime.workers import supervise
 
         sys.exit(supervise(args.argv, args.workers, host=args.host, http_port=args.http_port,
                            grpc_port=args.grpc_port if args.enable_grpc else None,
@@ -39,11 +39,11 @@ def _serve(args: argparse.Namespace) -> None:
         access_log_format=args.access_log_format, event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive)
     if args.worker_fds is not None:
-        from predictors.workers import serve_worker
+        from predictors.runtime.workers import serve_worker
 
         serve_worker(args.worker_fds, args.model_dir, settings, **server_kwargs)
     else:
-        from predictors.server import serve
+        from predictors.runtime.server import serve
 
         serve(args.model_dir, settings, **server_kwargs)
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "env KCP_METRICS_AUTH)")
     serve.add_argument("--access-log", dest="access_log", action="store_true", default=None,
                        help="log one line per HTTP request (default: off; env KCP_ACCESS_LOG)")
-    # Set by predictors.workers on the worker processes of --workers N: their inherited sockets.
+    # Set by predictors.runtime.workers on the worker processes of --workers N: their inherited sockets.
     serve.add_argument("--kcp-worker-fds", dest="worker_fds", default=None, help=argparse.SUPPRESS)
     # KServe logs a latency line per request by default; like the access log, that is opt-in here.
     serve.set_defaults(func=_serve, enable_latency_logging=False)

@@ -100,7 +100,7 @@ class TensorSpec(_Strict):
         return shape
 
 
-# --- preprocessing steps: each names one pure function in predictors.preprocessing -------------
+# --- preprocessing steps: each names one pure function in predictors.models.preprocessing -------------
 
 
 class DecodeStep(_Strict):

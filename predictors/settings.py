@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from predictors.fetch import FetchSettings
+from predictors.protocol.fetch import FetchSettings
 
 ENV_PREFIX = "KCP_"
 

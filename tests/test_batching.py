@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from predictors.batching import Batcher, BatchSizeMismatch
+from predictors.runtime.batching import Batcher, BatchSizeMismatch
 
 LIVENESS_S = 30.0  # generous upper bound so a hang fails the test instead of the suite; not a speed check
 

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from predictors.feedback import FeedbackStore
-from predictors.prediction_log import WriteBehindLog
+from predictors.feedback.prediction_log import WriteBehindLog
 
 LIVENESS_S = 30.0  # a hang fails the test; not a speed check
 T = TypeVar("T")

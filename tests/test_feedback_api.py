@@ -23,9 +23,9 @@ from fastapi import Depends, FastAPI, Request
 from prometheus_client import REGISTRY
 from sklearn.metrics import classification_report, confusion_matrix
 
-from predictors.errors import Unauthorized, UnknownModel
 from predictors.feedback import FeedbackStore, build_feedback_router
 from predictors.package import LabelsFile
+from predictors.protocol.errors import Unauthorized, UnknownModel
 from tests.fixtures.ports import free_port, wait_for
 
 IRIS = LabelsFile(labels=[0, 1, 2], names=["setosa", "versicolor", "virginica"])

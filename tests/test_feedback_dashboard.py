@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 from sklearn.metrics import precision_recall_fscore_support
 
 import predictors.feedback.prometheus  # registers the feedback metrics
-import predictors.observability  # noqa: F401 - registers the server's request metrics
+import predictors.protocol.observability  # noqa: F401 - registers the server's request metrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "predictors" / "dashboards" / "grafana-classification.json"
 GRAFANA_VARS = {"$__rate_interval": "10m", "$__range": "10m", "$model": "iris"}

@@ -12,9 +12,9 @@ import pytest
 from sklearn.metrics import confusion_matrix
 from sqlalchemy import event, update
 
-from predictors.errors import BadInput
 from predictors.feedback import DuplicateFeedback, FeedbackStore, UnknownPredictions
 from predictors.feedback.store import MAX_ID_LENGTH, SubmissionIdReused, feedback, prediction_log
+from predictors.protocol.errors import BadInput
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

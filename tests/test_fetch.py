@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from predictors.errors import DisallowedURL, FetchFailed
-from predictors.fetch import FetchSettings, ImageFetcher
+from predictors.protocol.errors import DisallowedURL, FetchFailed
+from predictors.protocol.fetch import FetchSettings, ImageFetcher
 from tests.fixtures.ports import free_port
 
 LOOPBACKS = ["127.0.0.0/8", "::1/128"]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from predictors.heap import YOUNG_THRESHOLD, freeze_loaded_heap
+from predictors.runtime.heap import YOUNG_THRESHOLD, freeze_loaded_heap
 
 
 class Node:

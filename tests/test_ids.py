@@ -6,7 +6,7 @@ import re
 import time
 import uuid
 
-from predictors.ids import UniqueSuffixes, uuid7
+from predictors.protocol.ids import UniqueSuffixes, uuid7
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from predictors.errors import DisallowedURL, InvalidImage
-from predictors.fetch import check_address
+from predictors.models.preprocessing import paper_level, run_image_pipeline
 from predictors.package import (
     AutoInvertStep,
     CenterOfMassStep,
@@ -16,7 +15,8 @@ from predictors.package import (
     GrayscaleStep,
     ScaleStep,
 )
-from predictors.preprocessing import paper_level, run_image_pipeline
+from predictors.protocol.errors import DisallowedURL, InvalidImage
+from predictors.protocol.fetch import check_address
 from tests.fixtures.digits import photo_of_digit
 from tests.support.v2 import png_bytes
 

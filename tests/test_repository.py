@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from predictors.errors import UnknownModel
 from predictors.models import ServingContext
-from predictors.repository import PackageRepository
+from predictors.protocol.errors import UnknownModel
+from predictors.runtime.repository import PackageRepository
 from predictors.settings import ServerSettings
 from tests.fixtures.ports import wait_for
 from tests.fixtures.server import REPO, start_model_server

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from predictors.errors import BadInput
 from predictors.models import ServingContext, model_for
 from predictors.models.base import Prepared
 from predictors.models.tabular import TabularModel
 from predictors.package import FRAMEWORKS, load_package
-from predictors.v2 import Tensor, V2Request
+from predictors.protocol.errors import BadInput
+from predictors.protocol.v2 import Tensor, V2Request
 from tests.fixtures.server import REPO, TRAINED_MODELS, start_model_server
 
 

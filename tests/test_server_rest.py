@@ -57,7 +57,7 @@ def test_infer_returns_label_name_probabilities_and_a_generated_string_id(client
     assert response.status_code == 200, response.text
     body = response.json()
     assert_conforms(body, "inference_response")
-    assert isinstance(body["id"], str) and uuid.UUID(body["id"]).version == 7  # time-ordered: see predictors.ids
+    assert isinstance(body["id"], str) and uuid.UUID(body["id"]).version == 7  # time-ordered (protocol.ids)
     assert output(body, "label").tolist() == [0, 2]
     assert output(body, "label_name").tolist() == ["setosa", "virginica"]
     probs = output(body, "probabilities")

@@ -105,7 +105,7 @@ def _render(digit: int, font_file: str, size: int, canvas: tuple[int, int], fmt:
 
 
 def test_trained_mnist_reads_rendered_digits_after_server_preprocessing(trained_model_dir: Path) -> None:
-    from predictors.preprocessing import run_image_pipeline
+    from predictors.models.preprocessing import run_image_pipeline
 
     package = load_package(trained_model_dir / "mnist")
     model = _keras(package.path)

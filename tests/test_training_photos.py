@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from predictors.models.preprocessing import decode
 from predictors.package import DecodeStep
-from predictors.preprocessing import decode
 from tests.support.v2 import bytes_tensor, output
 from training import photos
 from training.datasets import load_mnist

@@ -1,7 +1,7 @@
 """``serve --workers 2``: two real worker processes behind one REST and one gRPC port, one feedback database.
 
 Which worker answered is read from the prediction id: its server part starts with a random prefix
-drawn once per process (:class:`predictors.ids.UniqueSuffixes`). A keep-alive HTTP
+drawn once per process (:class:`predictors.protocol.ids.UniqueSuffixes`). A keep-alive HTTP
 connection or a gRPC channel stays with the worker that accepted it, so holding one connection
 per worker lets a test send a prediction to one worker and its feedback to the other.
 """

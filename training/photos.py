@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from predictors.models.preprocessing import run_image_pipeline
 from predictors.package import PreprocessStep
-from predictors.preprocessing import run_image_pipeline
 
 MIN_SCALE, MAX_SCALE = 0.3, 4.0
 JPEG_QUALITY = (30, 90)

@@ -24,7 +24,7 @@ While the database is unreachable every feedback route answers 503 ``{"error": .
 
 Why the body is read and validated here rather than by FastAPI's parameter binding: FastAPI
 answers validation failures with 422 ``{"detail": [...]}``; this API promises every client error
-as ``{"error": "<one clear sentence>"}`` with the status of :mod:`predictors.errors` (400 invalid,
+as ``{"error": "<one clear sentence>"}`` with the status of :mod:`predictors.protocol.errors` (400 invalid,
 404 unknown model, 409 duplicate feedback, 413 too large), and nothing recorded. Labels are strict
 integers: ``"1"``, ``1.5``, ``true`` and ``null`` are rejected, never coerced.
 
@@ -47,7 +47,6 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from predictors.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
 from predictors.feedback import prometheus
 from predictors.feedback.metrics import ClassificationMetrics, compute_metrics, confusion_from_pairs
 from predictors.feedback.store import (
@@ -61,7 +60,8 @@ from predictors.feedback.store import (
     UnknownPredictions,
 )
 from predictors.package import LabelsFile
-from predictors.rest import JSONErrorRoute
+from predictors.protocol.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
+from predictors.protocol.rest import JSONErrorRoute
 
 MAX_ITEMS = 10_000
 """Most labels (Katonic form) or items (id form) in one submission."""
@@ -299,7 +299,7 @@ def build_feedback_router(
     """The feedback routes over ``store``.
 
     ``get_labels(model_name)`` returns the served model's labels_file.json and raises
-    :class:`predictors.errors.UnknownModel` for names not served; it is called on the event loop,
+    :class:`predictors.protocol.errors.UnknownModel` for names not served; it is called on the event loop,
     so it must not block (the server answers it from memory). ``dependencies`` (e.g. the API-key
     check) apply to every route. ``window_seconds`` is the default "recent" window of GET.
     ``flush_predictions`` (the server's write-behind prediction log) is awaited before ids are

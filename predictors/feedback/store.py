@@ -80,7 +80,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from predictors.errors import BadInput, ClientError
+from predictors.protocol.errors import BadInput, ClientError
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ _SCHEMA_LOCK_KEY = 0x6B6370_6662  # pg advisory lock id for concurrent CREATE TA
 class DuplicateFeedback(ClientError):
     """Feedback for these prediction ids was already recorded: 409 / ALREADY_EXISTS.
 
-    Defined here rather than in :mod:`predictors.errors` because only the feedback store can
+    Defined here rather than in :mod:`predictors.protocol.errors` because only the feedback store can
     cause it; it is a :class:`ClientError`, so the one mapping to HTTP/gRPC applies.
     """
 

@@ -5,7 +5,7 @@ KServe's ``Model.__call__`` runs ``preprocess`` → ``predict`` → ``postproces
 * ``preprocess`` validates the V2 request against the package config and decodes it to a
   feature array (subclasses implement :meth:`PackageModel.decode_features`);
 * ``predict`` runs the model off the event loop — directly in the thread pool, or through
-  the adaptive :class:`~predictors.batching.Batcher` when the package enables batching;
+  the adaptive :class:`~predictors.runtime.batching.Batcher` when the package enables batching;
 * ``postprocess`` turns class probabilities into the V2 outputs every classifier shares
   (label, label_name, probabilities, top-k, prediction ids, echoed ids), honours the
   request's ``outputs`` field, and records predictions for later feedback.
@@ -26,15 +26,15 @@ from kserve import Model
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.infer_type import RequestedOutput as KServeRequestedOutput
 
-from predictors.batching import Batcher
-from predictors.codecs import as_text, to_numpy
-from predictors.errors import BadInput, PayloadTooLarge
-from predictors.fetch import ImageFetcher
-from predictors.ids import UniqueSuffixes, uuid7
+from predictors.feedback.prediction_log import PredictionLog, WriteBehindLog
 from predictors.package import ModelPackage
-from predictors.prediction_log import PredictionLog, WriteBehindLog
+from predictors.protocol.codecs import as_text, to_numpy
+from predictors.protocol.errors import BadInput, PayloadTooLarge
+from predictors.protocol.fetch import ImageFetcher
+from predictors.protocol.ids import UniqueSuffixes, uuid7
+from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, from_kserve
+from predictors.runtime.batching import Batcher
 from predictors.settings import ServerSettings
-from predictors.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, from_kserve
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class PackageModel(Model):
         return _as_kserve(response, request) if result.stock else response
 
     async def infer(self, request: V2Request) -> V2Response:
-        """The direct path (:mod:`predictors.v2`): the three hooks, without KServe's data plane around them."""
+        """The direct path (:mod:`predictors.protocol.v2`): the three hooks, without KServe's data plane around them."""
         return await self.postprocess(await self.predict(await self.preprocess(request)))
 
     def _output(self, name: str, binary: bool, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
@@ -323,7 +323,7 @@ class PackageModel(Model):
         return Output(name, "FP32", [n, k], top_probs, binary)
 
     async def _log_predictions(self, prediction_ids: list[str], labels: np.ndarray) -> None:
-        """Queue predictions for the write-behind log (:mod:`predictors.prediction_log`): the response
+        """Queue predictions for the write-behind log (:mod:`predictors.feedback.prediction_log`): the response
         does not wait for the database; feedback on this server flushes the queue first."""
         writer = self.context.log_writer()
         if writer is None:

@@ -16,11 +16,11 @@ import os
 
 import numpy as np
 
-from predictors.codecs import bytes_element, require_finite, to_numpy
-from predictors.errors import BadInput, InvalidImage, PayloadTooLarge
 from predictors.models.base import PackageModel
-from predictors.preprocessing import pixel_divisor, run_image_pipeline
-from predictors.v2 import Tensor
+from predictors.models.preprocessing import pixel_divisor, run_image_pipeline
+from predictors.protocol.codecs import bytes_element, require_finite, to_numpy
+from predictors.protocol.errors import BadInput, InvalidImage, PayloadTooLarge
+from predictors.protocol.v2 import Tensor
 
 MAX_CONCURRENT_FETCHES = 8
 TF_THREADS = 1

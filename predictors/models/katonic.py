@@ -29,11 +29,11 @@ import numpy as np
 from kserve.errors import InferenceError
 from pydantic import BaseModel, ValidationError
 
-from predictors.codecs import as_text, to_numpy
-from predictors.errors import BadInput
 from predictors.models.base import PackageModel, Prepared
 from predictors.package import PackageError
-from predictors.v2 import Tensor
+from predictors.protocol.codecs import as_text, to_numpy
+from predictors.protocol.errors import BadInput
+from predictors.protocol.v2 import Tensor
 
 REQUIRED_FUNCTIONS = ("loadmodel", "preprocessing", "predict")
 

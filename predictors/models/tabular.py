@@ -7,11 +7,11 @@ import logging
 import joblib
 import numpy as np
 
-from predictors.codecs import require_finite, to_numpy
-from predictors.errors import BadInput
 from predictors.models.base import PackageModel
 from predictors.models.compiled import PredictProba, compile_predict_proba
-from predictors.v2 import Tensor
+from predictors.protocol.codecs import require_finite, to_numpy
+from predictors.protocol.errors import BadInput
+from predictors.protocol.v2 import Tensor
 
 logger = logging.getLogger(__name__)
 

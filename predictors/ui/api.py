@@ -25,9 +25,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from kserve.errors import ModelNotReady
 
-from predictors.errors import BadInput, UnknownModel
-from predictors.rest import JSONErrorRoute
-from predictors.v2 import BINARY_HEADER, parse_rest
+from predictors.protocol.errors import BadInput, UnknownModel
+from predictors.protocol.rest import JSONErrorRoute
+from predictors.protocol.v2 import BINARY_HEADER, parse_rest
 
 ModelLookup = Callable[[str], Any]
 """``lookup(name)``: the served model called ``name``, or ``None``."""

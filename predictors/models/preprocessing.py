@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from predictors.errors import InvalidImage
 from predictors.package import (
     AutoInvertStep,
     CenterOfMassStep,
@@ -30,6 +29,7 @@ from predictors.package import (
     ResizeStep,
     ScaleStep,
 )
+from predictors.protocol.errors import InvalidImage
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 

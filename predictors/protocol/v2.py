@@ -32,7 +32,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from predictors.errors import BadInput
+from predictors.protocol.errors import BadInput
 
 BINARY_HEADER = "inference-header-content-length"
 """The binary tensor extension's header: the length of the JSON part of a body."""

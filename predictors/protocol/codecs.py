@@ -1,6 +1,6 @@
 """V2 input tensors -> numpy, with every malformed case turned into a clear :class:`BadInput`.
 
-A :class:`~predictors.v2.Tensor` carries JSON ``data`` (nested lists, checked element by
+A :class:`~predictors.protocol.v2.Tensor` carries JSON ``data`` (nested lists, checked element by
 element), gRPC typed ``contents`` (already typed by protobuf; only ranges are checked) or raw
 little-endian bytes (binary REST and ``raw_input_contents``, read with ``np.frombuffer``).
 """
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from kserve.protocol.infer_type import deserialize_bytes_tensor
 
-from predictors.errors import BadInput
-from predictors.fetch import is_url
-from predictors.v2 import Tensor
+from predictors.protocol.errors import BadInput
+from predictors.protocol.fetch import is_url
+from predictors.protocol.v2 import Tensor
 
 NUMPY_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

@@ -1,7 +1,7 @@
 """``serve --workers N``: N server processes behind one REST port and one gRPC port.
 
 One Python process serves on about one core (the GIL), so a node with spare cores serves more
-with more processes. Each worker is a complete :class:`~predictors.server.ClassifierServer`:
+with more processes. Each worker is a complete :class:`~predictors.runtime.server.ClassifierServer`:
 its own models, batcher, prediction-log writer and ``/metrics``; the feedback database
 (``KCP_FEEDBACK_DB_URL``: SQLite in WAL mode, or PostgreSQL) is the one thing they share, so
 feedback sent to any worker finds a prediction answered by any other (the feedback API looks
@@ -54,7 +54,7 @@ from typing import Any
 
 from kserve.logging import configure_logging
 
-from predictors.server import ClassifierServer, PackageRepositoryExtension, _log_like_kserve, serve
+from predictors.runtime.server import ClassifierServer, PackageRepositoryExtension, _log_like_kserve, serve
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)

@@ -5,16 +5,16 @@ chosen host with auth and metrics meant copying that private method. This module
 wiring instead (a ``grpc.aio`` server, KServe's public servicer and generated registration
 function) and adds what REST already does, so both protocols behave the same:
 
-* ModelInfer on the direct V2 path (:mod:`predictors.v2`): ``ModelInferRequest`` → the model's
+* ModelInfer on the direct V2 path (:mod:`predictors.protocol.v2`): ``ModelInferRequest`` → the model's
   hooks → ``ModelInferResponse``, no KServe ``InferRequest`` / ``InferResponse`` in between;
 * the version check: ``model_version`` in ModelInfer / ModelMetadata / ModelReady must be the
   served version (or empty), else NOT_FOUND, like REST's 404 on ``/versions/{v}``;
-* one error mapping (:func:`predictors.errors.grpc_code`, REST's :func:`~predictors.errors.http_status`
-  twin): a :class:`~predictors.errors.ClientError` aborts with its own code (``PayloadTooLarge`` →
-  RESOURCE_EXHAUSTED like REST's 413), ModelNotReady → UNAVAILABLE like 503, anything unexpected →
-  INTERNAL like 500. It is applied in the servicer, not by interceptors: each ``grpc.aio``
-  interceptor is another Python layer on every call, which on a small model costs as much as the
-  prediction. ``ModelInfer`` also counts itself in the request metrics;
+* one error mapping (:func:`predictors.protocol.errors.grpc_code`, twin of REST's
+  :func:`~predictors.protocol.errors.http_status`): a :class:`~predictors.protocol.errors.ClientError` aborts with
+  its own code (``PayloadTooLarge`` → RESOURCE_EXHAUSTED like REST's 413), ModelNotReady → UNAVAILABLE like 503,
+  anything unexpected → INTERNAL like 500. It is applied in the servicer, not by interceptors: each ``grpc.aio``
+  interceptor is another Python layer on every call, which on a small model costs as much as the prediction.
+  ``ModelInfer`` also counts itself in the request metrics;
 * metadata carries the served version, as REST's does;
 * the repository extension's load / unload answer (KServe 0.21's servicer reads a dict that the
   extension never returns, so both RPCs failed with INTERNAL).
@@ -37,10 +37,10 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from predictors.errors import ClientError, grpc_code
-from predictors.observability import observe_grpc
-from predictors.rest import ready_model, served_model
-from predictors.v2 import encode_grpc, parse_grpc
+from predictors.protocol.errors import ClientError, grpc_code
+from predictors.protocol.lookup import ready_model, served_model
+from predictors.protocol.observability import observe_grpc
+from predictors.protocol.v2 import encode_grpc, parse_grpc
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """REST specifics on top of KServe's FastAPI app: error mapping, version routes and the V2 infer endpoint.
 
 ``/infer`` is not a FastAPI route: :class:`InferEndpoint` is a bare ASGI handler that
-:class:`~predictors.middleware.ServingMiddleware` calls for it, the direct V2 path of
-:mod:`predictors.v2` (body bytes → model hooks → response bytes). FastAPI's routing,
+:class:`~predictors.protocol.middleware.ServingMiddleware` calls for it, the direct V2 path of
+:mod:`predictors.protocol.v2` (body bytes → model hooks → response bytes). FastAPI's routing,
 request object and response class cost more than a small model's prediction, and KServe's
 own route lets FastAPI parse the body (malformed JSON would be a 422 with FastAPI's
 ``detail``, a missing key in a binary request a 500); here every bad request is a 4xx ``{"error"}``.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -24,8 +24,9 @@ from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from predictors.errors import ClientError, PayloadTooLarge, UnknownModel, http_status
-from predictors.v2 import BINARY_HEADER, encode_rest, parse_rest
+from predictors.protocol.errors import ClientError, PayloadTooLarge, http_status
+from predictors.protocol.lookup import ModelRegistry, ready_model, served_model
+from predictors.protocol.v2 import BINARY_HEADER, encode_rest, parse_rest
 
 logger = logging.getLogger(__name__)
 
@@ -85,29 +86,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
-class ModelRegistry(Protocol):
-    def get_model(self, name: str) -> Any: ...
-
-
-def served_model(registry: ModelRegistry, model_name: str, model_version: str | None) -> Any:
-    """The served model named, or 404 (:class:`UnknownModel`) if it is not served or not at ``model_version``."""
-    model = registry.get_model(model_name)
-    if model is None:
-        raise UnknownModel(model_name)
-    config = getattr(model, "config", None)
-    if model_version is not None and (config is None or model_version != config.version):
-        raise UnknownModel(f"{model_name} version {model_version}")
-    return model
-
-
-def ready_model(registry: ModelRegistry, model_name: str, model_version: str | None) -> Any:
-    """:func:`served_model`, and 503 (``ModelNotReady``) while it is not ready."""
-    model = served_model(registry, model_name, model_version)
-    if not model.ready:
-        raise ModelNotReady(model_name)
-    return model
-
-
 def register_version_routes(app: FastAPI, endpoints: V2Endpoints) -> None:
     """``GET /v2/models/{name}/versions/{version}[/ready]``: like the unversioned routes for the served
     version, 404 for any other (KServe answers 501 "Model versioning not supported yet")."""
@@ -127,7 +105,7 @@ def register_version_routes(app: FastAPI, endpoints: V2Endpoints) -> None:
 class InferEndpoint:
     """``POST /v2/models/{name}[/versions/{version}]/infer`` as a bare ASGI handler (see the module docstring).
 
-    The body limit is :class:`~predictors.middleware.ServingMiddleware`'s (it refuses a declared
+    The body limit is :class:`~predictors.protocol.middleware.ServingMiddleware`'s (it refuses a declared
     ``Content-Length`` over the limit before calling here); a chunked body is counted as it arrives.
     """
 
@@ -182,4 +160,4 @@ class ClientDisconnected(ClientError):
 
 
 __all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "InferEndpoint", "JSONErrorRoute", "client_error_response",
-           "install_error_handlers", "ready_model", "register_version_routes", "served_model"]
+           "install_error_handlers", "register_version_routes"]

@@ -35,7 +35,7 @@ def _children(model: str, protocol: str, status: str) -> tuple[Any, Any]:
 
 
 def observe_rest(model: str, status: int, seconds: float) -> None:
-    """Count one REST ``/infer`` request (called by :class:`predictors.middleware.ServingMiddleware`)."""
+    """Count one REST ``/infer`` request (called by :class:`predictors.protocol.middleware.ServingMiddleware`)."""
     latency, count = _children(model, "rest", str(status))
     latency.observe(seconds)
     count.inc()

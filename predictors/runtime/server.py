@@ -5,8 +5,8 @@ What this adds to KServe 0.21 (each for a reason KServe's defaults do not cover)
 * binds a configurable host (KServe hard-codes 0.0.0.0 / [::]);
 * a real model repository (load / reload / unload from the model directory);
 * API-key auth, body limits and request metrics as REST middleware and gRPC interceptors;
-* the direct V2 path (:mod:`predictors.v2`) for ``/infer`` and ``ModelInfer``: strict parsing,
-  bytes → numpy → bytes, one error mapping (``predictors.errors``) for both protocols;
+* the direct V2 path (:mod:`predictors.protocol.v2`) for ``/infer`` and ``ModelInfer``: strict parsing,
+  bytes → numpy → bytes, one error mapping (``predictors.protocol.errors``) for both protocols;
 * the feedback API and the prediction log it joins against;
 * model metadata with the package's version and framework.
 
@@ -43,16 +43,16 @@ from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from timing_asgi import TimingMiddleware
 
-from predictors.auth import APIKey, GRPCAuthInterceptor
-from predictors.errors import BadInput, ClientError, UnknownModel
-from predictors.grpc_server import GRPCEndpoint
-from predictors.heap import freeze_loaded_heap
-from predictors.middleware import ServingMiddleware
+from predictors.feedback.prediction_log import WriteBehindLog
 from predictors.models import ServingContext
 from predictors.package import LabelsFile, PackageError
-from predictors.prediction_log import WriteBehindLog
-from predictors.repository import PackageRepository
-from predictors.rest import InferEndpoint, install_error_handlers, register_version_routes
+from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
+from predictors.protocol.errors import BadInput, ClientError, UnknownModel
+from predictors.protocol.grpc_server import GRPCEndpoint
+from predictors.protocol.middleware import ServingMiddleware
+from predictors.protocol.rest import InferEndpoint, install_error_handlers, register_version_routes
+from predictors.runtime.heap import freeze_loaded_heap
+from predictors.runtime.repository import PackageRepository
 from predictors.settings import ServerSettings
 
 if TYPE_CHECKING:  # the feedback package is optional (imported when the server opens the store)
@@ -137,7 +137,7 @@ class ClassifierServer(kserve.ModelServer):
     """The model server: KServe's, plus the pieces listed in this module's docstring."""
 
     rest_sockets: list[socket.socket] | None = None
-    """Sockets to serve REST on instead of binding ``host:http_port`` (set by :mod:`predictors.workers`)."""
+    """Sockets to serve REST on instead of binding ``host:http_port`` (set by :mod:`predictors.runtime.workers`)."""
 
     def __init__(self, model_dir: str | Path, settings: ServerSettings, **kwargs: Any) -> None:
         self.settings = settings

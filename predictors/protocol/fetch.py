@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, Field
 
-from predictors.errors import DisallowedURL, FetchFailed
+from predictors.protocol.errors import DisallowedURL, FetchFailed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -8,11 +8,11 @@ the request. One pass over the headers here serves all three concerns:
   while streaming (a chunked body is counted as it arrives);
 * **API key** (when configured): 401 unless the path is open (health, readiness, the UI shell,
   and — unless ``metrics_auth`` — ``/metrics`` and ``/openapi.json``, so Prometheus scrapes
-  without app credentials) or the request presents the key (:class:`predictors.auth.APIKey`);
+  without app credentials) or the request presents the key (:class:`predictors.protocol.auth.APIKey`);
 * **metrics**: every ``/infer`` request is counted by model and status, whatever its outcome,
-  including the ones refused here (:mod:`predictors.observability`).
+  including the ones refused here (:mod:`predictors.protocol.observability`).
 
-``POST .../infer`` then goes to :class:`predictors.rest.InferEndpoint` (the direct V2 path),
+``POST .../infer`` then goes to :class:`predictors.protocol.rest.InferEndpoint` (the direct V2 path),
 everything else to the FastAPI app.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import orjson
 
-from predictors.auth import OPEN_REST_PATHS, APIKey
-from predictors.observability import INFER_PATH, observe_rest
-from predictors.rest import InferEndpoint
+from predictors.protocol.auth import OPEN_REST_PATHS, APIKey
+from predictors.protocol.observability import INFER_PATH, observe_rest
+from predictors.protocol.rest import InferEndpoint
 
 METRICS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs"})
 """Open without a key by default (Prometheus compatibility); ``metrics_auth`` closes them."""

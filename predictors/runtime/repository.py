@@ -28,10 +28,10 @@ from pathlib import Path
 import grpc
 from kserve.model_repository import ModelRepository
 
-from predictors.errors import ClientError, UnknownModel
-from predictors.heap import freeze_loaded_heap
 from predictors.models import PackageModel, ServingContext, model_for
 from predictors.package import CONFIG_FILE, PackageError, discover_packages, load_package
+from predictors.protocol.errors import ClientError, UnknownModel
+from predictors.runtime.heap import freeze_loaded_heap
 
 logger = logging.getLogger(__name__)
 

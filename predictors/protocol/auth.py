@@ -1,4 +1,4 @@
-"""API-key authentication: the key check, and the gRPC interceptor (REST: :mod:`predictors.middleware`).
+"""API-key authentication: the key check, and the gRPC interceptor (REST: :mod:`predictors.protocol.middleware`).
 
 When a key is configured, every inference, metadata, repository and feedback endpoint
 requires it: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>`` over REST,
