@@ -64,6 +64,23 @@ def _validate(args: argparse.Namespace) -> None:
     sys.exit(0 if ok else 1)
 
 
+def _package(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from predictors.package import PackageError
+    from predictors.packaging import PackagingError, package_estimator
+
+    try:
+        report = package_estimator(Path(args.model), Path(args.out), name=args.name, version=args.version,
+                                   label_names=args.labels, data=Path(args.data) if args.data else None,
+                                   description=args.description, force=args.force)
+    except (PackagingError, PackageError) as exc:
+        print(f"python -m predictors package: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(asdict(report), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m predictors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check packages load (config, labels, artifact)")
     validate.add_argument("packages", nargs="+")
     validate.set_defaults(func=_validate)
+
+    package = sub.add_parser("package", help="turn a fitted scikit-learn classifier (.joblib/.pkl) into a checked "
+                                             "model package")
+    package.add_argument("model", help="the fitted estimator, saved with joblib.dump or pickle")
+    package.add_argument("--name", required=True, help="model name (a DNS label: lower-case letters, digits, '-')")
+    package.add_argument("--out", required=True, help="package directory to write")
+    package.add_argument("--version", default="1", help="model version")
+    package.add_argument("--labels", nargs="+", default=None,
+                         help="class names in the order of the model's classes 0..K-1 (classes that are strings "
+                              "name themselves)")
+    package.add_argument("--data", default=None,
+                         help="CSV of rows the model takes (with its column names): the column types and the probe "
+                              "rows the compiled model is checked on come from it")
+    package.add_argument("--description", default="")
+    package.add_argument("--force", action="store_true", help="replace --out if it exists")
+    package.set_defaults(func=_package)
 
     try:
         from predictors.deploy import add_deploy_arguments

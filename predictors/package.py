@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels_file.json"
 METRICS_FILE = "metrics.json"
+ONNX_FILE = "model.onnx"  # a scikit-learn model compiled at packaging (optional: the server compiles at load)
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a DNS label: also a valid InferenceService name
 
 Task = Literal["tabular_classification", "image_classification"]
@@ -199,6 +201,10 @@ class PackageConfig(_Strict):
         default=None, description="run predict on the event loop (true) or in a worker thread (false); "
                                   "unset: the server decides by timing a one-row call at load")
     max_batch_size: int = Field(default=256, ge=1, description="largest N accepted in one request")
+    runtime: Literal["auto", "onnx", "sklearn"] = Field(
+        default="auto", description="scikit-learn models: 'auto' serves the model compiled to ONNX when it answers "
+                                    "as the estimator on the probe rows, else scikit-learn; 'onnx' requires the "
+                                    "compiled model; 'sklearn' never compiles")
 
     @field_validator("format_version")
     @classmethod
@@ -231,10 +237,27 @@ class PackageConfig(_Strict):
         if self.artifact != expected:
             raise ValueError(f"framework '{self.framework}' expects artifact '{expected}', got '{self.artifact}'")
         if self.task == "tabular_classification":
-            n = self.inputs[0].shape[-1]
+            if len(self.inputs) > 1:
+                self._check_columns()
+            n = self.inputs[0].shape[-1] if len(self.inputs) == 1 else len(self.inputs)
             if self.feature_names is not None and len(self.feature_names) != n:
                 raise ValueError(f"feature_names has {len(self.feature_names)} names for {n} input features")
+        elif len(self.inputs) > 1:
+            raise ValueError("an image model takes one input")
         return self
+
+    def _check_columns(self) -> None:
+        """Several inputs are the columns of a table: one 1-D tensor each, uniquely named, no 'ids'."""
+        names = [spec.name for spec in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError("input names must be unique")
+        if "ids" in names:
+            raise ValueError("'ids' is reserved for the request's row ids")
+        for spec in self.inputs:
+            if spec.shape not in ([-1], [-1, 1]):
+                raise ValueError(f"input '{spec.name}': a column has shape [-1] or [-1, 1], got {spec.shape}")
+        if self.batching.max_batch_size > 1:
+            raise ValueError("batching merges one feature matrix; a model with column inputs takes max_batch_size 1")
 
     @property
     def input(self) -> TensorSpec:
@@ -377,6 +400,13 @@ def _shape_matches(expected: Sequence[int], actual: Sequence[int | None]) -> boo
     return all(e == -1 or a is None or e == a for e, a in zip(expected, actual, strict=True))
 
 
+def _same_classes(classes: list[Any], labels: LabelsFile) -> bool:
+    """The estimator's classes are the encoded ids 0..K-1, or (in that order) the labels file's names."""
+    if all(isinstance(c, int | np.integer) for c in classes):
+        return [int(c) for c in classes] == labels.labels
+    return labels.names is not None and [str(c) for c in classes] == labels.names
+
+
 def check_artifact(package: ModelPackage, model: Any) -> None:
     """Compare a loaded artifact with the package's config and labels.
 
@@ -387,11 +417,17 @@ def check_artifact(package: ModelPackage, model: Any) -> None:
     art = cfg.artifact
     if cfg.framework == "sklearn":
         n_features = getattr(model, "n_features_in_", None)
-        if n_features is not None and n_features != cfg.input.shape[-1]:
-            raise PackageError(package.path, CONFIG_FILE, "inputs.0.shape",
-                               f"model {art} takes {n_features} features, config says {cfg.input.shape[-1]}")
+        declared = cfg.input.shape[-1] if len(cfg.inputs) == 1 else len(cfg.inputs)
+        if n_features is not None and n_features != declared:
+            raise PackageError(package.path, CONFIG_FILE, "inputs.0.shape" if len(cfg.inputs) == 1 else "inputs",
+                               f"model {art} takes {n_features} features, config says {declared}")
+        names_in = getattr(model, "feature_names_in_", None)
+        if len(cfg.inputs) > 1 and names_in is not None and list(names_in) != [s.name for s in cfg.inputs]:
+            raise PackageError(package.path, CONFIG_FILE, "inputs",
+                               f"model {art} takes columns {list(names_in)}, config lists "
+                               f"{[s.name for s in cfg.inputs]}")
         classes = getattr(model, "classes_", None)
-        if classes is not None and [int(c) for c in classes] != package.labels.labels:
+        if classes is not None and not _same_classes(list(classes), package.labels):
             raise PackageError(package.path, LABELS_FILE, "labels",
                                f"model {art} predicts classes {list(classes)}, "
                                f"labels file lists {package.labels.labels}")

@@ -1,14 +1,49 @@
-"""The closed-form predict_proba for linear classifiers: used only where it reproduces the estimator."""
+"""The compiled scikit-learn runtime: every kind of model a user brings is served with the estimator's answers.
+
+Each zoo model is fitted here, compiled with the package's probe rows, and then compared with the
+estimator on rows the check never saw. A model that does not compile (a custom transformer) or whose
+compiled form disagrees is served by scikit-learn, with the reason.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
 from sklearn.linear_model import LogisticRegression
+from sklearn.naive_bayes import GaussianNB
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
-from predictors.models.compiled import compile_predict_proba
+from predictors.models.columns import ColumnBatch, TabularSchema
+from predictors.models.compiled import TOLERANCE, check, compile_checked
+from predictors.models.probes import synthesize
+from predictors.package import TensorSpec
+
+ZOO = {
+    "pipeline-logistic": lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+    "logistic": lambda: LogisticRegression(max_iter=1000),
+    "decision-tree": lambda: DecisionTreeClassifier(random_state=0),
+    "random-forest": lambda: RandomForestClassifier(100, random_state=0),
+    "extra-trees": lambda: ExtraTreesClassifier(50, random_state=0),
+    "gradient-boosting": lambda: GradientBoostingClassifier(random_state=0),
+    "hist-gradient-boosting": lambda: HistGradientBoostingClassifier(max_iter=100, random_state=0),
+    "svc": lambda: SVC(probability=True, random_state=0),
+    "naive-bayes": lambda: GaussianNB(),
+    "pipeline-forest": lambda: make_pipeline(StandardScaler(), RandomForestClassifier(30, random_state=0)),
+}
+MATRIX = TabularSchema.of([TensorSpec(name="input-0", datatype="FP32", shape=[-1, 4])])
 
 
 @pytest.fixture(scope="module")
@@ -16,36 +51,91 @@ def iris() -> tuple[np.ndarray, np.ndarray]:
     return load_iris(return_X_y=True)
 
 
-@pytest.mark.parametrize("classes", [3, 2], ids=["multiclass", "binary"])
-def test_the_closed_form_gives_the_estimators_probabilities(iris, classes):
+def unseen_rows(x: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return np.vstack([x + rng.normal(0, 0.2, x.shape), rng.uniform(-5, 15, (300, 4))])
+
+
+def assert_same_answers(got: np.ndarray, expected: np.ndarray) -> None:
+    assert got.shape == expected.shape
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", sorted(ZOO))
+def test_each_zoo_model_compiles_and_answers_as_the_estimator(iris, kind):
     x, y = iris
-    keep = y < classes
-    estimator = LogisticRegression(max_iter=1000).fit(x[keep], y[keep])
-    compiled = compile_predict_proba(estimator, 4)
-    assert compiled is not None
-    rows = np.vstack([x, np.random.default_rng(1).normal(0, 50, (200, 4))])
-    np.testing.assert_allclose(compiled(rows), estimator.predict_proba(rows), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(compiled(rows[:1]), estimator.predict_proba(rows[:1]), rtol=1e-12, atol=1e-15)
+    estimator = ZOO[kind]().fit(x, y)
+    compilation = compile_checked(estimator, MATRIX, x)
+    assert compilation.model is not None, compilation.reason
+    assert "matches the estimator" in compilation.reason
+    rows = unseen_rows(x)
+    assert_same_answers(np.asarray(compilation.model(rows), dtype=np.float64), estimator.predict_proba(rows))
+    assert_same_answers(np.asarray(compilation.model(rows[:1]), dtype=np.float64), estimator.predict_proba(rows[:1]))
 
 
-def test_other_estimators_keep_their_own_predict_proba(iris):
+def test_synthesised_probes_suffice_for_a_package_without_stored_ones(iris):
     x, y = iris
-
-    class Tempered(LogisticRegression):
-        def predict_proba(self, features: np.ndarray) -> np.ndarray:
-            return super().predict_proba(features / 2)
-
-    assert compile_predict_proba(DecisionTreeClassifier().fit(x, y), 4) is None
-    assert compile_predict_proba(Tempered(max_iter=1000).fit(x, y), 4) is None
+    estimator = make_pipeline(StandardScaler(), GradientBoostingClassifier(random_state=0)).fit(x, y)
+    compilation = compile_checked(estimator, MATRIX, synthesize(MATRIX, estimator))
+    assert compilation.model is not None, compilation.reason
+    assert_same_answers(np.asarray(compilation.model(x), dtype=np.float64), estimator.predict_proba(x))
 
 
-def test_a_formula_that_does_not_match_the_estimator_is_not_used(iris, monkeypatch):
-    """The probe check is what makes the formula safe: break the formula and it must be refused."""
+def test_neighbours_that_tie_are_not_compiled_when_the_probes_show_it(iris):
+    """Iris repeats rows, so k-nearest neighbours meet distance ties that onnxruntime breaks its own way: on
+    the training rows as probes the compiled model gives other probabilities and scikit-learn keeps serving."""
+    x, y = iris
+    estimator = KNeighborsClassifier(5).fit(x, y)
+    compilation = compile_checked(estimator, MATRIX, x)
+    if compilation.model is None:
+        assert "differ" in compilation.reason or "label" in compilation.reason
+    else:  # no tie broke differently: then it must really agree on unseen rows too
+        rows = unseen_rows(x)
+        assert_same_answers(np.asarray(compilation.model(rows), dtype=np.float64), estimator.predict_proba(rows))
+
+
+def test_a_custom_transformer_is_served_by_scikit_learn_with_the_reason(iris):
+    x, y = iris
+    estimator = Pipeline([("double", FunctionTransformer(np.square)), ("clf", LogisticRegression(max_iter=1000))])
+    estimator.fit(x, y)
+    compilation = compile_checked(estimator, MATRIX, x)
+    assert compilation.model is None
+    assert "FunctionTransformer" in compilation.reason
+
+
+def test_a_compiled_model_that_disagrees_is_refused(iris, monkeypatch):
+    """The check is what makes compilation safe: make the estimator answer differently and it must fail."""
     x, y = iris
     estimator = LogisticRegression(max_iter=1000).fit(x, y)
+    compiled = compile_checked(estimator, MATRIX, x).model
+    assert compiled is not None
+    monkeypatch.setattr(estimator, "predict_proba",
+                        lambda rows: LogisticRegression.predict_proba(estimator, rows * 1.01))
+    assert check(compiled, estimator, x) is not None
 
-    def predict_proba_of_scaled_rows(rows: np.ndarray) -> np.ndarray:
-        return LogisticRegression.predict_proba(estimator, rows * 1.001)
 
-    monkeypatch.setattr(estimator, "predict_proba", predict_proba_of_scaled_rows)
-    assert compile_predict_proba(estimator, 4) is None
+def test_a_column_transformer_with_string_categories_compiles():
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame({"age": rng.integers(18, 80, n).astype(float), "income": rng.normal(50, 15, n),
+                          "city": rng.choice(["paris", "rome", "oslo"], n), "plan": rng.choice(["basic", "pro"], n)})
+    y = np.where((frame.age > 40) & (frame.city != "rome"), "churn", "stay")
+    for final in (LogisticRegression(max_iter=1000), RandomForestClassifier(40, random_state=0)):
+        estimator = Pipeline([
+            ("columns", ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
+                                           ("cat", OneHotEncoder(handle_unknown="ignore"), ["city", "plan"])])),
+            ("clf", final)]).fit(frame, y)
+        schema = TabularSchema.of([TensorSpec(name="age", datatype="FP64", shape=[-1]),
+                                   TensorSpec(name="income", datatype="FP64", shape=[-1]),
+                                   TensorSpec(name="city", datatype="BYTES", shape=[-1]),
+                                   TensorSpec(name="plan", datatype="BYTES", shape=[-1])])
+        batch = ColumnBatch({c: frame[c].to_numpy(dtype=object if frame[c].dtype == object else np.float64)
+                             for c in frame.columns})
+        compilation = compile_checked(estimator, schema, batch.rows(0, 200))
+        assert compilation.model is not None, compilation.reason
+        unseen = batch.rows(200, 400)
+        assert_same_answers(np.asarray(compilation.model(unseen), dtype=np.float64),
+                            estimator.predict_proba(unseen.to_frame()))
+        synthetic = synthesize(schema, estimator)  # categories come from the fitted encoder
+        assert set(synthetic.arrays["city"]) <= {"paris", "rome", "oslo"}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,22 +26,20 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.infer_type import RequestedOutput as KServeRequestedOutput
 
 from predictors.feedback.prediction_log import PredictionLog, WriteBehindLog
+from predictors.models import execution
 from predictors.package import ModelPackage
 from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput, PayloadTooLarge
 from predictors.protocol.fetch import ImageFetcher
 from predictors.protocol.ids import UniqueSuffixes, uuid7
-from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, from_kserve
+from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, check_id, from_kserve
 from predictors.runtime.batching import Batcher
 from predictors.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-INLINE_MAX_SECONDS = 0.0005
-"""A model whose one-row call is faster than this predicts on the event loop (no thread-pool hop)."""
 INLINE_MAX_ROWS = 64
 """Larger requests (or merged batches) of an inline model still go to the thread pool."""
-INLINE_TIMING_CALLS = 20
 
 IDS_INPUT = "ids"
 _TOP_K_OUTPUTS = frozenset({"top_k_labels", "top_k_probabilities"})
@@ -111,7 +108,11 @@ class PackageModel(Model):
         self.context = context
         self.batcher: Batcher | None = None
         self.inline_max_rows = 0  # requests up to this many rows predict on the event loop (see _decide_inline)
+        self.execution = execution.ExecutionChoice("thread_pool", "not loaded")
+        self.runtime = package.config.framework
+        self.runtime_reason = "the framework's own runtime"
         # Fixed by the package: computed once, not per request.
+        self._input_names = tuple(spec.name for spec in self.config.inputs)
         self._output_names = self._compute_output_names()
         self._default_outputs = [RequestedOutput(name) for name in self._output_names if name != IDS_INPUT]
         self._default_outputs_with_ids = [RequestedOutput(name) for name in self._output_names]
@@ -133,26 +134,26 @@ class PackageModel(Model):
         return self.ready
 
     def _decide_inline(self) -> bool:
-        """Whether ``predict`` runs on the event loop: a thread-pool hop costs more than a tiny model's call.
-
-        ``inline_predict`` in config.json decides if set; otherwise the fastest of a few one-row
-        calls must take under :data:`INLINE_MAX_SECONDS`. Logged, so operators see the choice.
-        """
-        override = self.config.inline_predict
-        if override is not None:
-            logger.info("model %s: predict runs %s (config.json inline_predict)", self.name,
-                        "inline" if override else "in the thread pool")
-            return override
-        if not self.inline_candidate:
-            logger.info("model %s: predict runs in the thread pool (%s computes outside the GIL)", self.name,
-                        self.config.framework)
-            return False
+        """Whether ``predict`` runs on the event loop (:mod:`predictors.models.execution`); logged, and
+        shown in the model metadata."""
         sample = self.sample_features()
-        fastest = min(_timed(self.predict_array, sample) for _ in range(INLINE_TIMING_CALLS))
-        inline = fastest < INLINE_MAX_SECONDS
-        logger.info("model %s: predict runs %s (one-row call %.0f µs; inline below %.0f µs)", self.name,
-                    "inline" if inline else "in the thread pool", fastest * 1e6, INLINE_MAX_SECONDS * 1e6)
-        return inline
+        self.execution = execution.decide(
+            execution.package_key(self.name, self.config.version, self.config.framework, self.runtime,
+                                  execution.file_fingerprint(self.package.artifact_path)),
+            lambda: self.predict_array(sample), override=self.config.inline_predict,
+            cache=self.context.settings.execution_cache,
+            never_inline=None if self.inline_candidate else f"{self.config.framework} computes outside the GIL")
+        logger.info("model %s: predict runs %s (%s)", self.name,
+                    "inline" if self.execution.mode == "inline" else "in the thread pool", self.execution.basis)
+        return self.execution.mode == "inline"
+
+    def properties(self) -> dict[str, str]:
+        """How this model is served, for the model metadata: runtime, execution, and why."""
+        props = {"runtime": self.runtime, "runtime_reason": self.runtime_reason,
+                 "execution": self.execution.mode, "execution_basis": self.execution.basis}
+        if self.batcher is not None:
+            props["batching"] = f"max_batch_size {self.batcher.max_batch_size}"
+        return props
 
     def sample_features(self) -> np.ndarray:
         """A one-row feature batch of the right shape (zeros): warm-up and the inline decision use it."""
@@ -178,8 +179,7 @@ class PackageModel(Model):
     # -- metadata ----------------------------------------------------------------------------
 
     def get_input_types(self) -> list[dict]:
-        spec = self.config.input
-        return [{"name": spec.name, "datatype": spec.datatype, "shape": spec.shape},
+        return [*({"name": spec.name, "datatype": spec.datatype, "shape": spec.shape} for spec in self.config.inputs),
                 {"name": IDS_INPUT, "datatype": "BYTES", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict]:
@@ -203,6 +203,10 @@ class PackageModel(Model):
 
     # -- request handling --------------------------------------------------------------------
 
+    async def decode_inputs(self, by_name: dict[str, Tensor]) -> Any:
+        """All input tensors (``ids`` aside) to the model's feature batch; one input by default."""
+        return await self.decode_features(by_name[self._input_names[0]])
+
     async def decode_features(self, tensor: Tensor) -> np.ndarray:
         """Turn the main input tensor into the model's feature batch. Raise BadInput on bad data."""
         raise NotImplementedError
@@ -221,31 +225,42 @@ class PackageModel(Model):
             if tensor.name in by_name:
                 raise BadInput(f"input '{tensor.name}' appears twice")
             by_name[tensor.name] = tensor
-        main_name = self.config.input.name
-        if len(by_name) > 1 or main_name not in by_name:
-            unknown = sorted(set(by_name) - {main_name, IDS_INPUT})
+        names = self._input_names
+        if len(by_name) != len(names) or any(name not in by_name for name in names):
+            unknown = sorted(set(by_name) - {*names, IDS_INPUT})
             if unknown:
-                raise BadInput(f"unknown input(s) {unknown}; model '{self.name}' takes '{main_name}' and optional "
+                takes = ", ".join(f"'{name}'" for name in names)
+                raise BadInput(f"unknown input(s) {unknown}; model '{self.name}' takes {takes} and optional "
                                f"'{IDS_INPUT}'")
-            if main_name not in by_name:
-                raise BadInput(f"missing input '{main_name}'")
-        self._check_requested_outputs(payload.outputs)
-        features = await self.decode_features(by_name[main_name])
+            missing = [name for name in names if name not in by_name]
+            if missing:
+                raise BadInput(f"missing input{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(repr(name) for name in missing)}")
+        self._check_requested_outputs(payload.outputs, IDS_INPUT in by_name)
+        features = await self.decode_inputs(by_name)
         n = len(features)
         if n == 0:
-            raise BadInput(f"input '{main_name}' is an empty batch")
+            raise BadInput(f"input '{names[0]}' is an empty batch")
         if n > self.config.max_batch_size:
             raise PayloadTooLarge(f"batch of {n} exceeds this model's limit of {self.config.max_batch_size}")
         ids = self._decode_ids(by_name.get(IDS_INPUT), n)
         return Prepared(payload, payload.id or uuid7(), features, n, ids, stock)
 
-    def _check_requested_outputs(self, requested: list[RequestedOutput] | None) -> None:
+    def _check_requested_outputs(self, requested: list[RequestedOutput] | None, has_ids: bool) -> None:
+        """Refuse what postprocess could not answer before anything runs: a prediction the client gets a 400
+        for must not be logged (feedback could later name a prediction nobody was told about)."""
         if not requested:
             return
         known = self.output_names()
+        seen: set[str] = set()
         for out in requested:
             if out.name not in known:
                 raise BadInput(f"unknown output '{out.name}'; model '{self.name}' produces {known}")
+            if out.name in seen:
+                raise BadInput(f"output '{out.name}' is requested twice")
+            seen.add(out.name)
+            if out.name == IDS_INPUT and not has_ids:
+                raise BadInput(f"output '{IDS_INPUT}' needs input '{IDS_INPUT}'")
 
     def _decode_ids(self, tensor: Tensor | None, n: int) -> list[str] | None:
         if tensor is None:
@@ -258,6 +273,8 @@ class PackageModel(Model):
         ids = [as_text(v, IDS_INPUT) for v in values]
         if any(len(i) > 256 for i in ids):
             raise BadInput(f"input '{IDS_INPUT}': ids must be at most 256 characters")
+        for i in ids:
+            check_id(i, f"input '{IDS_INPUT}'")
         return ids
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
@@ -334,11 +351,6 @@ class PackageModel(Model):
         except Exception:  # a logging failure must not fail the prediction
             logger.exception("could not record predictions for model %s", self.name)
 
-
-def _timed(fn: Any, arg: Any) -> float:
-    start = time.perf_counter()
-    fn(arg)
-    return time.perf_counter() - start
 
 
 _IDS = UniqueSuffixes()

@@ -1,15 +1,27 @@
-"""scikit-learn classifiers over tabular features (Iris: FP32/FP64 ``[N, 4]``)."""
+"""scikit-learn classifiers over tabular features: one numeric matrix, or one typed tensor per column.
+
+The estimator in ``model.joblib`` is served compiled to ONNX by onnxruntime when the compiled
+model answers as the estimator does on the package's probe rows (:mod:`predictors.models.compiled`),
+and by scikit-learn otherwise. ``runtime`` in config.json picks: ``auto`` (compiled if it checks,
+else scikit-learn, with the reason logged and in the model metadata), ``onnx`` (compiled or fail to
+load) or ``sklearn``.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import joblib
 import numpy as np
 
 from predictors.models.base import PackageModel
-from predictors.models.compiled import PredictProba, compile_predict_proba
-from predictors.protocol.codecs import require_finite, to_numpy
+from predictors.models.columns import ColumnBatch, Features, TabularSchema
+from predictors.models.compiled import Compilation, compile_checked
+from predictors.models.probes import NoProbes, load_probes, synthesize
+from predictors.package import ONNX_FILE, PackageError
+from predictors.protocol.codecs import as_text, require_finite, to_numpy
 from predictors.protocol.errors import BadInput
 from predictors.protocol.v2 import Tensor
 
@@ -19,22 +31,74 @@ NUMERIC = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "
 
 
 class TabularModel(PackageModel):
-    """Serves a ``model.joblib`` estimator with ``predict_proba`` (its closed form where one is exact)."""
+    """Serves a ``model.joblib`` classifier with ``predict_proba``, compiled where that is exact."""
 
-    _predict_proba: PredictProba
+    _predict_proba: Callable[[Features], np.ndarray]
 
     def load_artifact(self) -> None:
         estimator = joblib.load(self.package.artifact_path)
         self.package.check_artifact(estimator)
-        n_features = self.config.input.shape[-1]
-        compiled = compile_predict_proba(estimator, n_features)
-        self._predict_proba = compiled or estimator.predict_proba
-        logger.info("model %s: predict_proba %s", self.name,
-                    "in closed form (matches the estimator)" if compiled else "by the estimator")
-        self.predict_array(np.zeros((1, n_features)))  # warm-up: first call pays import/validation costs
+        self.schema = TabularSchema.of(self.config.inputs)
+        threads = self.context.settings.model_threads
+        _limit_threads(threads)
+        self._predict_proba = self._sklearn(estimator)
+        self.runtime, self.runtime_reason = "sklearn", "runtime: sklearn in config.json"
+        if self.config.runtime != "sklearn":
+            compilation = self._compile(estimator, threads)
+            if compilation.model is not None:
+                self._predict_proba = compilation.model
+                self.runtime, self.runtime_reason = "onnxruntime", compilation.reason
+            elif self.config.runtime == "onnx":
+                raise PackageError(self.package.path, "config.json", "runtime",
+                                   f"runtime 'onnx' asked for, but the model does not compile: {compilation.reason}")
+            else:
+                self.runtime_reason = f"served by scikit-learn: {compilation.reason}"
+                logger.warning("model %s: not compiled, %s", self.name, self.runtime_reason)
+        logger.info("model %s: %s (%s)", self.name, self.runtime, self.runtime_reason)
+        self.predict_array(self.sample_features())  # warm-up: the first call pays one-off costs
 
-    def predict_array(self, features: np.ndarray) -> np.ndarray:
+    def _compile(self, estimator: Any, threads: int) -> Compilation:
+        probes = load_probes(self.package.path, self.schema, self.config.input.name)
+        if probes is None:
+            try:
+                probes = synthesize(self.schema, estimator)
+            except NoProbes as exc:
+                return Compilation(None, str(exc))
+        onnx_file = self.package.path / ONNX_FILE
+        stored = onnx_file.read_bytes() if onnx_file.is_file() else None
+        compilation = compile_checked(estimator, self.schema, probes, threads=threads, model_bytes=stored)
+        if compilation.model is None and stored is not None:  # a stale model.onnx: compile afresh
+            fresh = compile_checked(estimator, self.schema, probes, threads=threads)
+            compilation = fresh if fresh.model is not None else Compilation(
+                None, f"{compilation.reason}; {fresh.reason}")
+        self._probes = probes
+        return compilation
+
+    def _sklearn(self, estimator: Any) -> Callable[[Features], np.ndarray]:
+        if self.schema.matrix:
+            return estimator.predict_proba
+        return lambda batch: estimator.predict_proba(batch.to_frame())
+
+    def sample_features(self) -> Features:
+        probes = getattr(self, "_probes", None)
+        if probes is not None:
+            return probes.rows(0, 1) if isinstance(probes, ColumnBatch) else probes[:1]
+        if self.schema.matrix:
+            return np.zeros((1, self.schema.n_features))
+        return ColumnBatch({c.name: np.array(["" if c.kind == "string" else 0.0], dtype=object if c.kind == "string"
+                                             else np.float64) for c in self.schema.columns})
+
+    def predict_array(self, features: Features) -> np.ndarray:
         return self._predict_proba(features)
+
+    async def decode_inputs(self, by_name: dict[str, Tensor]) -> Features:
+        if self.schema.matrix:
+            return await self.decode_features(by_name[self.config.input.name])
+        arrays = {spec.name: _column(by_name[spec.name], spec.datatype) for spec in self.config.inputs}
+        lengths = {name: len(a) for name, a in arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise BadInput(f"columns must have the same number of rows, got {lengths}")
+        return ColumnBatch(arrays)
 
     async def decode_features(self, tensor: Tensor) -> np.ndarray:
         n_features = self.config.input.shape[-1]
@@ -48,3 +112,29 @@ class TabularModel(PackageModel):
         array = array.astype(np.float64)
         require_finite(array, tensor.name)
         return array
+
+
+def _column(tensor: Tensor, datatype: str) -> np.ndarray:
+    """One column: a ``[N]`` or ``[N, 1]`` tensor of the datatype the package declares for it."""
+    if len(tensor.shape) not in (1, 2) or (len(tensor.shape) == 2 and tensor.shape[1] != 1):
+        raise BadInput(f"input '{tensor.name}' is a column: shape [N] or [N, 1], got {tensor.shape}")
+    if datatype == "BYTES":
+        if tensor.datatype != "BYTES":
+            raise BadInput(f"input '{tensor.name}' must be BYTES (strings), got {tensor.datatype}")
+        return np.array([as_text(v, tensor.name) for v in to_numpy(tensor).ravel()], dtype=object)
+    if tensor.datatype not in NUMERIC:
+        raise BadInput(f"input '{tensor.name}' must be a numeric tensor ({datatype}), got {tensor.datatype}")
+    array = to_numpy(tensor).ravel()
+    if datatype.startswith(("INT", "UINT")) and array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0):
+        raise BadInput(f"input '{tensor.name}' must hold whole numbers ({datatype})")
+    array = array.astype(np.float64)
+    require_finite(array, tensor.name)
+    return array
+
+
+def _limit_threads(threads: int) -> None:
+    """BLAS and OpenMP (scikit-learn's histogram boosting) use every core by default; on a server each
+    call should use ``threads``, leaving the other cores to concurrent requests."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import socket
 import sys
@@ -50,7 +51,12 @@ from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
 from predictors.protocol.errors import BadInput, ClientError, UnknownModel
 from predictors.protocol.grpc_server import GRPCEndpoint
 from predictors.protocol.middleware import ServingMiddleware
-from predictors.protocol.rest import InferEndpoint, install_error_handlers, register_version_routes
+from predictors.protocol.rest import (
+    InferEndpoint,
+    install_error_handlers,
+    install_internal_error_handlers,
+    register_version_routes,
+)
 from predictors.runtime.heap import freeze_loaded_heap
 from predictors.runtime.repository import PackageRepository
 from predictors.settings import ServerSettings
@@ -81,6 +87,9 @@ class ClassifierDataPlane(DataPlane):
         config = getattr(model, "config", None)
         if config is not None:
             metadata.update(versions=[config.version], platform=config.framework)
+        properties = getattr(model, "properties", None)
+        if properties is not None:  # the gRPC ModelMetadataResponse's ``properties`` map, as a JSON object
+            metadata["properties"] = properties()
         return metadata
 
 
@@ -125,6 +134,7 @@ class BoundRESTServer(RESTServer):
         super().create_application()
         app = kserve_model_server.app
         app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        install_internal_error_handlers(app)  # after KServe's: theirs answer 500s with the exception text
 
     async def start(self) -> None:
         """KServe's ``start``, on ``sockets`` when given (``--workers``: the one REST socket all workers share)."""
@@ -149,6 +159,9 @@ class ClassifierServer(kserve.ModelServer):
         self.dataplane = ClassifierDataPlane(model_registry=self.repository)
         self.model_repository_extension = PackageRepositoryExtension(model_registry=self.repository)
         self.api_key = APIKey(settings.api_key) if settings.api_key else None
+        if self.api_key is None and not _is_loopback(settings.host):
+            logger.warning("serving on %s without an API key: anyone who can reach this address can call every "
+                           "model and the repository API; set KCP_API_KEY or KCP_API_KEY_FILE", settings.host)
 
     def _configure_app(self) -> None:
         """Routes, middleware and handlers on KServe's module-level app, before KServe adds its own."""
@@ -210,7 +223,8 @@ class ClassifierServer(kserve.ModelServer):
             access_log_format=self.access_log_format, workers=1, sockets=self.rest_sockets,
             front=functools.partial(ServingMiddleware, max_body_bytes=self.settings.max_body_bytes, key=self.api_key,
                                     metrics_auth=self.settings.metrics_auth,
-                                    infer=InferEndpoint(self.repository, self.settings.max_body_bytes)),
+                                    infer=InferEndpoint(self.repository, self.settings.max_body_bytes,
+                                                        self.settings.max_json_values)),
             grace_period=self.grace_period, event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())
@@ -263,6 +277,16 @@ def _flush_for_feedback(writer: WriteBehindLog, store: FeedbackStore) -> Awaitab
     and the store was last seen down: waiting out the timeout would only delay the feedback API's 503."""
     down = writer.failing and not store.health().available
     return writer.flush(0.0 if down else FEEDBACK_FLUSH_TIMEOUT_S)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _log_like_kserve() -> None:
