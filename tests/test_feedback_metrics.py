@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from predictors.feedback import compute_metrics
-from predictors.feedback.metrics import confusion_from_pairs
+from predictors.feedback.metrics import confusion_from_pairs, macro_f1
 from predictors.package import LabelsFile
 
 
@@ -33,11 +33,18 @@ def _check_against_sklearn(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> No
         assert cls.recall == pytest.approx(expected["recall"]), cls.name
         assert cls.f1 == pytest.approx(expected["f1-score"]), cls.name
         assert cls.support == expected["support"], cls.name
-    for ours_avg, key in ((ours.macro_avg, "macro avg"), (ours.weighted_avg, "weighted avg")):
-        assert ours_avg.precision == pytest.approx(report[key]["precision"]), key
-        assert ours_avg.recall == pytest.approx(report[key]["recall"]), key
-        assert ours_avg.f1 == pytest.approx(report[key]["f1-score"]), key
-        assert ours_avg.support == report[key]["support"], key
+    # scikit-learn's default (no labels=): macro over the classes present in truth or prediction.
+    default = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    present = np.union1d(y_true, y_pred)
+    for ours_avg, expected, classes in ((ours.macro_avg, default["macro avg"], len(present)),
+                                        (ours.macro_avg_all_labels, report["macro avg"], k),
+                                        (ours.weighted_avg, report["weighted avg"], k),
+                                        (ours.weighted_avg, default["weighted avg"], k)):
+        assert ours_avg.precision == pytest.approx(expected["precision"])
+        assert ours_avg.recall == pytest.approx(expected["recall"])
+        assert ours_avg.f1 == pytest.approx(expected["f1-score"])
+        assert ours_avg.support == expected["support"]
+        assert ours_avg.classes == classes
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -81,7 +88,24 @@ def test_no_feedback_has_undefined_accuracy_and_zero_averages() -> None:
     assert ours.count == 0
     assert ours.accuracy is None
     assert ours.macro_avg.f1 == 0.0 and ours.weighted_avg.f1 == 0.0
+    assert ours.macro_avg.classes == 0 and ours.macro_avg_all_labels.classes == 3
     assert all(c.support == 0 for c in ours.per_class)
+
+
+def test_ten_right_predictions_of_ten_classes_score_one_not_a_fraction() -> None:
+    """Ten correct MNIST predictions over 7 of its 10 classes: accuracy 1 and macro F1 1, not 0.7."""
+    y = np.array([0, 1, 2, 3, 4, 5, 6, 0, 1, 2])
+    ours = compute_metrics(confusion_matrix(y, y, labels=list(range(10))), _labels(10))
+    assert ours.accuracy == 1.0
+    assert ours.macro_avg.f1 == 1.0 and ours.macro_avg.classes == 7
+    assert ours.macro_avg_all_labels.f1 == pytest.approx(0.7)
+
+
+def test_macro_f1_helper_matches_the_report() -> None:
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.choice([0, 2, 4], 100), rng.choice([0, 1, 2], 100)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(6)))
+    assert macro_f1(cm) == pytest.approx(compute_metrics(cm, _labels(6)).macro_avg.f1)
 
 
 def test_names_default_to_label_ids() -> None:

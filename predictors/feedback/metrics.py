@@ -4,12 +4,21 @@ Why from the matrix rather than from label lists: the store counts the matrix in
 (``GROUP BY true, predicted``), so the report costs O(K²) whatever the number of feedback rows,
 and the same function serves one submission, the cumulative totals and a time window.
 
-The numbers match ``sklearn.metrics.classification_report(y_true, y_pred, labels=all K labels,
-zero_division=0, output_dict=True)``: per class, precision = TP / predicted, recall = TP / support,
-F1 = 2·TP / (2·TP + FP + FN), each 0 where its denominator is 0; the macro average is the
-unweighted mean over *all* labels of labels_file.json (classes never seen count as 0, exactly as
-scikit-learn does when given ``labels=``); the weighted average weights by support. Accuracy is
-the trace over the total; with no feedback at all it is ``None`` (undefined, not 0).
+Per class, precision = TP / predicted, recall = TP / support, F1 = 2·TP / (2·TP + FP + FN), each 0
+where its denominator is 0 (scikit-learn's ``zero_division=0``), for every label of labels_file.json.
+
+Two macro averages, named for what they average over:
+
+* ``macro_avg``: the unweighted mean over the classes *present* in the truth or the predictions, as
+  ``sklearn.metrics.classification_report(y_true, y_pred, zero_division=0)`` computes it by default.
+  A class nobody has given feedback on and the model never predicted has no score yet; counting it
+  as 0 would report a perfect model on a few samples as a poor one.
+* ``macro_avg_all_labels``: the mean over *all* labels of labels_file.json, absent ones counting as
+  0, as scikit-learn does when given ``labels=`` every class. It says how much of the label space
+  the feedback has covered well.
+
+The weighted average weights by support (absent classes weigh nothing, so it is the same either way).
+Accuracy is the trace over the total; with no feedback at all it is ``None`` (undefined, not 0).
 """
 
 from __future__ import annotations
@@ -36,12 +45,13 @@ class ClassMetrics(_Frozen):
 
 
 class AverageMetrics(_Frozen):
-    """Macro or weighted average over all classes; ``support`` is the total count."""
+    """Macro or weighted average; ``support`` is the total count, ``classes`` how many classes were averaged."""
 
     precision: float
     recall: float
     f1: float
     support: int
+    classes: int
 
 
 class ConfusionMatrix(_Frozen):
@@ -59,6 +69,7 @@ class ClassificationMetrics(_Frozen):
     accuracy: float | None
     per_class: list[ClassMetrics]
     macro_avg: AverageMetrics
+    macro_avg_all_labels: AverageMetrics
     weighted_avg: AverageMetrics
     confusion_matrix: ConfusionMatrix
 
@@ -92,14 +103,20 @@ def compute_metrics(matrix: np.ndarray, labels: LabelsFile) -> ClassificationMet
     recall = _safe_divide(tp, support.astype(np.float64))
     f1 = _safe_divide(2 * tp, (support + predicted).astype(np.float64))  # 2TP+FP+FN == support+predicted
 
-    def average(weights: np.ndarray | None) -> AverageMetrics:
-        if weights is not None and weights.sum() == 0:
-            return AverageMetrics(precision=0.0, recall=0.0, f1=0.0, support=total)
+    present = (support + predicted) > 0
+
+    def average(weights: np.ndarray | None, where: np.ndarray | None = None) -> AverageMetrics:
+        mask = np.ones(k, dtype=bool) if where is None else where
+        classes = int(mask.sum())
+        w = None if weights is None else weights[mask]
+        if classes == 0 or (w is not None and w.sum() == 0):
+            return AverageMetrics(precision=0.0, recall=0.0, f1=0.0, support=total, classes=classes)
         return AverageMetrics(
-            precision=float(np.average(precision, weights=weights)),
-            recall=float(np.average(recall, weights=weights)),
-            f1=float(np.average(f1, weights=weights)),
+            precision=float(np.average(precision[mask], weights=w)),
+            recall=float(np.average(recall[mask], weights=w)),
+            f1=float(np.average(f1[mask], weights=w)),
             support=total,
+            classes=classes,
         )
 
     names = [labels.name_of(label) for label in labels.labels]
@@ -111,10 +128,22 @@ def compute_metrics(matrix: np.ndarray, labels: LabelsFile) -> ClassificationMet
                          f1=float(f1[i]), support=int(support[i]))
             for i, label in enumerate(labels.labels)
         ],
-        macro_avg=average(None),
+        macro_avg=average(None, present),
+        macro_avg_all_labels=average(None),
         weighted_avg=average(support.astype(np.float64)),
         confusion_matrix=ConfusionMatrix(labels=list(labels.labels), names=names, matrix=cm.tolist()),
     )
+
+
+def macro_f1(matrix: np.ndarray) -> float:
+    """Macro F1 over the classes present in truth or prediction (``macro_avg.f1`` without the report)."""
+    cm = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(cm)
+    denominator = cm.sum(axis=1) + cm.sum(axis=0)
+    present = denominator > 0
+    if not present.any():
+        return 0.0
+    return float(np.mean(2 * tp[present] / denominator[present]))
 
 
 def confusion_from_pairs(pairs: list[tuple[int, int]], k: int) -> np.ndarray:

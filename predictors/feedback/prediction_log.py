@@ -10,9 +10,17 @@ puts rows in a bounded in-memory queue that one writer task flushes every
 
 What it guarantees, and how:
 
-* **nothing dropped silently.** A failed flush keeps its rows at the head of the queue and
-  is retried with exponential backoff (up to ``max_backoff_s``) until the database answers;
-  rows are idempotent upserts of unique ids, so retrying a half-written flush is harmless.
+* **nothing dropped silently.** A flush that fails because the database cannot be reached
+  keeps its rows at the head of the queue and is retried with exponential backoff (up to
+  ``max_backoff_s``) until the database answers; rows are idempotent upserts of unique ids,
+  so retrying a half-written flush is harmless.
+* **one bad row does not wedge the log.** A flush refused for a reason that lies in its
+  rows (the database rejects a value: PostgreSQL refuses a NUL character in text, say) would
+  fail the same way forever, and every row behind it would wait and then be dropped. Such a
+  flush is split in halves and written again, down to single rows; a single row still
+  refused is *set aside*: counted in ``classifier_prediction_log_rejected_rows_total``,
+  logged with its id, kept in :attr:`WriteBehindLog.set_aside`, never retried. Every other
+  row of the flush is written.
 * **backpressure.** When ``capacity`` rows are waiting, :meth:`record` waits for room, so
   clients slow to the database's pace. Only while the database is failing (the writer is
   backing off, so there is no pace to follow) does a full queue turn rows away, each one
@@ -20,9 +28,9 @@ What it guarantees, and how:
   answering through an outage longer than the buffer.
 * **feedback finds fresh predictions.** :meth:`flush` commits everything queued so far;
   the feedback API awaits it before looking up ids.
-* **shutdown loses nothing.** :meth:`close` (on SIGTERM) flushes everything. A SIGKILL
-  loses at most the rows of the last ``flush_interval_s`` (and whatever a failing database
-  had not yet accepted).
+* **shutdown loses nothing.** :meth:`close` (on SIGTERM) flushes everything (a poisoned row
+  is set aside, not waited for). A SIGKILL loses at most the rows of the last
+  ``flush_interval_s`` (and whatever an unreachable database had not yet accepted).
 
 Queue depth, rows written, failed flushes, dropped rows and whether the last flush worked
 are Prometheus metrics, the state an operator needs during a database outage.
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge
+from sqlalchemy.exc import DataError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +57,33 @@ FAILED_FLUSHES = Counter("classifier_prediction_log_flush_failures_total",
                          "Prediction-log flushes that failed (retried with backoff)")
 DROPPED_ROWS = Counter("classifier_prediction_log_dropped_rows_total",
                        "Prediction-log rows turned away: queue full while the database was failing")
+REJECTED_ROWS = Counter("classifier_prediction_log_rejected_rows",
+                        "Prediction-log rows set aside: the database refused the row itself (never retried)")
 STORE_UP = Gauge("classifier_prediction_log_store_up", "1 when the last prediction-log flush succeeded, else 0")
+
+SET_ASIDE_KEPT = 1000
+"""How many set-aside rows :attr:`WriteBehindLog.set_aside` keeps for inspection (the newest)."""
+
+_ROW_ERRORS: tuple[type[BaseException], ...] = (DataError, IntegrityError, UnicodeError, ValueError)
+"""Errors that lie in the rows written, not in the database's reachability: retrying the same rows fails
+the same way. (SQLAlchemy's ``DataError``/``IntegrityError`` wrap the driver's; encoding errors and bad
+values may be raised by the driver before anything is sent.)"""
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """Whether a failed write is the rows' fault (split and set aside) rather than the database's (retry)."""
+    return isinstance(exc, _ROW_ERRORS) or isinstance(getattr(exc, "orig", None), _ROW_ERRORS)
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """A prediction-log row the database refused: what it was and why."""
+
+    model: str
+    version: str
+    prediction_id: str
+    label: int
+    error: str
 
 
 class PredictionLog(Protocol):
@@ -88,6 +123,8 @@ class WriteBehindLog:
         self._wakeup: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None  # set after each flush attempt and on state changes
         self._worker: asyncio.Task | None = None
+        self.set_aside: deque[SetAside] = deque(maxlen=SET_ASIDE_KEPT)
+        """The newest rows the database refused (see the module docstring)."""
         STORE_UP.set(1)
 
     @property
@@ -184,7 +221,7 @@ class WriteBehindLog:
             await self._gather_rows()
             batch = self._take()
             try:
-                await loop.run_in_executor(None, self._write, batch)
+                rejected = await loop.run_in_executor(None, self._write, batch)
             except Exception:  # keep the rows, retry after a pause; never lose them
                 self._queue.extendleft(reversed(batch))
                 FAILED_FLUSHES.inc()
@@ -197,10 +234,13 @@ class WriteBehindLog:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
-            written = sum(len(e.rows) for e in batch)
-            self._queued_rows -= written
+            taken = sum(len(e.rows) for e in batch)
+            self._queued_rows -= taken
             QUEUED_ROWS.set(self._queued_rows)
-            WRITTEN_ROWS.inc(written)
+            WRITTEN_ROWS.inc(taken - len(rejected))
+            if rejected:
+                REJECTED_ROWS.inc(len(rejected))
+                self.set_aside.extend(rejected)
             if self._failing:
                 logger.info("prediction log: database answers again; %d rows still queued", self._queued_rows)
             self._failing = False
@@ -233,10 +273,39 @@ class WriteBehindLog:
             rows += len(entry.rows)
         return batch
 
-    def _write(self, batch: list[_Entry]) -> None:
-        """One ``record_predictions`` call (one transaction) per (model, version), rows in arrival order."""
+    def _write(self, batch: list[_Entry]) -> list[SetAside]:
+        """One ``record_predictions`` call (one transaction) per (model, version), rows in arrival order.
+
+        Returns the rows set aside (see the module docstring); raises when the database cannot be
+        reached, and the caller keeps the whole batch for the retry.
+        """
         groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
         for entry in batch:
             groups.setdefault((entry.model, entry.version), []).extend(entry.rows)
+        rejected: list[SetAside] = []
         for (model, version), rows in groups.items():
-            self.log.record_predictions(model, version, rows)
+            rejected += self._write_splitting(model, version, rows)
+        return rejected
+
+    def _write_splitting(self, model: str, version: str, rows: Sequence[tuple[str, int]]) -> list[SetAside]:
+        """Write ``rows``; when the database refuses them for a row's fault, halve until the culprits stand alone.
+
+        Bisection costs about two statements per level for each bad row, instead of one per row, and
+        writes every good row in the same pass. Any other error propagates (the batch is retried).
+        """
+        try:
+            self.log.record_predictions(model, version, list(rows))
+            return []
+        except Exception as exc:
+            if not is_row_error(exc):
+                raise
+            if len(rows) > 1:
+                middle = len(rows) // 2
+                return (self._write_splitting(model, version, rows[:middle])
+                        + self._write_splitting(model, version, rows[middle:]))
+            prediction_id, label = rows[0]
+            cause = getattr(exc, "orig", None) or exc
+            error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}"
+            logger.error("prediction log: model %s version %s: the database refused prediction id %r (%s); "
+                         "set aside, not retried", model, version, prediction_id[:300], error)
+            return [SetAside(model, version, prediction_id, int(label), error)]

@@ -53,6 +53,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -80,6 +81,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from predictors.feedback.migrations import migrate
 from predictors.protocol.errors import BadInput, ClientError
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,11 @@ PRUNE_BATCH = 1000
 
 MAX_SUBMISSION_ID_LENGTH = 128
 """Longest client ``submission_id`` accepted."""
+
+SOURCE_API = "api"
+SOURCE_UI = "ui"
+SOURCES = (SOURCE_API, SOURCE_UI)
+"""Where feedback may come from: a fixed set, so a report filter and a metric label stay bounded."""
 
 _UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 """SQLAlchemy errors that mean "the database did not answer", not "the request was wrong"."""
@@ -226,10 +233,17 @@ feedback = Table(
     Column("true_label", Integer, nullable=False),
     Column("predicted_label", Integer, nullable=False),
     Column("created_at", _UTCDateTime, nullable=False),
+    Column("version", String(64), nullable=False, server_default=""),
+    Column("source", String(16), nullable=False, server_default=SOURCE_API),
     UniqueConstraint("model", "prediction_id", name="uq_feedback_model_prediction_id"),
     Index("ix_feedback_model_created_at", "model", "created_at"),
     Index("ix_feedback_submission_id", "submission_id"),
+    Index("ix_feedback_model_version", "model", "version"),
 )
+"""``version``: the model version whose prediction the row judges (the logged prediction's version for the
+id form, the version the client names or the one served for the Katonic form; ``''`` where unknown, for
+rows older than the column). ``source``: one of :data:`SOURCES`, so feedback typed on the browser page can be
+told apart from production feedback. Both were added by migration 2 (:mod:`predictors.feedback.migrations`)."""
 
 feedback_submissions = Table(
     "feedback_submissions",
@@ -251,13 +265,15 @@ class Submission:
     """One accepted feedback submission: its id and the (true, predicted) pairs it recorded.
 
     ``replayed`` is true when this is an earlier submission returned again for a resend with the
-    same client ``submission_id`` (nothing was recorded this time).
+    same client ``submission_id`` (nothing was recorded this time). ``versions`` parallels ``pairs``:
+    the model version each pair judges.
     """
 
     submission_id: str
     pairs: list[tuple[int, int]]
     created_at: datetime
     replayed: bool = False
+    versions: list[str] = dataclass_field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,10 +313,55 @@ def _env_seconds(name: str, default: float) -> float:
 
 
 def _first_line(exc: Exception) -> str:
-    """``Type: first line of the message`` of the driver's error (SQLAlchemy's wrapper adds SQL and a URL)."""
+    """``Type: first line of the message`` of the driver's error (SQLAlchemy's wrapper adds SQL and a URL).
+
+    For the server's log only: the driver's text names hosts, ports, users and databases.
+    """
     cause = getattr(exc, "orig", None) or exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0][:300] if lines else 'no message'}"
+
+
+_PUBLIC_CAUSES = (
+    ("authentication", "authentication failed"),
+    ("password", "authentication failed"),
+    ("does not exist", "the database or role does not exist"),
+    ("refused", "connection refused"),
+    ("statement timeout", "statement timeout"),
+    ("canceling statement", "statement timeout"),
+    ("timeout", "timed out"),
+    ("timed out", "timed out"),
+    ("could not translate host", "host name not resolved"),
+    ("name or service not known", "host name not resolved"),
+    ("too many", "too many connections"),
+    ("locked", "database is locked"),
+    ("unable to open", "unable to open the database file"),
+    ("disk i/o", "disk I/O error"),
+    ("readonly", "read-only database"),
+    ("closed the connection", "the server closed the connection"),
+    ("terminating connection", "the server closed the connection"),
+)
+
+
+def _public_error(exc: Exception) -> str:
+    """What a client may be told about an unreachable database: a category, never the driver's text.
+
+    The driver's message carries the host name, port, user and database name; a 503 body or the store
+    route must not hand those to every API client. The full text goes to the server's log.
+    """
+    if isinstance(exc, PoolTimeout):
+        return "no free database connection (pool timeout)"
+    cause = getattr(exc, "orig", None) or exc
+    message = str(cause).lower()
+    for needle, category in _PUBLIC_CAUSES:
+        if needle in message:
+            return category
+    return type(cause).__name__
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise BadInput(f"source must be one of {list(SOURCES)}, got {source!r}")
 
 
 def _duplicates(ids: Iterable[str]) -> list[str]:
@@ -370,15 +431,19 @@ class FeedbackStore:
                              pool_timeout=self.statement_timeout_s, connect_args=connect_args)
 
     def _create_tables(self) -> None:
-        """Several replicas (or ``--workers`` processes) starting together would race on CREATE TABLE:
-        PostgreSQL serialises them with an advisory lock, SQLite with the write lock taken up front."""
+        """Create or migrate the schema (:mod:`predictors.feedback.migrations`).
+
+        Several replicas (or ``--workers`` processes) starting together would race on CREATE TABLE and
+        ALTER TABLE: PostgreSQL serialises them with an advisory lock, SQLite with the write lock taken
+        up front, and the migration runs in that one transaction.
+        """
         with self.engine.connect() as conn:
             if self._is_sqlite:
                 conn.execution_options(sqlite_begin="IMMEDIATE")
             with conn.begin():
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-                metadata.create_all(conn, checkfirst=True)
+                migrate(conn, metadata)
 
     # --- availability -----------------------------------------------------------------------
 
@@ -413,11 +478,12 @@ class FeedbackStore:
                         self._schema_ready = True
             yield self.engine.connect
         except _UNREACHABLE as exc:
-            error = _first_line(exc)
+            error = _public_error(exc)
             with self._state_lock:
                 self._down_until = time.monotonic() + self.retry_after_s
                 if self._health.available:
-                    log.error("feedback database unreachable (%s); retrying every %.0fs", error, self.retry_after_s)
+                    log.error("feedback database unreachable (%s); retrying every %.0fs", _first_line(exc),
+                              self.retry_after_s)
                     self._health = StoreHealth(self._health.backend, False, _now(), error, self.retry_after_s)
             raise StoreUnavailable(self._unavailable_reason(error), self.retry_after_s) from exc
         with self._state_lock:
@@ -489,21 +555,26 @@ class FeedbackStore:
         return logged
 
     def add_feedback(self, model: str, pairs: Sequence[tuple[int, int]],
-                     submission_id: str | None = None) -> Submission:
+                     submission_id: str | None = None, *, version: str = "",
+                     source: str = SOURCE_API) -> Submission:
         """Record (true label, predicted label) pairs of the Katonic form, atomically.
 
         Label validity is the caller's business (the API checks them against labels_file.json).
-        ``submission_id`` (the client's) makes a resend idempotent, see :meth:`_submit`.
+        ``submission_id`` (the client's) makes a resend idempotent, see :meth:`_submit`. ``version`` is
+        the model version that made the predictions (the client knows it from the response's
+        ``model_version``; the API defaults it to the version served now).
         """
         if not pairs:
             raise BadInput("a feedback submission needs at least one label")
+        _check_source(source)
         clean = [(int(t), int(p)) for t, p in pairs]
 
         def record(conn: Connection) -> Submission:
-            submission = Submission(uuid.uuid4().hex, clean, _now())
+            submission = Submission(uuid.uuid4().hex, clean, _now(), versions=[version] * len(clean))
             conn.execute(feedback.insert(), [
                 {"model": model, "submission_id": submission.submission_id, "prediction_id": None,
-                 "true_label": t, "predicted_label": p, "created_at": submission.created_at} for t, p in clean])
+                 "true_label": t, "predicted_label": p, "created_at": submission.created_at,
+                 "version": version, "source": source} for t, p in clean])
             return submission
 
         return self._submit(model, submission_id, [(None, t, p) for t, p in clean], record)
@@ -514,6 +585,8 @@ class FeedbackStore:
         items: Sequence[tuple[str, int]],
         allowed_predicted: Collection[int] | None = None,
         submission_id: str | None = None,
+        *,
+        source: str = SOURCE_API,
     ) -> Submission:
         """Record (prediction_id, true label) items, joining each id with the logged prediction.
 
@@ -522,10 +595,13 @@ class FeedbackStore:
         twice raises :class:`BadInput`, and a logged predicted label outside ``allowed_predicted``
         (a model since replaced by one with fewer classes) raises :class:`BadInput`; in every case
         nothing is recorded. A resend with the same ``submission_id`` returns the first answer
-        instead of a :class:`DuplicateFeedback`, see :meth:`_submit`.
+        instead of a :class:`DuplicateFeedback`, see :meth:`_submit`. Each row takes the version its
+        prediction was logged with, so feedback arriving after a model swap is counted against the
+        version that really answered.
         """
         if not items:
             raise BadInput("a feedback submission needs at least one item")
+        _check_source(source)
         ids = [pid for pid, _ in items]
         repeated = _duplicates(ids)
         if repeated:
@@ -537,17 +613,19 @@ class FeedbackStore:
             if unknown:
                 raise UnknownPredictions(model, unknown)
             if allowed_predicted is not None:
-                stray = sorted({p for p in predicted.values() if p not in allowed_predicted})
+                stray = sorted({p for p, _ in predicted.values() if p not in allowed_predicted})
                 if stray:
                     raise BadInput(f"the logged predictions name labels {stray} that are no longer in "
                                    f"labels_file.json of model {model}")
             already = self._ids_with_feedback(conn, model, ids)
             if already:
                 raise DuplicateFeedback(model, already)
-            submission = Submission(uuid.uuid4().hex, [(int(t), predicted[pid]) for pid, t in items], _now())
+            submission = Submission(uuid.uuid4().hex, [(int(t), predicted[pid][0]) for pid, t in items], _now(),
+                                    versions=[predicted[pid][1] for pid, _ in items])
             conn.execute(feedback.insert(), [
                 {"model": model, "submission_id": submission.submission_id, "prediction_id": pid,
-                 "true_label": int(t), "predicted_label": predicted[pid], "created_at": submission.created_at}
+                 "true_label": int(t), "predicted_label": predicted[pid][0], "created_at": submission.created_at,
+                 "version": predicted[pid][1], "source": source}
                 for pid, t in items])
             return submission
 
@@ -611,24 +689,26 @@ class FeedbackStore:
         if found is None:
             return None
         stored = conn.execute(
-            select(feedback.c.prediction_id, feedback.c.true_label, feedback.c.predicted_label)
+            select(feedback.c.prediction_id, feedback.c.true_label, feedback.c.predicted_label, feedback.c.version)
             .where(feedback.c.model == model, feedback.c.submission_id == found.submission_id)
             .order_by(feedback.c.id)).all()
         same = len(stored) == len(rows) and all(
             pid == want_pid and true == want_true and (want_pred is None or pred == want_pred)
-            for (pid, true, pred), (want_pid, want_true, want_pred) in zip(stored, rows, strict=True))
+            for (pid, true, pred, _), (want_pid, want_true, want_pred) in zip(stored, rows, strict=True))
         if not same:
             raise SubmissionIdReused(model, client_id)
-        return Submission(found.submission_id, [(int(t), int(p)) for _, t, p in stored], found.created_at,
-                          replayed=True)
+        return Submission(found.submission_id, [(int(t), int(p)) for _, t, p, _ in stored], found.created_at,
+                          replayed=True, versions=[v for *_, v in stored])
 
     @staticmethod
-    def _logged_predictions(conn: Connection, model: str, ids: Sequence[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
+    def _logged_predictions(conn: Connection, model: str, ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """prediction id -> (predicted label, model version) of the ids the log holds."""
+        found: dict[str, tuple[int, str]] = {}
         for chunk in _chunks(ids):
-            q = select(prediction_log.c.prediction_id, prediction_log.c.predicted_label).where(
-                prediction_log.c.model == model, prediction_log.c.prediction_id.in_(chunk))
-            found.update({pid: int(label) for pid, label in conn.execute(q)})
+            log_ = prediction_log.c
+            q = select(log_.prediction_id, log_.predicted_label, log_.version).where(
+                log_.model == model, log_.prediction_id.in_(chunk))
+            found.update({pid: (int(label), version) for pid, label, version in conn.execute(q)})
         return found
 
     @staticmethod
@@ -660,25 +740,53 @@ class FeedbackStore:
 
     # --- reads ------------------------------------------------------------------------------
 
-    def confusion(self, model: str, labels: Sequence[int], since: datetime | None = None) -> np.ndarray:
+    def confusion(self, model: str, labels: Sequence[int], since: datetime | None = None, *,
+                  version: str | None = None, sources: Collection[str] | None = None) -> np.ndarray:
         """The KxK confusion matrix (rows: true label, columns: predicted) over exactly ``labels``.
 
         Counted in SQL (``GROUP BY true_label, predicted_label``), so the cost does not grow with
         the number of feedback rows shipped to Python. Rows whose labels are not in ``labels``
-        are left out. ``since`` (aware datetime) keeps only feedback recorded at or after it.
+        are left out. ``since`` (aware datetime) keeps only feedback recorded at or after it,
+        ``version`` only feedback on that model version, ``sources`` only feedback from those sources.
         """
         index = {int(label): i for i, label in enumerate(labels)}
         matrix = np.zeros((len(index), len(index)), dtype=np.int64)
-        q = (select(feedback.c.true_label, feedback.c.predicted_label, func.count())
-             .where(feedback.c.model == model,
-                    feedback.c.true_label.in_(list(index)), feedback.c.predicted_label.in_(list(index)))
-             .group_by(feedback.c.true_label, feedback.c.predicted_label))
-        if since is not None:
-            q = q.where(feedback.c.created_at >= since)
+        q = _filtered(select(feedback.c.true_label, feedback.c.predicted_label, func.count()),
+                      model, index, since, version, sources).group_by(feedback.c.true_label, feedback.c.predicted_label)
         with self._read() as conn:
             for true, predicted, n in conn.execute(q):
                 matrix[index[int(true)], index[int(predicted)]] = int(n)
         return matrix
+
+    def confusion_by_version(self, model: str, labels: Sequence[int], since: datetime | None = None, *,
+                             sources: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """One confusion matrix per model version with feedback, oldest version first.
+
+        "Oldest" is by the first feedback recorded for the version, which is the order versions were
+        served in; version strings themselves need not sort. One ``GROUP BY`` query for all versions.
+        """
+        index = {int(label): i for i, label in enumerate(labels)}
+        q = _filtered(select(feedback.c.version, feedback.c.true_label, feedback.c.predicted_label, func.count(),
+                             func.min(feedback.c.created_at)),
+                      model, index, since, None, sources).group_by(
+            feedback.c.version, feedback.c.true_label, feedback.c.predicted_label)
+        matrices: dict[str, np.ndarray] = {}
+        first: dict[str, datetime] = {}
+        with self._read() as conn:
+            for version, true, predicted, n, earliest in conn.execute(q):
+                matrix = matrices.setdefault(version, np.zeros((len(index), len(index)), dtype=np.int64))
+                matrix[index[int(true)], index[int(predicted)]] = int(n)
+                earliest = _as_utc(earliest)
+                if version not in first or earliest < first[version]:
+                    first[version] = earliest
+        return {v: matrices[v] for v in sorted(matrices, key=lambda v: (first[v], v))}
+
+    def latest_logged_version(self, model: str) -> str | None:
+        """The version of the model's most recently logged prediction; None when the log holds none."""
+        q = (select(prediction_log.c.version).where(prediction_log.c.model == model)
+             .order_by(prediction_log.c.id.desc()).limit(1))
+        with self._read() as conn:
+            return conn.execute(q).scalar()
 
     def feedback_count(self, model: str | None = None) -> int:
         """Number of feedback rows (all models, or one): what the tests use to check "nothing recorded"."""
@@ -695,6 +803,27 @@ class FeedbackStore:
             q = q.where(prediction_log.c.model == model)
         with self._read() as conn:
             return int(conn.execute(q).scalar_one())
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    """An aggregate's timestamp (``min(created_at)`` loses the column type on SQLite: a string there)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _filtered(q: Any, model: str, index: dict[int, int], since: datetime | None, version: str | None,
+              sources: Collection[str] | None) -> Any:
+    """``q`` restricted to the feedback rows a report counts (see :meth:`FeedbackStore.confusion`)."""
+    q = q.where(feedback.c.model == model, feedback.c.true_label.in_(list(index)),
+                feedback.c.predicted_label.in_(list(index)))
+    if since is not None:
+        q = q.where(feedback.c.created_at >= since)
+    if version is not None:
+        q = q.where(feedback.c.version == version)
+    if sources is not None:
+        q = q.where(feedback.c.source.in_(list(sources)))
+    return q
 
 
 def _configure_sqlite(engine: Engine) -> None:
