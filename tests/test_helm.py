@@ -44,6 +44,53 @@ def render(values_file) -> list[dict]:
     return helm_template([values_file] if values_file else [])
 
 
+RUNTIME_KINDS = ("ServingRuntime", "ClusterServingRuntime")
+
+
+def runtimes(objects: list[dict]) -> dict[str, dict]:
+    """The rendered serving runtimes by name (namespaced or cluster-scoped)."""
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] in RUNTIME_KINDS}
+
+
+def _merge_named(base: list[dict], over: list[dict], key: str) -> list[dict]:
+    out = [dict(x) for x in base]
+    for item in over:
+        same = [i for i, x in enumerate(out) if x.get(key) == item.get(key)]
+        if same:
+            out[same[0]] = {**out[same[0]], **item}
+        else:
+            out.append(item)
+    return out
+
+
+def kserve_container(objects: list[dict], isvc: dict) -> dict:
+    """The container KServe runs for ``isvc``: its runtime's first container merged with predictor.model the way
+    KServe merges them (a strategic merge patch: env by name, ports by containerPort, volumeMounts by mountPath,
+    resources per key, scalars replaced), except args, which KServe appends to the runtime's."""
+    model = isvc["spec"]["predictor"]["model"]
+    runtime = runtimes(objects)[model["runtime"]]
+    (base, *_) = runtime["spec"]["containers"]
+    skip = {"modelFormat", "runtime", "protocolVersion", "storageUri", "runtimeVersion", "storage"}
+    merged = dict(base)
+    for key, value in model.items():
+        if key in skip:
+            continue
+        if key == "args":
+            merged["args"] = [*base.get("args", []), *value]
+        elif key == "env":
+            merged["env"] = _merge_named(base.get("env", []), value, "name")
+        elif key == "ports":
+            merged["ports"] = _merge_named(base.get("ports", []), value, "containerPort")
+        elif key == "volumeMounts":
+            merged["volumeMounts"] = _merge_named(base.get("volumeMounts", []), value, "mountPath")
+        elif key == "resources":
+            current = base.get("resources", {})
+            merged["resources"] = {k: {**current.get(k, {}), **value.get(k, {})} for k in {*current, *value}}
+        else:
+            merged[key] = value
+    return merged
+
+
 def ids(value_sets) -> list[str]:
     return [p.stem if p else "defaults" for p in value_sets]
 
@@ -68,18 +115,25 @@ def test_one_inference_service_per_model(values_file):
         assert isvc["metadata"]["namespace"] == "classifiers"
         assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == values["kserve"]["deploymentMode"]
         predictor = isvc["spec"]["predictor"]
-        (container,) = predictor["containers"]
+        assert "containers" not in predictor, "KServe-native: predictor.model with a serving runtime, no own container"
+        spec = predictor["model"]
+        assert spec["modelFormat"] == {"name": model["format"]}
+        assert spec["runtime"] == f"kcp-kserve-classifiers-{model['format']}"
+        assert spec["protocolVersion"] == "v2"
+        assert spec["storageUri"] == model.get("canary", model)["storageUri"]
+        assert predictor.get("canaryTrafficPercent") == model.get("canary", {}).get("trafficPercent")
+        assert predictor["terminationGracePeriodSeconds"] >= 80, "request drains + the prediction log's last flush"
+        container = kserve_container(objects, isvc)
         assert container["name"] == "kserve-container"
         assert container["command"] == ["python", "-m", "predictors", "serve"]
         args = container["args"]
-        assert args[args.index("--model_dir") + 1] == "/mnt/models"
-        env = {e["name"]: e for e in container["env"]}
-        assert env["STORAGE_URI"]["value"] == model["storageUri"]
+        assert args[args.index("--model_dir") + 1] == "/mnt/models", "where KServe's storage initializer puts it"
         for key in ("minReplicas", "maxReplicas"):
             assert predictor.get(key) == model.get(key)
         for key in ("scaleMetric", "scaleTarget", "scaleMetricType"):
             assert predictor.get(key) == model.get("autoscaling", {}).get(key)
-        assert container["resources"] == model.get("resources", values["predictor"]["resources"])
+        runtime_resources = values["runtimes"][model["format"]].get("resources")
+        assert container["resources"] == model.get("resources", runtime_resources or values["predictor"]["resources"])
         batching = model.get("batching", {})
         if "maxBatchSize" in batching:
             assert args[args.index("--max_batch_size") + 1] == str(batching["maxBatchSize"])
@@ -93,6 +147,90 @@ def test_one_inference_service_per_model(values_file):
         if "http1" in ports:
             assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
             assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp", "/var/lib/kcp"}
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
+def test_one_serving_runtime_per_format(values_file):
+    values = values_of(values_file)
+    objects = render(values_file)
+    found = runtimes(objects)
+    enabled = [f for f in ("sklearn", "keras", "katonic") if values["runtimes"][f]["enabled"]]
+    assert sorted(found) == sorted(f"kcp-kserve-classifiers-{f}" for f in enabled)
+    kind = "ClusterServingRuntime" if values["runtimes"]["scope"] == "Cluster" else "ServingRuntime"
+    for fmt in enabled:
+        runtime = found[f"kcp-kserve-classifiers-{fmt}"]
+        assert runtime["kind"] == kind and runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+        assert ("namespace" in runtime["metadata"]) == (kind == "ServingRuntime"), "a cluster runtime has no namespace"
+        spec = runtime["spec"]
+        assert spec["supportedModelFormats"] == [{"name": fmt, "autoSelect": False}], \
+            "autoSelect off: never picked for other InferenceServices of the same format"
+        assert spec["protocolVersions"] == ["v2"]
+        assert spec["annotations"] == {"prometheus.kserve.io/port": "8080", "prometheus.kserve.io/path": "/metrics"}
+        (container,) = spec["containers"]
+        image = values["runtimes"][fmt]["image"]
+        assert container["image"].split("/")[-1].startswith(image["repository"])
+        assert {v["name"] for v in spec["volumes"]} == {"tmp", "data"}
+    images = {f: found[f"kcp-kserve-classifiers-{f}"]["spec"]["containers"][0]["image"] for f in enabled}
+    if "sklearn" in images:
+        assert "kserve-classifiers-sklearn" in images["sklearn"], "scikit-learn models get the image without TensorFlow"
+    if "keras" in images:
+        assert "kserve-classifiers-predictor" in images["keras"]
+
+
+def test_a_canary_serves_version_n_plus_1_next_to_the_rolled_out_one(tmp_path):
+    objects = helm_template([VALUES_DIR / "canary.yaml"])
+    isvcs = {i["metadata"]["name"]: i for i in by_kind(objects, "InferenceService")}
+    predictor = isvcs["iris"]["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 10
+    assert predictor["model"]["storageUri"] == "s3://models-bucket/classifiers/iris/2", \
+        "the spec names version N+1; KServe keeps the last rolled-out revision for the other 90 %"
+    assert "canaryTrafficPercent" not in isvcs["iris-katonic"]["spec"]["predictor"]
+    values = values_of(VALUES_DIR / "canary.yaml")
+    iris = values["models"][0]
+    iris.update(storageUri=iris.pop("canary")["storageUri"], version="2")
+    (tmp_path / "promoted.yaml").write_text(yaml.safe_dump({"models": values["models"]}))
+    promoted = helm_template([VALUES_DIR / "canary.yaml", tmp_path / "promoted.yaml"])
+    (iris, _) = by_kind(promoted, "InferenceService")
+    assert iris["spec"]["predictor"]["model"]["storageUri"].endswith("/iris/2")
+    assert "canaryTrafficPercent" not in iris["spec"]["predictor"], "promoted: 100 % to version 2"
+
+
+def test_cluster_local_visibility_by_default():
+    for objects in (helm_template(), helm_template([VALUES_DIR / "knative-kafkasource.yaml"])):
+        for isvc in by_kind(objects, "InferenceService"):
+            assert isvc["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    published = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"kserve.clusterLocal": "false"})
+    for isvc in by_kind(published, "InferenceService"):
+        assert "networking.kserve.io/visibility" not in isvc["metadata"]["labels"]
+
+
+def test_safe_defaults():
+    """The defaults: API key on with a NetworkPolicy, one pod per model with SQLite, cluster-local, a grace period
+    covering the shutdown, and a bridge whose default models are deployed ones."""
+    values = values_of(None)
+    objects = helm_template()
+    assert values["apiKey"]["enabled"] and values["networkPolicy"]["enabled"]
+    assert by_kind(objects, "NetworkPolicy")
+    (isvc,) = by_kind(objects, "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
+    assert env["KCP_FEEDBACK_DB_URL"]["value"].startswith("sqlite:")
+    assert isvc["spec"]["predictor"]["maxReplicas"] == 1, "SQLite lives in the pod: one pod"
+    assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] >= 30 + 30 + 20
+    (bridge,) = by_kind(objects, "Deployment")
+    benv = {e["name"]: e.get("value") for e in bridge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    deployed = {m["name"] for m in values["models"]}
+    assert benv["KCP_BRIDGE_DEFAULT_ROW_MODEL"] in deployed and benv["KCP_BRIDGE_DEFAULT_IMAGE_MODEL"] in deployed
+    multi = helm_template([VALUES_DIR / "multi-model.yaml"])
+    (bridge,) = by_kind(multi, "Deployment")
+    benv = {e["name"]: e.get("value") for e in bridge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (benv["KCP_BRIDGE_DEFAULT_ROW_MODEL"], benv["KCP_BRIDGE_DEFAULT_IMAGE_MODEL"]) == ("iris", "mnist"), \
+        "the first sklearn and the first keras model"
+    allowed = helm_template(set_values={"models[0].name": "iris", "models[0].format": "sklearn",
+                                        "models[0].storageUri": "pvc://m/iris", "models[0].maxReplicas": "3",
+                                        "feedback.database.allowSqliteWithReplicas": "true"})
+    (isvc,) = by_kind(allowed, "InferenceService")
+    assert isvc["spec"]["predictor"]["maxReplicas"] == 3, "SQLite with replicas only when asked for explicitly"
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=ids(VALUE_SETS))
@@ -109,7 +247,7 @@ def test_api_key_secret_generated_or_fixed_or_existing():
     key = base64.b64decode(secret["data"]["api-key"]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{40}", key), "a generated key is 40 random letters and digits"
     (isvc,) = by_kind(helm_template(), "InferenceService")
-    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
     assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "api-key"}
 
     fixed = by_kind(helm_template([VALUES_DIR / "postgresql.yaml"]), "Secret")
@@ -119,7 +257,7 @@ def test_api_key_secret_generated_or_fixed_or_existing():
     objects = helm_template([VALUES_DIR / "existing-secret.yaml"])
     assert not by_kind(objects, "Secret"), "an existing Secret is used, none is created"
     (isvc,) = by_kind(objects, "InferenceService")
-    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
     assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "classifiers-api-key", "key": "token"}
     assert env["KCP_FEEDBACK_DB_URL"]["valueFrom"]["secretKeyRef"] == {"name": "feedback-db", "key": "sqlalchemy-url"}
     (bridge,) = by_kind(objects, "Deployment")
@@ -134,7 +272,7 @@ def test_api_key_disabled_means_no_secret_and_no_env():
     objects = helm_template(set_values={"apiKey.enabled": "false"})
     assert not [s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-api-key")]
     (isvc,) = by_kind(objects, "InferenceService")
-    assert "KCP_API_KEY" not in {e["name"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert "KCP_API_KEY" not in {e["name"] for e in kserve_container(objects, isvc)["env"]}
 
 
 def test_feedback_database_url_goes_through_a_secret():
@@ -142,14 +280,15 @@ def test_feedback_database_url_goes_through_a_secret():
     db = next(s for s in by_kind(objects, "Secret") if s["metadata"]["name"].endswith("-feedback-db"))
     assert db["stringData"]["url"].startswith("postgresql+psycopg://")
     (isvc,) = by_kind(objects, "InferenceService")
-    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
     assert env["KCP_FEEDBACK_DB_URL"] == {"name": "KCP_FEEDBACK_DB_URL", "valueFrom": {
         "secretKeyRef": {"name": db["metadata"]["name"], "key": "url"}}}
     # the default: SQLite on the pod's writable emptyDir
-    (isvc,) = by_kind(helm_template(), "InferenceService")
-    env = {e["name"]: e for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    objects = helm_template()
+    (isvc,) = by_kind(objects, "InferenceService")
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
     assert env["KCP_FEEDBACK_DB_URL"]["value"] == "sqlite:////var/lib/kcp/feedback.db"
-    mounts = {m["mountPath"] for m in isvc["spec"]["predictor"]["containers"][0]["volumeMounts"]}
+    mounts = {m["mountPath"] for m in kserve_container(objects, isvc)["volumeMounts"]}
     assert "/var/lib/kcp" in mounts
 
 
@@ -267,8 +406,9 @@ def test_notes_render_with_the_model_urls():
     assert "kubectl -n classifiers wait --for=condition=Ready inferenceservice iris mnist fashion-mnist" in proc.stdout
     assert "/v2/models/iris/infer" in proc.stdout
     defaults = run([tool("helm"), "install", "kcp", str(CHART), "--dry-run=client", "--namespace", "classifiers",
-                    "--set", "models[0].name=iris", "--set", "models[0].storageUri=pvc://m/iris",
-                    "--set", "models[0].maxReplicas=3"])
+                    "--set", "models[0].name=iris", "--set", "models[0].format=sklearn",
+                    "--set", "models[0].storageUri=pvc://m/iris", "--set", "models[0].maxReplicas=3",
+                    "--set", "feedback.database.allowSqliteWithReplicas=true"])
     assert "WARNING: the feedback database is SQLite" in defaults.stdout
 
 
@@ -328,7 +468,7 @@ def test_network_policy_egress_dns_and_url_input_only_by_default():
     assert not reach(off, Pod(ip="93.184.216.34"), 443, "Egress"), "URL input off, pvc:// models: no internet"
     assert reach(off, KUBE_DNS, 53, "Egress", "UDP")
     (isvc,) = by_kind(off, "InferenceService")
-    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in kserve_container(off, isvc)["env"]}
     assert env["KCP_URL_FETCH_ENABLED"] == "false"
 
 
@@ -345,7 +485,7 @@ def test_network_policy_egress_database_downloads_and_allowed_networks():
     assert not reach(opened, Pod(ip="10.1.2.3"), 5432, "Egress"), "only the listed database peers"
     assert reach(opened, Pod(ip="10.30.0.7"), 9000, "Egress"), "egress.extra (an in-cluster object store)"
     (isvc, *_) = by_kind(opened, "InferenceService")
-    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in kserve_container(opened, isvc)["env"]}
     assert env["KCP_URL_ALLOWED_NETWORKS"] == "10.20.0.0/16"
 
 
@@ -367,6 +507,10 @@ def test_network_policy_opens_to_listed_namespaces_and_the_knative_dispatcher():
         "the inference logger posts responses to the KafkaSink receiver"
     serverless = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
     assert reach(serverless, Pod("knative-serving", {"app": "activator"}), 8012), "Knative: via the activator"
+    assert reach(serverless, Pod("istio-system", {"app": "knative-local-gateway"}), 8013)
+    assert not reach(serverless, Pod("istio-system", {"app": "istio-ingressgateway"}), 15000), \
+        "the Knative namespaces reach the queue-proxy's ports only"
+    assert not reach(serverless, Pod("kourier-system", {"app": "3scale-kourier-gateway"}), 8081)
     assert not reach(serverless, STRANGER, 8012)
     assert not by_kind(helm_template(set_values={"networkPolicy.enabled": "false"}), "NetworkPolicy")
 
@@ -385,17 +529,18 @@ def test_pod_disruption_budgets_for_models_with_more_than_one_replica():
     (bridge,) = by_kind(objects, "Deployment")
     assert selects(pdbs["kcp-kserve-classifiers-bridge"]["spec"]["selector"],
                    bridge["spec"]["template"]["metadata"]["labels"])
-    one = helm_template(set_values={"models[0].name": "iris", "models[0].storageUri": "pvc://m/iris",
-                                    "models[0].maxReplicas": "1"})
-    assert not by_kind(one, "PodDisruptionBudget"), "one replica, one bridge: no budget"
-    assert len(by_kind(helm_template(), "PodDisruptionBudget")) == 1, "defaults: iris scales to 3"
-    assert not by_kind(helm_template(set_values={"podDisruptionBudget.enabled": "false"}), "PodDisruptionBudget")
+    assert not by_kind(helm_template(), "PodDisruptionBudget"), "defaults: one replica, one bridge: no budget"
+    scaled = helm_template([VALUES_DIR / "postgresql.yaml"])
+    assert len(by_kind(scaled, "PodDisruptionBudget")) == 1, "iris scales to 8"
+    assert not by_kind(helm_template([VALUES_DIR / "postgresql.yaml"], {"podDisruptionBudget.enabled": "false"}),
+                       "PodDisruptionBudget")
 
 
 def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
     """Every pod spec the chart renders (InferenceService predictors, Deployments, helm test Pods)."""
     specs = [(f"InferenceService/{o['metadata']['name']}", o["spec"]["predictor"])
              for o in by_kind(objects, "InferenceService")]
+    specs += [(f"{o['kind']}/{o['metadata']['name']}", o["spec"]) for o in runtimes(objects).values()]
     specs += [(f"Deployment/{o['metadata']['name']}", o["spec"]["template"]["spec"])
               for o in by_kind(objects, "Deployment")]
     return specs + [(f"Pod/{o['metadata']['name']}", o["spec"]) for o in by_kind(objects, "Pod")]
@@ -406,20 +551,28 @@ def test_no_pod_gets_a_service_account_token(values_file):
     specs = pod_specs(render(values_file))
     assert specs
     for where, spec in specs:
+        if where.split("/")[0] in RUNTIME_KINDS:
+            continue  # a runtime is not a pod: the InferenceService's predictor sets it for the pod
         assert spec.get("automountServiceAccountToken") is False, where
 
 
 def test_image_digests_pin_the_images():
     predictor = "sha256:" + "a" * 64
     bridge = "sha256:" + "b" * 64
-    objects = helm_template(set_values={"predictor.image.digest": predictor, "bridge.deployment.image.digest": bridge})
-    images = {where: [c["image"] for c in spec["containers"]] for where, spec in pod_specs(objects)}
+    sklearn = "sha256:" + "c" * 64
+    objects = helm_template(set_values={"runtimes.keras.image.digest": predictor,
+                                        "runtimes.sklearn.image.digest": sklearn,
+                                        "bridge.deployment.image.digest": bridge})
+    images = {where: [c["image"] for c in spec.get("containers", [])] for where, spec in pod_specs(objects)
+              if where.split("/")[0] != "InferenceService"}
     repo = "ghcr.io/example/kserve-classifiers"
-    assert images == {"InferenceService/iris": [f"{repo}-predictor@{predictor}"],
+    assert images == {"ServingRuntime/kcp-kserve-classifiers-sklearn": [f"{repo}-sklearn@{sklearn}"],
+                      "ServingRuntime/kcp-kserve-classifiers-keras": [f"{repo}-predictor@{predictor}"],
+                      "ServingRuntime/kcp-kserve-classifiers-katonic": [f"{repo}-predictor:0.1.0"],
                       "Deployment/kcp-kserve-classifiers-bridge": [f"{repo}-bridge@{bridge}"],
-                      "Pod/kcp-kserve-classifiers-test-iris": [f"{repo}-predictor@{predictor}"]}
-    tagged = {c["image"] for _, spec in pod_specs(helm_template()) for c in spec["containers"]}
-    assert tagged == {f"{repo}-predictor:0.1.0", f"{repo}-bridge:0.1.0"}
+                      "Pod/kcp-kserve-classifiers-test-iris": [f"{repo}-bridge@{bridge}"]}
+    tagged = {c["image"] for _, spec in pod_specs(helm_template()) for c in spec.get("containers", [])}
+    assert tagged == {f"{repo}-sklearn:0.1.0", f"{repo}-predictor:0.1.0", f"{repo}-bridge:0.1.0"}
 
 
 def test_generated_api_key_is_kept_across_renders_against_the_cluster(tmp_path):

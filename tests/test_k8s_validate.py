@@ -1,12 +1,17 @@
 """Every rendered object is valid for the cluster, and every command it runs is accepted by the real CLI.
 
-* Schemas: built-in kinds with kubernetes-validate (strict), InferenceService / KafkaSource / KafkaSink against
-  the openAPIV3Schema of the CRDs in ../shared/crds (unknown fields are errors), ServiceMonitor by a local schema.
+* Schemas: built-in kinds with kubernetes-validate (strict), InferenceService / ServingRuntime / KafkaSource /
+  KafkaSink against the openAPIV3Schema of the CRDs in ../shared/crds (unknown fields are errors),
+  ClusterServingRuntime against the ServingRuntime schema (KServe generates both CRDs from one Go type, and
+  ../shared/crds holds the namespaced one), ServiceMonitor and PrometheusRule by local schemas (the rules'
+  PromQL itself is checked by promtool in tests/test_alert_rules.py).
 * The real API server: the custom resources are server-side dry-run applied to the upstream
   apiextensions-apiserver with the CRDs installed (CEL rules, pruning, defaulting, field ownership).
-* The real CLIs: the predictor container's command and args parse with ``python -m predictors``'s parser and,
-  with host/ports/model_dir swapped for loopback, free ports and models/, start a server that becomes ready;
-  the bridge's parse with ``python -m streaming``'s parser and land, with the env, in the bridge's settings.
+* The real CLIs: the container KServe would run (the serving runtime's, merged with the InferenceService's
+  predictor.model) parses with ``python -m predictors``'s parser and, with host/ports swapped for loopback and
+  free ports and /mnt/models for one trained package directory (what KServe's storage initializer delivers),
+  starts a server that becomes ready; the bridge's parse with ``python -m streaming``'s parser and land, with
+  the env, in the bridge's settings.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tests.fixtures.k8s import (
 )
 from tests.fixtures.ports import free_port, port_open, wait_for
 from tests.fixtures.server import ServerHandle, start_model_server
+from tests.test_helm import kserve_container
 
 VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
 IDS = [p.stem if p else "defaults" for p in VALUE_SETS]
@@ -47,19 +53,101 @@ def render(values_file) -> list[dict]:
 
 # --- schemas ---------------------------------------------------------------------------------------------
 
+SERVING_RUNTIME = ("serving.kserve.io/v1alpha1", "ServingRuntime")
+CLUSTER_SERVING_RUNTIME = ("serving.kserve.io/v1alpha1", "ClusterServingRuntime")
+PROMETHEUS_RULE = ("monitoring.coreos.com/v1", "PrometheusRule")
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_RULE = {
+    "type": "object", "additionalProperties": False, "required": ["expr"],
+    "properties": {"record": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+                   "alert": {"type": "string", "minLength": 1},
+                   "expr": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]},
+                   "for": {"type": "string"}, "keep_firing_for": {"type": "string"},
+                   "labels": _LABELS, "annotations": _LABELS},
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": PROMETHEUS_RULE[0]}, "kind": {"const": PROMETHEUS_RULE[1]},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "properties": {"groups": {
+            "type": "array", "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {"name": {"type": "string", "minLength": 1}, "interval": {"type": "string"},
+                               "query_offset": {"type": "string"}, "limit": {"type": "integer"},
+                               "labels": _LABELS, "partial_response_strategy": {"type": "string"},
+                               "rules": {"type": "array", "items": _RULE}}}}}},
+    },
+}
+"""The PrometheusRule fields of prometheus-operator's CRD that the chart may use (no CRD of it in ../shared/crds)."""
+
+
+def cluster_serving_runtime_crd() -> dict:
+    """KServe's ClusterServingRuntime CRD: the ServingRuntime CRD of ../shared/crds, cluster-scoped. KServe generates
+    both from the same Go type (ServingRuntimeSpec), so the schema is the same; only the names and scope differ."""
+    (crd,) = [d for d in load_yaml_documents(crd_dir() / "serving.kserve.io_servingruntimes.yaml")
+              if d.get("kind") == "CustomResourceDefinition"]
+    crd = copy.deepcopy(crd)
+    crd.pop("status", None)
+    crd["metadata"] = {"name": "clusterservingruntimes.serving.kserve.io",
+                       "annotations": crd["metadata"].get("annotations", {})}
+    crd["spec"]["scope"] = "Cluster"
+    crd["spec"]["names"] = {"kind": "ClusterServingRuntime", "listKind": "ClusterServingRuntimeList",
+                            "plural": "clusterservingruntimes", "singular": "clusterservingruntime"}
+    return crd
+
+
+def schema_problems(validator, obj: dict) -> list[str]:
+    """``validator.errors`` for every kind the chart renders, the two without a CRD in ../shared/crds included."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if key == CLUSTER_SERVING_RUNTIME:
+        assert "namespace" not in obj["metadata"], "a ClusterServingRuntime is cluster-scoped"
+        as_namespaced = {**obj, "kind": "ServingRuntime", "metadata": {**obj["metadata"], "namespace": "any"}}
+        return [p.replace("ServingRuntime/", "ClusterServingRuntime/", 1) for p in validator.errors(as_namespaced)]
+    if key == PROMETHEUS_RULE:
+        import jsonschema
+
+        name = obj["metadata"].get("name", "?")
+        # The name and ObjectMeta through the built-in schemas (a ConfigMap has nothing else that is required).
+        problems = [p.replace("ConfigMap/", "PrometheusRule/", 1) for p in validator.errors(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})]
+        checker = jsonschema.Draft202012Validator(PROMETHEUS_RULE_SCHEMA)
+        problems += [f"PrometheusRule/{name}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                     for e in checker.iter_errors(obj)]
+        return problems
+    return validator.errors(obj)
+
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_every_rendered_object_matches_its_schema(values_file, schema_validator):
     objects = render(values_file)
     assert objects
-    problems = [p for obj in objects for p in schema_validator.errors(obj)]
+    problems = [p for obj in objects for p in schema_problems(schema_validator, obj)]
     assert not problems, "\n".join(problems)
 
 
 def test_checked_in_manifests_match_their_schemas(schema_validator):
     objects = [d for d in yaml.safe_load_all(MANIFESTS.read_text()) if d]
-    problems = [p for obj in objects for p in schema_validator.errors(obj)]
+    problems = [p for obj in objects for p in schema_problems(schema_validator, obj)]
     assert not problems, "\n".join(problems)
+
+
+def test_the_extra_schemas_reject_what_the_cluster_would(schema_validator):
+    objects = render(VALUES_DIR / "multi-model.yaml") + render(VALUES_DIR / "canary.yaml")
+    (runtime, *_) = [o for o in objects if (o["apiVersion"], o["kind"]) == CLUSTER_SERVING_RUNTIME]
+    (rule,) = [o for o in objects if (o["apiVersion"], o["kind"]) == PROMETHEUS_RULE]
+    assert not schema_problems(schema_validator, runtime) and not schema_problems(schema_validator, rule)
+    bad = copy.deepcopy(runtime)
+    bad["spec"]["supportedModelFormats"][0]["autoselect"] = False
+    assert any("'autoselect' was unexpected" in p for p in schema_problems(schema_validator, bad))
+    bad = copy.deepcopy(rule)
+    bad["spec"]["groups"][0]["rules"][0]["exprr"] = "up"
+    assert any("'exprr' was unexpected" in p for p in schema_problems(schema_validator, bad))
+    bad = copy.deepcopy(rule)
+    bad["metadata"]["name"] = "Rules_1"
+    assert any("not a DNS-1123 subdomain" in p for p in schema_problems(schema_validator, bad))
 
 
 def test_the_validator_rejects_what_the_cluster_would(schema_validator):
@@ -67,13 +155,13 @@ def test_the_validator_rejects_what_the_cluster_would(schema_validator):
     (bridge,) = by_kind(render(None), "Deployment")
     cases = []
     bad = copy.deepcopy(isvc)
-    bad["spec"]["predictor"]["containers"][0]["portz"] = []
+    bad["spec"]["predictor"]["model"]["portz"] = []
     cases.append((bad, "'portz' was unexpected"))
     bad = copy.deepcopy(isvc)
     bad["spec"]["predictor"]["scaleMetric"] = "gpu"
     cases.append((bad, "'gpu' is not one of"))
     bad = copy.deepcopy(isvc)
-    bad["spec"]["predictor"]["containers"][0]["resources"]["limits"]["cpu"] = "two"
+    bad["spec"]["predictor"]["model"]["resources"]["limits"]["cpu"] = "two"
     cases.append((bad, "does not match"))
     bad = copy.deepcopy(isvc)
     bad["spec"]["predictor"]["minReplicas"] = "1"
@@ -162,34 +250,57 @@ def test_every_crd_version_converts():
 
 
 def custom_resources(objects: list[dict]) -> list[dict]:
-    return [o for o in objects if (o["apiVersion"], o["kind"]) in crd_schemas()]
+    kinds = {*crd_schemas(), CLUSTER_SERVING_RUNTIME}
+    return [o for o in objects if (o["apiVersion"], o["kind"]) in kinds]
+
+
+@pytest.fixture(scope="module")
+def kserve_apiserver(crd_apiserver):
+    """The session's CRD API server with KServe's runtime CRDs installed too: ServingRuntime from ../shared/crds and
+    ClusterServingRuntime derived from it (:func:`cluster_serving_runtime_crd`)."""
+    docs = [d for d in load_yaml_documents(crd_dir() / "serving.kserve.io_servingruntimes.yaml")
+            if d.get("kind") == "CustomResourceDefinition"]
+    docs.append(cluster_serving_runtime_crd())
+    crd_apiserver.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs), timeout=120)
+    wanted = {"servingruntimes.serving.kserve.io", "clusterservingruntimes.serving.kserve.io"}
+    wait_for(lambda: wanted <= set(crd_apiserver.kubectl("api-resources", "-o", "name", check=False).stdout.split()),
+             timeout=60, what="the serving runtime CRDs in discovery")
+    return crd_apiserver
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
-def test_custom_resources_pass_server_side_dry_run_apply(values_file, crd_apiserver):
+def test_custom_resources_pass_server_side_dry_run_apply(values_file, kserve_apiserver):
     resources = custom_resources(render(values_file))
     assert resources
-    proc = crd_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "--field-manager=helm",
+    kinds = {o["kind"] for o in resources}
+    assert kinds & {"ServingRuntime", "ClusterServingRuntime"}, "every value set renders its serving runtimes"
+    proc = kserve_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "--field-manager=helm",
                                  "--validate=strict", "-f", "-", input=yaml.safe_dump_all(resources), check=False)
     assert proc.returncode == 0, proc.stderr
     for obj in resources:
         assert f"{obj['metadata']['name']} serverside-applied (server dry run)" in proc.stdout
 
 
-def test_api_server_rejects_an_unknown_field(crd_apiserver):
+def test_api_server_rejects_an_unknown_field(kserve_apiserver):
     (isvc,) = by_kind(render(None), "InferenceService")
-    isvc["spec"]["predictor"]["containers"][0]["bogus"] = True
-    proc = crd_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump(isvc),
-                                 check=False)
+    isvc["spec"]["predictor"]["model"]["bogus"] = True
+    proc = kserve_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=yaml.safe_dump(isvc),
+                                    check=False)
     assert proc.returncode != 0
     assert "bogus: field not declared in schema" in proc.stderr
+    runtime = next(o for o in render(VALUES_DIR / "multi-model.yaml") if o["kind"] == "ClusterServingRuntime")
+    runtime["spec"]["supportedModelFormats"][0]["autoselect"] = False
+    proc = kserve_apiserver.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
+                                    input=yaml.safe_dump(runtime), check=False)
+    assert proc.returncode != 0 and "autoselect: field not declared in schema" in proc.stderr
 
 
 # --- the rendered commands against the real command-line parsers ---------------------------------------------
 
 
 def predictor_containers(objects: list[dict]) -> list[dict]:
-    return [c for isvc in by_kind(objects, "InferenceService") for c in isvc["spec"]["predictor"]["containers"]]
+    """The container KServe runs for each InferenceService: its runtime's, merged with its predictor.model."""
+    return [kserve_container(objects, isvc) for isvc in by_kind(objects, "InferenceService")]
 
 
 def bridge_containers(objects: list[dict]) -> list[dict]:
@@ -302,11 +413,18 @@ def _trained_models() -> Path:
 
 
 def test_server_starts_with_the_rendered_args(tmp_path):
-    """Start ``python -m predictors serve`` with exactly the InferenceService's args and env, only host, ports and
-    model_dir swapped for loopback, free ports and models/; it must become ready on both ports."""
-    model_dir = _trained_models()
-    (isvc,) = by_kind(render(None), "InferenceService")
-    (container,) = isvc["spec"]["predictor"]["containers"]
+    """Start ``python -m predictors serve`` with exactly the args and env of the container KServe runs for the
+    default InferenceService, only host and ports swapped for loopback and free ports, and /mnt/models for the one
+    package directory KServe's storage initializer delivers there (models/iris); it must become ready on both
+    ports and serve that package."""
+    models = _trained_models()
+    objects = render(None)
+    (isvc,) = by_kind(objects, "InferenceService")
+    container = kserve_container(objects, isvc)
+    name = isvc["metadata"]["name"]
+    model_dir = models / name
+    assert (model_dir / "config.json").is_file(), f"the default model {name} is not among the trained packages"
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith(f"/{name}"), "one package per storageUri"
     http_port, grpc_port = free_port(), free_port()
     swap = {"--host": "127.0.0.1", "--http_port": str(http_port), "--grpc_port": str(grpc_port),
             "--model_dir": str(model_dir)}
@@ -317,7 +435,9 @@ def test_server_starts_with_the_rendered_args(tmp_path):
     env = {**os.environ, "KCP_API_KEY": "rendered-args-test-key",
            "KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'feedback.db'}"}
     rendered_env = {e["name"] for e in container["env"]}
-    assert {"STORAGE_URI", "KCP_API_KEY", "KCP_FEEDBACK_DB_URL"} <= rendered_env
+    assert {"KCP_API_KEY", "KCP_FEEDBACK_DB_URL", "KCP_URL_FETCH_ENABLED"} <= rendered_env
+    env.update({e["name"]: e["value"] for e in container["env"]
+                if "value" in e and e["name"] not in ("KCP_FEEDBACK_DB_URL",)})
     log_path = tmp_path / "server.log"
     cmd = [sys.executable, *container["command"][1:], *args]
     with open(log_path, "wb") as log:
@@ -338,6 +458,8 @@ def test_server_starts_with_the_rendered_args(tmp_path):
         assert port_open(grpc_port), "gRPC port declared in the InferenceService is not listening"
         assert httpx.get(f"{handle.http_url}/metrics").status_code == 200, "Prometheus scrapes without the key"
         assert httpx.get(f"{handle.http_url}/v2/models").status_code == 401, "the API key from the env is enforced"
+        ready = httpx.get(f"{handle.http_url}/v2/models/{name}/ready", headers={"X-API-Key": "rendered-args-test-key"})
+        assert ready.status_code == 200, "a single package directory as --model_dir serves that package"
     finally:
         handle.stop()
 
@@ -366,9 +488,10 @@ def test_helm_test_pods_infer_and_read_feedback_of_every_model(tmp_path):
     katonic = {"inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": [
         '{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}']}]}
     values.write_text(yaml.safe_dump({"models": [
-        {"name": "iris", "storageUri": "pvc://m/iris"}, {"name": "mnist", "storageUri": "pvc://m/mnist"},
-        {"name": "iris-katonic", "storageUri": "pvc://m/iris-katonic", "testRequest": katonic},
-        {"name": "absent", "storageUri": "pvc://m/absent"}]}))
+        {"name": "iris", "format": "sklearn", "storageUri": "pvc://m/iris"},
+        {"name": "mnist", "format": "keras", "storageUri": "pvc://m/mnist"},
+        {"name": "iris-katonic", "format": "katonic", "storageUri": "pvc://m/iris-katonic", "testRequest": katonic},
+        {"name": "absent", "format": "sklearn", "storageUri": "pvc://m/absent"}]}))
     pods = {p["metadata"]["labels"]["kserve-classifiers/model"]: p for p in by_kind(helm_template([values]), "Pod")}
     assert set(pods) == {"iris", "mnist", "iris-katonic", "absent"}
     for pod in pods.values():
@@ -378,6 +501,7 @@ def test_helm_test_pods_infer_and_read_feedback_of_every_model(tmp_path):
             proc = run_helm_test_pod(pods[model], server.http_url, "helm-test-key")
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert proc.stdout.startswith(f"{model}: inference helm-test-") and "feedback report" in proc.stdout
+            assert "the feedback store accepts writes" in proc.stdout
         wrong_key = run_helm_test_pod(pods["iris"], server.http_url, "not-the-key")
         assert wrong_key.returncode != 0 and "answered 401" in wrong_key.stderr
         absent = run_helm_test_pod(pods["absent"], server.http_url, "helm-test-key")
@@ -392,3 +516,11 @@ def test_helm_test_pods_infer_and_read_feedback_of_every_model(tmp_path):
         container["env"] = [e for e in container["env"] if e["name"] != "KCP_TEST_REQUEST"]
         no_request = run_helm_test_pod(bytes_pod, server.http_url, "helm-test-key")
         assert no_request.returncode != 0 and "give this model a testRequest" in no_request.stderr
+        posting = {p["metadata"]["labels"]["kserve-classifiers/model"]: p
+                   for p in by_kind(helm_template([values], {"helmTest.postFeedback": "true"}), "Pod")}
+        before = httpx.get(f"{server.http_url}/v2/models/iris/feedback", headers={"X-API-Key": "helm-test-key"}).json()
+        posted = run_helm_test_pod(posting["iris"], server.http_url, "helm-test-key")
+        assert posted.returncode == 0, posted.stdout + posted.stderr
+        assert "iris: feedback accepted" not in posted.stdout and "feedback accepted" in posted.stdout
+        after = httpx.get(f"{server.http_url}/v2/models/iris/feedback", headers={"X-API-Key": "helm-test-key"}).json()
+        assert after["cumulative"]["count"] == before["cumulative"]["count"] + 1, "one feedback item was stored"

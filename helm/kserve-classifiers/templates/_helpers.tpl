@@ -72,6 +72,41 @@ Call with (dict "ctx" $ "image" .Values.predictor.image) */}}
 {{- end }}
 {{- end }}
 
+{{/* The serving runtime of a model format. Call with (dict "ctx" $ "format" "sklearn"). */}}
+{{- define "kcp.runtimeName" -}}
+{{- printf "%s-%s" (include "kcp.fullname" .ctx | trunc 54 | trimSuffix "-") .format }}
+{{- end }}
+
+{{- define "kcp.runtimeKind" -}}
+{{- ternary "ClusterServingRuntime" "ServingRuntime" (eq .Values.runtimes.scope "Cluster") }}
+{{- end }}
+
+{{/* The first model whose format is in `formats`, else the first model. Call with (dict "ctx" $ "formats" (list ...)). */}}
+{{- define "kcp.firstModelOf" -}}
+{{- $found := "" }}
+{{- range $f := .formats }}
+{{- range $.ctx.Values.models }}
+{{- if and (not $found) (eq .format $f) }}{{ $found = .name }}{{ end }}
+{{- end }}
+{{- end }}
+{{- default (index .ctx.Values.models 0).name $found }}
+{{- end }}
+
+{{- define "kcp.bridgeRowModel" -}}
+{{- default (include "kcp.firstModelOf" (dict "ctx" . "formats" (list "sklearn" "katonic"))) .Values.bridge.defaultRowModel }}
+{{- end }}
+
+{{- define "kcp.bridgeImageModel" -}}
+{{- default (include "kcp.firstModelOf" (dict "ctx" . "formats" (list "keras"))) .Values.bridge.defaultImageModel }}
+{{- end }}
+
+{{/* Whether a model can run more than one pod at once: "true" or "". */}}
+{{- define "kcp.multiPod" -}}
+{{- $m := .model }}
+{{- $knative := eq .ctx.Values.kserve.deploymentMode "Knative" }}
+{{- if or (gt (int (default 1 $m.minReplicas)) 1) (gt (int (default 1 $m.maxReplicas)) 1) (and $knative (not (hasKey $m "maxReplicas"))) $m.canary }}true{{ end }}
+{{- end }}
+
 {{/* The model the bridge targets: bridge.model or the first model. */}}
 {{- define "kcp.bridgeModel" -}}
 {{- default (index .Values.models 0).name .Values.bridge.model }}
@@ -100,15 +135,36 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
 {{- if and (not $knative) (hasKey $m "minReplicas") (eq (int $m.minReplicas) 0) }}
 {{- fail (printf "models[%d] (%s): minReplicas 0 (scale to zero) needs kserve.deploymentMode=Knative" $i $m.name) }}
 {{- end }}
+{{- if not (index $.Values.runtimes $m.format).enabled }}
+{{- fail (printf "models[%d] (%s): format %s, but runtimes.%s.enabled is false" $i $m.name $m.format $m.format) }}
+{{- end }}
+{{- if and $m.canary (not $knative) }}
+{{- fail (printf "models[%d] (%s): a canary (canaryTrafficPercent) needs kserve.deploymentMode=Knative; KServe splits traffic between revisions only there" $i $m.name) }}
+{{- end }}
+{{- if and $m.canary (not $m.version) }}
+{{- fail (printf "models[%d] (%s): canary needs the primary's version (models[%d].version) to compare the two" $i $m.name $i) }}
+{{- end }}
+{{- if and $m.canary $m.version (eq (toString $m.version) (toString $m.canary.version)) }}
+{{- fail (printf "models[%d] (%s): canary.version %q is the primary's version; a canary is version N+1" $i $m.name (toString $m.version)) }}
+{{- end }}
+{{- if and (include "kcp.multiPod" (dict "ctx" $ "model" $m)) (not (include "kcp.feedbackSecretName" $)) (not $.Values.feedback.database.allowSqliteWithReplicas) }}
+{{- fail (printf "models[%d] (%s) can run more than one pod (maxReplicas > 1, Knative without maxReplicas, or a canary), but the feedback store is SQLite inside each pod: feedback would split across pods and be lost with them. Set feedback.database.url or existingSecret (PostgreSQL), maxReplicas: 1, or feedback.database.allowSqliteWithReplicas=true" $i $m.name) }}
+{{- end }}
 {{- with $m.autoscaling }}
 {{- if and (not $knative) (has .scaleMetric (list "concurrency" "rps")) }}
 {{- fail (printf "models[%d] (%s): autoscaling.scaleMetric %q needs kserve.deploymentMode=Knative; Standard mode scales on cpu or memory" $i $m.name .scaleMetric) }}
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if and (not .Values.apiKey.enabled) (not .Values.networkPolicy.enabled) }}
+{{- fail "apiKey.enabled=false with networkPolicy.enabled=false leaves the predictors open to every pod of the cluster; enable one of them" }}
+{{- end }}
 {{- if .Values.bridge.enabled }}
-{{- if and .Values.bridge.model (not (has .Values.bridge.model $names)) }}
-{{- fail (printf "bridge.model: %q is not the name of an entry in models (%s)" .Values.bridge.model (join ", " $names)) }}
+{{- range $key := list "model" "defaultRowModel" "defaultImageModel" }}
+{{- $v := index $.Values.bridge $key }}
+{{- if and $v (not (has $v $names)) }}
+{{- fail (printf "bridge.%s: %q is not the name of an entry in models (%s)" $key $v (join ", " $names)) }}
+{{- end }}
 {{- end }}
 {{- $a := .Values.bridge.kafka.auth }}
 {{- if and (or $a.sasl $a.tls $a.clientCert) (not $a.existingSecret) }}
@@ -142,4 +198,27 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
     cidr: ::/0
     except:
       {{- toYaml .Values.networkPolicy.egress.privateRangesV6 | nindent 6 }}
+{{- end }}
+
+{{/* A PromQL selector: prometheusRule.matchers plus `extra`. Call with (dict "ctx" $ "extra" "model=\"iris\""). */}}
+{{- define "kcp.promSel" -}}
+{{- $parts := list }}
+{{- with .ctx.Values.prometheusRule.matchers }}{{ $parts = append $parts . }}{{ end }}
+{{- with .extra }}{{ $parts = append $parts . }}{{ end }}
+{{- if $parts }}{{ printf "{%s}" (join ", " $parts) }}{{ end }}
+{{- end }}
+
+{{/* The feedback series alerts read: production feedback only, never what was typed on the browser page. */}}
+{{- define "kcp.promFeedbackSel" -}}
+{{- include "kcp.promSel" (dict "ctx" . "extra" "source!=\"ui\"") }}
+{{- end }}
+
+{{/* Feedback items judged correct (true label = predicted label) over a range, by `by`: the two label_replace
+copies match under `and` only where both labels agree. `or ... * 0` keeps a window with no correct item at 0
+rather than absent. Call with (dict "ctx" $ "range" "1h" "offset" "" "by" "model" "total" "<recorded total>"). */}}
+{{- define "kcp.promCorrect" -}}
+{{- $sel := include "kcp.promFeedbackSel" .ctx -}}
+{{- $offset := "" }}{{ with .offset }}{{ $offset = printf " offset %s" . }}{{ end -}}
+{{- $inc := printf "increase(classifier_feedback_total%s[%s]%s)" $sel .range $offset -}}
+sum by ({{ .by }}) (label_replace({{ $inc }}, "label", "$1", "true_label", "(.*)") and label_replace({{ $inc }}, "label", "$1", "predicted_label", "(.*)")) or {{ .total }} * 0
 {{- end }}
