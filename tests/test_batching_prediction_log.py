@@ -179,3 +179,71 @@ def test_close_writes_everything_queued(store):
 
     run(main())
     assert store.prediction_count("iris") == 100
+
+
+# --- rows the database refuses (real PostgreSQL: it refuses a NUL character in text) ----------------
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[FeedbackStore]:
+    s = FeedbackStore(postgres_url)
+    yield s
+    s.close()
+
+
+def test_a_row_the_database_refuses_is_set_aside_and_every_other_row_written(pg_store):
+    """One NUL in 300 ids: the flush is split until the bad row stands alone; nothing else waits or is lost."""
+    writer = WriteBehindLog(pg_store, flush_interval_s=0.01, flush_rows=10_000, max_backoff_s=0.05)
+    rejected_before = metric("classifier_prediction_log_rejected_rows_total")
+    poisoned = "req\x00uest:1"
+    rows = [(f"ok-{i}", i % 3) for i in range(300)]
+    rows.insert(137, (poisoned, 1))
+
+    async def main() -> None:
+        await writer.record("iris", "1", rows[:200])
+        await writer.record("iris", "1", rows[200:])
+        await writer.record("mnist", "2", [("digit\x01with-a-control-character", 7)])  # stored as it is
+        assert await writer.flush(timeout=LIVENESS_S)  # not stuck behind the bad row
+        assert not writer.failing and writer.queued_rows == 0
+        pg_store.add_feedback_by_ids("iris", [("ok-0", 0), ("ok-299", 2)])  # the id form works for the others
+        await writer.record("iris", "1", [("after", 0)])
+        assert await writer.close()
+
+    run(main())
+    assert pg_store.prediction_count("iris") == 301 and pg_store.prediction_count("mnist") == 1
+    assert [(r.model, r.version, r.prediction_id, r.label) for r in writer.set_aside] == [("iris", "1", poisoned, 1)]
+    assert "DataError" in writer.set_aside[0].error
+    assert metric("classifier_prediction_log_rejected_rows_total") - rejected_before == 1
+    assert pg_store.feedback_count("iris") == 2
+
+
+def test_close_writes_everything_queued_behind_a_refused_row(pg_store):
+    writer = WriteBehindLog(pg_store, flush_interval_s=LIVENESS_S * 2, flush_rows=10_000)
+
+    async def main() -> None:
+        await writer.record("iris", "1", [("\x00", 0)])
+        for i in range(100):
+            await writer.record("iris", "1", [(f"r{i}", i % 3)])
+        assert pg_store.prediction_count("iris") == 0
+        assert await writer.close()
+
+    run(main())
+    assert pg_store.prediction_count("iris") == 100
+    assert [r.prediction_id for r in writer.set_aside] == ["\x00"]
+
+
+def test_an_unreachable_database_is_retried_not_set_aside(tmp_path):
+    """Only the rows' own faults are set aside: a database that cannot be reached keeps every row queued."""
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'missing-dir' / 'feedback.db'}", retry_after_s=0.05)
+    writer = WriteBehindLog(store, flush_interval_s=0.01, max_backoff_s=0.05)
+
+    async def main() -> None:
+        await writer.record("iris", "1", [("a", 0), ("b", 1)])
+        assert not await writer.flush(timeout=0.3)
+        assert writer.failing and writer.queued_rows == 2 and not writer.set_aside
+        (tmp_path / "missing-dir").mkdir()
+        assert await writer.close(timeout=LIVENESS_S)
+
+    run(main())
+    assert store.prediction_count("iris") == 2 and not writer.set_aside
+    store.close()

@@ -86,3 +86,38 @@ def test_sigkill_loses_only_the_last_unflushed_predictions(tmp_path, iris_dir):
     assert all(present[:kept]) and not any(present[kept:]), "a hole: an older prediction was lost"
     assert kept > 0
     print(f"SIGKILL after {len(ids)} answers lost the last {len(ids) - kept}")
+
+
+def test_a_request_id_postgresql_refuses_wedges_nothing(tmp_path, iris_dir, postgres_url):
+    """A NUL in a request id: PostgreSQL refuses that log row (if the server lets the id through at all).
+
+    Feedback by id for every other prediction keeps working at once, and SIGTERM still writes every other
+    queued row, although the bad row sits among them.
+    """
+    env = {"KCP_FEEDBACK_DB_URL": postgres_url, "KCP_PREDICTION_LOG_FLUSH_MS": "600000"}
+    with start_model_server(iris_dir, tmp_path, env=env) as server:
+        with server.client() as c:
+            before = predict_many(c, 5, "before")
+            bad = c.post("/v2/models/iris/infer", json={"id": "nul\x00id", "inputs": [tensor("input-0", [SETOSA],
+                                                                                                 "FP32")]})
+            assert bad.status_code in (200, 400), bad.text  # logged and refused by the database, or refused here
+            after = predict_many(c, 5, "after")
+            r = c.post("/v2/models/iris/feedback", json={"items": [{"id": i, "true_label": 0}
+                                                                   for i in (before[0], after[0])]}, timeout=4.0)
+            assert r.status_code == 200, r.text
+            queued = predict_many(c, 20, "queued")
+            if bad.status_code == 200:  # once more, queued among rows that SIGTERM must write
+                assert c.post("/v2/models/iris/infer", json={"id": "nul\x00again", "inputs": [
+                    tensor("input-0", [SETOSA], "FP32")]}).status_code == 200
+            queued += predict_many(c, 20, "queued-after")
+        assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log()[-2000:]
+    if bad.status_code == 200:
+        assert "set aside" in server.log(), server.log()[-3000:]
+    store = FeedbackStore(postgres_url)
+    try:
+        with store.engine.connect() as conn:
+            found = set(conn.scalars(select(prediction_log.c.prediction_id).where(prediction_log.c.model == "iris")))
+    finally:
+        store.close()
+    assert set(before + after + queued) <= found
+    assert not any("\x00" in i for i in found)
