@@ -3,7 +3,9 @@
 #   helm/kserve-classifiers/dashboards/grafana-classification.json  <- predictors/dashboards/ (the chart's copy)
 #   manifests/kserve-classifiers.yaml  <- `helm template` of the chart with its default values, for
 #                                         `kubectl apply -f manifests/` users
-# --check: change nothing; exit 1 (with a diff) if either file is stale. tests/test_helm.py runs that.
+#   helm/kserve-classifiers/README.md's values table  <- values.yaml and values.schema.json
+#                                         (scripts/helm-values-table.py)
+# --check: change nothing; exit 1 (with a diff) if any is stale. tests/test_helm.py runs that.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,8 +46,14 @@ HEADER
     --set apiKey.existingSecret="$RELEASE-api-key"
 } > "$TMP/manifests.yaml"
 
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
+fi
+
 if [ "$CHECK" = 1 ]; then
   stale=0
+  "$PYTHON" "$ROOT/scripts/helm-values-table.py" --check >/dev/null || stale=1
   if ! cmp -s "$DASHBOARD_SRC" "$DASHBOARD_DST"; then
     echo "stale: $DASHBOARD_DST differs from $DASHBOARD_SRC" >&2; stale=1
   fi
@@ -53,11 +61,12 @@ if [ "$CHECK" = 1 ]; then
     echo "stale: $OUT differs from a fresh render" >&2; stale=1
   fi
   [ "$stale" = 0 ] || { echo "run: make manifests (scripts/render-manifests.sh)" >&2; exit 1; }
-  echo "manifests and dashboard copy are up to date"
+  echo "manifests, dashboard copy and values table are up to date"
   exit 0
 fi
 
 mkdir -p "$(dirname "$DASHBOARD_DST")" "$(dirname "$OUT")"
 cp "$DASHBOARD_SRC" "$DASHBOARD_DST"
 cp "$TMP/manifests.yaml" "$OUT"
-echo "wrote $DASHBOARD_DST and $OUT"
+"$PYTHON" "$ROOT/scripts/helm-values-table.py" >/dev/null
+echo "wrote $DASHBOARD_DST, $OUT and $CHART/README.md's values table"

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -393,11 +394,42 @@ def test_manifests_are_generated_from_the_chart_and_up_to_date():
     tool("helm")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "render-manifests.sh"), "--check"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"manifests/ or the chart's dashboard copy is stale:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"manifests/, the dashboard copy or the values table is stale:\n{proc.stderr[-4000:]}"
     objects = [d for d in yaml.safe_load_all((REPO / "manifests" / "kserve-classifiers.yaml").read_text()) if d]
     assert {o["kind"] for o in objects} >= {"InferenceService", "Deployment", "ConfigMap"}
     assert not by_kind(objects, "Secret"), "no generated key is checked in: the API key Secret is created by the user"
     assert not by_kind(objects, "Pod"), "no helm test Pod in plain manifests"
+
+
+def test_readme_values_table_is_generated_and_up_to_date(tmp_path):
+    """The chart README's values table comes from values.yaml and values.schema.json; a stale one fails."""
+    script = REPO / "scripts" / "helm-values-table.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"stale values table: run scripts/helm-values-table.py\n{proc.stderr[-3000:]}"
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key in ("runtimes.scope", "kserve.clusterLocal", "prometheusRule.canaryWorse.z", "models",
+                "feedback.database.allowSqliteWithReplicas", "predictor.terminationGracePeriodSeconds"):
+        assert f"| `{key}` |" in readme, key
+    assert values["predictor"]["terminationGracePeriodSeconds"] == 90
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace("| `runtimes.scope` |", "| `runtimes.scopes` |"))
+    proc = subprocess.run([sys.executable, str(script), "--check", "--readme", str(stale)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "stale" in proc.stderr, "an edited table is caught"
+
+
+def test_chart_metadata_and_readme_sections():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = "https://github.com/kserve-classifiers/kserve-classifiers"
+    assert chart["home"] == project and project in chart["sources"]
+    assert "example.invalid" not in (CHART / "Chart.yaml").read_text()
+    headings = re.findall(r"^## (.+)$", (CHART / "README.md").read_text(), flags=re.M)
+    for section in ("Install", "Upgrade", "Canary rollout (roll out a new model version)", "Alerts", "helm test",
+                    "Uninstall", "Values"):
+        assert section in headings, section
+    proc = run([tool("helm"), "show", "readme", str(CHART)])
+    assert proc.stdout.startswith("# kserve-classifiers"), "the README ships with the chart"
 
 
 def test_notes_render_with_the_model_urls():
