@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 
 import numpy as np
 
 from predictors.models.base import PackageModel
-from predictors.models.preprocessing import pixel_divisor, run_image_pipeline
-from predictors.protocol.codecs import bytes_element, require_finite, to_numpy
+from predictors.models.preprocessing import DecodeBudget, pixel_divisor, run_image_pipeline
+from predictors.protocol.codecs import bytes_element, element_count, require_finite, to_numpy
 from predictors.protocol.errors import BadInput, InvalidImage, PayloadTooLarge
 from predictors.protocol.v2 import Tensor
 
@@ -102,41 +103,82 @@ class ImageModel(PackageModel):
         shape = list(tensor.shape)
         if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
             raise BadInput(f"BYTES input '{tensor.name}' must have shape [N] or [N, 1], got {shape}")
+        limits = self.context.settings.images
+        count = element_count(shape)
+        if count > self.config.max_batch_size:
+            raise PayloadTooLarge(f"batch of {count} exceeds this model's limit of {self.config.max_batch_size}")
+        if count > limits.max_images:
+            raise PayloadTooLarge(f"{count} encoded images in one request; the limit is {limits.max_images}")
         values = to_numpy(tensor).ravel()
-        if len(values) > self.config.max_batch_size:
-            raise PayloadTooLarge(f"batch of {len(values)} exceeds this model's limit of {self.config.max_batch_size}")
         items = [bytes_element(v, tensor.name, i) for i, v in enumerate(values)]
         images = await self._fetch_urls(items, tensor.name)
         steps = self.config.preprocessing
         loop = asyncio.get_running_loop()
 
         def decode_all() -> np.ndarray:
+            budget = DecodeBudget(limits.max_pixels, limits.max_total_pixels, limits.decode_deadline_s)
             out = np.empty((len(images), self.size, self.size), dtype=np.float32)
             for i, data in enumerate(images):
                 try:
-                    pixels = run_image_pipeline(data, steps)
-                except InvalidImage as exc:
-                    raise InvalidImage(f"input '{tensor.name}' element {i}: {exc.reason}") from exc
+                    pixels = run_image_pipeline(data, steps, budget)
+                except (InvalidImage, PayloadTooLarge) as exc:
+                    raise type(exc)(f"input '{tensor.name}' element {i}: {exc.reason}") from exc
                 if pixels.shape != (self.size, self.size):
                     raise InvalidImage(f"input '{tensor.name}' element {i}: the package pipeline produced "
                                        f"{list(pixels.shape)}, the model takes [{self.size}, {self.size}]")
                 out[i] = pixels
             return out
 
-        return await loop.run_in_executor(None, decode_all)
+        async with _decode_slots(limits.decode_slots):
+            return await loop.run_in_executor(None, decode_all)
 
     async def _fetch_urls(self, items: list[bytes | str], name: str) -> list[bytes]:
+        """Fetch the URL elements (the others are image bytes already), all under one byte budget; the
+        first failure cancels the fetches still running, since the request fails anyway."""
+        if not any(isinstance(item, str) for item in items):
+            return items  # type: ignore[return-value]
         fetcher = self.context.fetcher
         assert fetcher is not None
         gate = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        budget = fetcher.budget()
 
         async def one(i: int, item: bytes | str) -> bytes:
             if isinstance(item, bytes):
                 return item
             async with gate:
                 try:
-                    return await fetcher.fetch(item)
+                    return await fetcher.fetch(item, budget)
                 except BadInput as exc:
                     raise type(exc)(f"input '{name}' element {i}: {exc.reason}") from exc
 
-        return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(items))))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, it)) for i, it in enumerate(items)]
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        return [task.result() for task in tasks]
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to answer with from a failed task group: a client error if any task had one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, BadInput)), leaves[0])
+
+
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _decode_slots(slots: int) -> asyncio.Semaphore:
+    """The server-wide gate on requests decoding images at once (one per event loop: the server has one)."""
+    loop = asyncio.get_running_loop()
+    gate = _SLOTS.get(loop)
+    if gate is None:
+        gate = _SLOTS[loop] = asyncio.Semaphore(slots)
+    return gate

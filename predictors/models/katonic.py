@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
-import json
 import logging
 import sys
 import uuid
@@ -26,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve.errors import InferenceError
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +36,20 @@ from predictors.protocol.errors import BadInput
 from predictors.protocol.v2 import Tensor
 
 REQUIRED_FUNCTIONS = ("loadmodel", "preprocessing", "predict")
+MAX_ROW_DEPTH = 32
+"""Deepest nesting of arrays and objects a row may have. The schema's validation and the user's own code
+walk a row recursively; without a bound a row of a few thousand brackets ends in a ``RecursionError``."""
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests arrays and objects more than ``limit`` deep (walked without recursion)."""
+    level: list[Any] = [doc]
+    for _ in range(limit):
+        level = [child for node in level if isinstance(node, (list, dict))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return False
+    return any(isinstance(node, (list, dict)) for node in level)
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -94,9 +108,11 @@ class KatonicModel(PackageModel):
         for i, value in enumerate(to_numpy(tensor).ravel()):
             text = as_text(value, tensor.name)
             try:
-                doc = json.loads(text)
-            except json.JSONDecodeError as exc:
+                doc = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
                 raise BadInput(f"input '{tensor.name}' element {i} is not JSON: {exc}") from exc
+            if _depth_exceeds(doc, MAX_ROW_DEPTH):
+                raise BadInput(f"input '{tensor.name}' element {i} nests deeper than {MAX_ROW_DEPTH} levels")
             if self.schema is not None:
                 try:
                     doc = self.schema.model_validate(doc).model_dump(mode="json")

@@ -12,6 +12,7 @@ Arrays between steps are float32 in [0, 255], light ink on a dark background onc
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -29,12 +30,42 @@ from predictors.package import (
     ResizeStep,
     ScaleStep,
 )
-from predictors.protocol.errors import InvalidImage
+from predictors.protocol.errors import InvalidImage, PayloadTooLarge
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 
 
-def decode(data: bytes, step: DecodeStep) -> Image.Image:
+class DecodeBudget:
+    """What one request's images may still cost: pixels (all images together, and each one) and time.
+
+    Pixels are read from the image header before anything is decoded; the deadline is checked before each
+    image and between steps (a step runs to its end, and a step's work is bounded by the pixel limits).
+    """
+
+    def __init__(self, max_pixels: int, max_total_pixels: int, deadline_s: float) -> None:
+        self.max_pixels = max_pixels
+        self.max_total_pixels = max_total_pixels
+        self.pixels_left = max_total_pixels
+        self.deadline_s = deadline_s
+        self.deadline = time.monotonic() + deadline_s
+
+    def take_pixels(self, width: int, height: int, step_limit: int) -> None:
+        pixels = width * height
+        limit = min(step_limit, self.max_pixels)
+        if pixels > limit:
+            raise InvalidImage(f"image is {width}x{height} = {pixels} pixels; the limit is {limit}")
+        self.pixels_left -= pixels
+        if self.pixels_left < 0:
+            raise PayloadTooLarge(f"the images of this request have more than {self.max_total_pixels} pixels "
+                                  "together")
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise PayloadTooLarge(f"decoding the images of this request took longer than the "
+                                  f"{self.deadline_s:g}s limit")
+
+
+def decode(data: bytes, step: DecodeStep, budget: DecodeBudget | None = None) -> Image.Image:
     """Decode encoded image bytes, refusing oversized files, decompression bombs and truncated data."""
     if len(data) == 0:
         raise InvalidImage("image is empty (0 bytes)")
@@ -45,11 +76,13 @@ def decode(data: bytes, step: DecodeStep) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
-            if width * height > step.max_pixels:
+            if budget is not None:
+                budget.take_pixels(width, height, step.max_pixels)
+            elif width * height > step.max_pixels:
                 raise InvalidImage(
                     f"image is {width}x{height} = {width * height} pixels; the limit is {step.max_pixels}")
             image.load()  # forces full decode: truncated files fail here
-    except InvalidImage:
+    except (InvalidImage, PayloadTooLarge):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"image refused as a decompression bomb: {exc}") from exc
@@ -181,13 +214,17 @@ _ARRAY_STEPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
 }
 
 
-def run_image_pipeline(data: bytes, steps: Sequence[PreprocessStep]) -> np.ndarray:
-    """Encoded image bytes → the model's 2-D float32 input, by the package's steps in order."""
+def run_image_pipeline(data: bytes, steps: Sequence[PreprocessStep],
+                       budget: DecodeBudget | None = None) -> np.ndarray:
+    """Encoded image bytes → the model's 2-D float32 input, by the package's steps in order, within
+    ``budget`` when given (the request's pixels and deadline)."""
     value: Image.Image | np.ndarray = data  # type: ignore[assignment]
     started = False
     for step in steps:
+        if budget is not None:
+            budget.check_time()
         if step.op == "decode":
-            value = decode(data, step)
+            value = decode(data, step, budget)
             started = True
         elif step.op == "grayscale":
             value = grayscale(value)
@@ -213,6 +250,7 @@ def pixel_divisor(steps: Sequence[PreprocessStep]) -> float:
 
 
 __all__ = [
+    "DecodeBudget",
     "auto_invert",
     "center_of_mass",
     "crop_to_ink",

@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import struct
 from typing import Any
 
 import numpy as np
-from kserve.protocol.infer_type import deserialize_bytes_tensor
 
 from predictors.protocol.errors import BadInput
 from predictors.protocol.fetch import is_url
@@ -59,11 +59,35 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
 
 def _from_raw(raw: bytes, name: str, dtype_name: str, dtype: Any, count: int, shape: list[int]) -> np.ndarray:
     if dtype_name == "BYTES":
-        return deserialize_bytes_tensor(raw)
+        return _bytes_from_raw(raw, name, count)
     itemsize = np.dtype(dtype).itemsize
     if len(raw) != count * itemsize:
         raise BadInput(f"input '{name}': {len(raw)} bytes of {dtype_name} do not fill shape {shape}")
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def _bytes_from_raw(raw: bytes, name: str, count: int) -> np.ndarray:
+    """The binary BYTES format (4-byte little-endian length, then that many bytes, per element), every
+    length checked against what is left: a truncated tensor is the client's error, not a ``struct.error``."""
+    values: list[bytes] = []
+    view = memoryview(raw)
+    offset, end = 0, len(raw)
+    while offset < end:
+        if len(values) == count:
+            raise BadInput(f"input '{name}': more than the {count} BYTES elements its shape holds")
+        if offset + 4 > end:
+            raise BadInput(f"input '{name}': BYTES data ends inside the length of element {len(values)}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > end:
+            raise BadInput(f"input '{name}': BYTES element {len(values)} claims {length} bytes, "
+                           f"{end - offset} are left")
+        values.append(bytes(view[offset: offset + length]))
+        offset += length
+    return _object_array(values)
+
+
+_LENGTH = struct.Struct("<I")
 
 
 def _from_json(flat: list, name: str, dtype_name: str, dtype: Any) -> np.ndarray:
@@ -71,6 +95,10 @@ def _from_json(flat: list, name: str, dtype_name: str, dtype: Any) -> np.ndarray
         if not all(isinstance(v, (str, bytes)) for v in flat):
             raise BadInput(f"input '{name}': BYTES elements must be strings")
         return _object_array(flat)
+    if dtype_name == "BOOL":  # true/false, or 0/1: 0.5 or 2 is not a boolean, whatever bool() makes of it
+        if not all(v is True or v is False or (type(v) is int and v in (0, 1)) for v in flat):
+            raise BadInput(f"input '{name}': BOOL elements must be true or false")
+        return np.asarray(flat, dtype=np.bool_)
     if not all(isinstance(v, (int, float, bool)) for v in flat):
         raise BadInput(f"input '{name}': {dtype_name} elements must be numbers")
     if dtype_name != "BOOL" and any(isinstance(v, bool) for v in flat):
@@ -87,13 +115,19 @@ def _from_typed(values: Any, name: str, dtype_name: str, dtype: Any) -> np.ndarr
 
 
 def _checked_cast(values: Any, name: str, dtype_name: str, dtype: Any) -> np.ndarray:
-    """Numbers to ``dtype``; integers out of its range are refused rather than wrapped."""
+    """Numbers to ``dtype``; integers out of its range are refused rather than wrapped.
+
+    Integers are converted straight to ``dtype``, which refuses any that do not fit: going through an
+    inferred array first would pass a mix like ``[2**63, -1]`` through float64, where 2**63 compares
+    equal to the INT64 maximum and then wraps to the minimum.
+    """
+    if dtype_name.startswith(("INT", "UINT")):
+        try:
+            return np.asarray(values, dtype=dtype)
+        except OverflowError as exc:
+            raise BadInput(f"input '{name}': values out of range for {dtype_name}") from exc
     with np.errstate(all="ignore"):
         array = np.asarray(values, dtype=np.float64 if dtype_name.startswith("FP") else None)
-    if dtype_name.startswith(("INT", "UINT")):
-        info = np.iinfo(dtype)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise BadInput(f"input '{name}': values out of range for {dtype_name}")
     return array.astype(dtype)
 
 

@@ -10,8 +10,9 @@ explicitly allowed network. The connection is then pinned to a checked address (
 lookup an attacker could rebind); the resolved addresses are tried in turn, IPv4 first unless
 configured otherwise (a dual-stack host whose IPv6 route is broken still answers), each checked
 again just before connecting. Redirects are followed by hand and each hop is checked again. The
-body is streamed with a size cap and a per-read timeout, and the whole fetch (every hop, DNS,
-connects, body) runs under one deadline, so a server dripping bytes cannot hold it open.
+body is streamed unencoded with a size cap on the wire bytes (per image and per request) and a
+per-read timeout, and the whole fetch (every hop, DNS, connects, body) runs under one deadline, so
+a server dripping bytes cannot hold it open.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class FetchSettings(BaseModel):
     address_order: Literal["ipv4_first", "ipv6_first"] = Field(
         default_factory=lambda: _env("URL_ADDRESS_ORDER", "ipv4_first"),
         description="which family of a host's addresses is tried first (KCP_URL_ADDRESS_ORDER)")
-    max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="one image, as sent on the wire")
+    max_request_bytes: int = Field(
+        default_factory=lambda: int(_env("URL_MAX_REQUEST_BYTES", str(32 * 1024 * 1024))), gt=0,
+        description="all images one request fetches together (KCP_URL_MAX_REQUEST_BYTES)")
     max_redirects: int = Field(default=3, ge=0)
     allowed_networks: list[str] = Field(default_factory=list, description="CIDRs exempt from the private-address ban")
     allowed_content_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
@@ -128,6 +132,19 @@ def _parse(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
+class ByteBudget:
+    """The bytes all fetches of one request may still read together (``max_request_bytes``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise FetchFailed(f"the images this request names add up to more than the {self.limit}-byte limit")
+
+
 class _Unreachable(Exception):
     """Connecting to one address failed; the next address may still answer."""
 
@@ -144,19 +161,24 @@ class ImageFetcher:
         self._allowed = self.settings.networks()
         self._resolve = resolve
 
-    async def fetch(self, url: str) -> bytes:
-        """The image at ``url``; ``DisallowedURL`` or ``FetchFailed`` (both 400) otherwise."""
+    def budget(self) -> ByteBudget:
+        """A fresh :class:`ByteBudget` for the fetches of one request."""
+        return ByteBudget(self.settings.max_request_bytes)
+
+    async def fetch(self, url: str, budget: ByteBudget | None = None) -> bytes:
+        """The image at ``url``; ``DisallowedURL`` or ``FetchFailed`` (both 400) otherwise. Every byte read
+        also counts against ``budget`` when given (the other images of the same request share it)."""
         if not self.settings.enabled:
             raise DisallowedURL("image URL fetching is disabled on this server")
         if len(url) > 4096:
             raise DisallowedURL("URL is longer than 4096 characters")
         try:
             async with asyncio.timeout(self.settings.deadline_s):
-                return await self._follow(url)
+                return await self._follow(url, budget)
         except TimeoutError as exc:
             raise FetchFailed(f"fetching {url} took longer than the {self.settings.deadline_s:g}s limit") from exc
 
-    async def _follow(self, url: str) -> bytes:
+    async def _follow(self, url: str, budget: ByteBudget | None) -> bytes:
         for _ in range(self.settings.max_redirects + 1):
             scheme, host, port = _parse(url)
             addresses = await resolve_checked(host, port, self._allowed, self._resolve,
@@ -165,7 +187,7 @@ class ImageFetcher:
             for address in addresses:
                 check_address(address, self._allowed)  # the guard again, right before this connection
                 try:
-                    response_or_redirect = await self._get_pinned(url, scheme, host, port, address)
+                    response_or_redirect = await self._get_pinned(url, scheme, host, port, address, budget)
                     break
                 except _Unreachable as exc:
                     failures.append(f"{address}: {exc}")
@@ -176,8 +198,15 @@ class ImageFetcher:
             url = response_or_redirect
         raise FetchFailed(f"more than {self.settings.max_redirects} redirects")
 
-    async def _get_pinned(self, url: str, scheme: str, host: str, port: int, address: str) -> bytes | str:
-        """GET ``url`` connecting to the checked ``address``; bytes, or the next URL on a redirect."""
+    async def _get_pinned(self, url: str, scheme: str, host: str, port: int, address: str,
+                          budget: ByteBudget | None) -> bytes | str:
+        """GET ``url`` connecting to the checked ``address``; bytes, or the next URL on a redirect.
+
+        Only unencoded bodies are taken (``Accept-Encoding: identity``; any other ``Content-Encoding`` is
+        refused) and the limits count the bytes as they come off the wire: a decoder in between would turn a
+        few hundred bytes of stacked gzip into tens of megabytes in one chunk, before any limit could look.
+        Image formats are compressed already, so an encoding gains nothing.
+        """
         s = self.settings
         ip = ipaddress.ip_address(address)
         netloc = f"[{address}]" if ip.version == 6 else address
@@ -187,8 +216,9 @@ class ImageFetcher:
         extensions = {"sni_hostname": host} if scheme == "https" else {}
         try:
             async with httpx.AsyncClient(timeout=s.timeout_s, follow_redirects=False, trust_env=False) as client:
-                request = client.build_request("GET", pinned, headers={"Host": host, "Accept": "image/*"},
-                                               extensions=extensions)
+                request = client.build_request(
+                    "GET", pinned, headers={"Host": host, "Accept": "image/*", "Accept-Encoding": "identity"},
+                    extensions=extensions)
                 response = await client.send(request, stream=True)
                 try:
                     if response.is_redirect:
@@ -199,14 +229,20 @@ class ImageFetcher:
                     ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
                     if ctype not in s.allowed_content_types:
                         raise FetchFailed(f"{url} has content type '{ctype or 'none'}', not an allowed image type")
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    if encoding not in ("", "identity"):
+                        raise FetchFailed(f"{url} is sent with Content-Encoding '{encoding[:40]}'; "
+                                          "only unencoded images are fetched")
                     declared = response.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > s.max_bytes:
                         raise FetchFailed(f"{url} is {declared} bytes; the limit is {s.max_bytes}")
                     body = bytearray()
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in response.aiter_raw():
                         body.extend(chunk)
                         if len(body) > s.max_bytes:
                             raise FetchFailed(f"{url} is larger than the {s.max_bytes}-byte limit")
+                        if budget is not None:
+                            budget.take(len(chunk))
                     return bytes(body)
                 finally:
                     await response.aclose()

@@ -5,12 +5,13 @@ These were three middlewares (plus KServe's timing middleware), each another cor
 the request. One pass over the headers here serves all three concerns:
 
 * **body limit**: bodies over ``max_body_bytes`` get 413, by ``Content-Length`` up front or
-  while streaming (a chunked body is counted as it arrives);
+  while streaming (a chunked body is counted as it arrives, and read whole before the app runs);
 * **API key** (when configured): 401 unless the path is open (health, readiness, the UI shell,
   and — unless ``metrics_auth`` — ``/metrics`` and ``/openapi.json``, so Prometheus scrapes
   without app credentials) or the request presents the key (:class:`predictors.protocol.auth.APIKey`);
 * **metrics**: every ``/infer`` request is counted by model and status, whatever its outcome,
-  including the ones refused here (:mod:`predictors.protocol.observability`).
+  including the ones refused here (:mod:`predictors.protocol.observability`); a name that is not served,
+  or a request without the key, is counted under a fixed label, so clients cannot add series.
 
 ``POST .../infer`` then goes to :class:`predictors.protocol.rest.InferEndpoint` (the direct V2 path),
 everything else to the FastAPI app.
@@ -25,15 +26,11 @@ from typing import Any
 import orjson
 
 from predictors.protocol.auth import OPEN_REST_PATHS, APIKey
-from predictors.protocol.observability import INFER_PATH, observe_rest
+from predictors.protocol.observability import INFER_PATH, UNAUTHENTICATED_LABEL, UNKNOWN_MODEL_LABEL, observe_rest
 from predictors.protocol.rest import InferEndpoint
 
 METRICS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs"})
 """Open without a key by default (Prometheus compatibility); ``metrics_auth`` closes them."""
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class ServingMiddleware:
@@ -72,18 +69,31 @@ class ServingMiddleware:
             await send(message)
 
         app = self.app
+        reads_own_body = False
         if self.infer is not None and scope["method"] == "POST":
             endpoint, model, version = self.infer, infer["model"], infer["version"]
+            reads_own_body = True  # InferEndpoint counts a chunked body against the same limit as it arrives
 
             async def app(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
                 await endpoint(scope, receive, send, model, version)
 
         try:
-            await self._serve(scope, receive, observed_send, app)
+            await self._serve(scope, receive, observed_send, app, reads_own_body)
         finally:
-            observe_rest(infer["model"], status, time.perf_counter() - start)
+            observe_rest(self._model_label(infer["model"], status), status, time.perf_counter() - start)
 
-    async def _serve(self, scope: dict[str, Any], receive: Callable, send: Callable, app: Callable) -> None:
+    def _model_label(self, model: str, status: int) -> str:
+        """The metrics label for a request naming ``model``: the name only when that model is served and the
+        client was let in, so neither random names nor requests without the key add series."""
+        if status == 401:
+            return UNAUTHENTICATED_LABEL
+        registry = self.infer.registry if self.infer is not None else None
+        if registry is None or registry.get_model(model) is None:
+            return UNKNOWN_MODEL_LABEL
+        return model
+
+    async def _serve(self, scope: dict[str, Any], receive: Callable, send: Callable, app: Callable,
+                     reads_own_body: bool = False) -> None:
         length = x_api_key = authorization = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -100,31 +110,37 @@ class ServingMiddleware:
             await send_error(send, 401, "missing or invalid API key: send it in the X-API-Key header",
                              [(b"www-authenticate", b"ApiKey")])
             return
-        if length is not None and length.isdigit():  # within the limit, and the server reads no more than declared
+        if (length is not None and length.isdigit()) or reads_own_body:
+            # within the limit, and the server reads no more than declared; or the endpoint applies the limit
             await app(scope, receive, send)
             return
+        # A body of unknown length (chunked) is read here, up to the limit, before the app sees any of it: an
+        # app that hit the limit halfway through reading would answer the error as a 500 of its own.
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
                 await send_error(send, 413, f"request body exceeds the {limit}-byte limit")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay, send)
 
 
 async def send_error(send: Callable, status: int, message: str,

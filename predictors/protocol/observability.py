@@ -20,11 +20,20 @@ LATENCY = Histogram("classifier_request_duration_seconds", "Inference request la
 
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 MAX_MODEL_LABEL = 64
+UNKNOWN_MODEL_LABEL = "_unknown"
+"""The model label of a request naming a model that is not served (every such name is one series)."""
+UNAUTHENTICATED_LABEL = "_unauthenticated"
+"""The model label of a request refused for a missing or wrong API key, whatever model it names."""
 
 
 def _model_label(name: str) -> str:
     """Bound label cardinality: a client can send any model name, only sane ones become labels."""
     return name if len(name) <= MAX_MODEL_LABEL and re.fullmatch(r"[A-Za-z0-9._-]+", name) else "_invalid"
+
+
+def served_label(model: str, served: bool) -> str:
+    """``model`` when it is served, else :data:`UNKNOWN_MODEL_LABEL`: the callers know which names are served."""
+    return model if served else UNKNOWN_MODEL_LABEL
 
 
 @functools.lru_cache(maxsize=1024)
@@ -35,14 +44,16 @@ def _children(model: str, protocol: str, status: str) -> tuple[Any, Any]:
 
 
 def observe_rest(model: str, status: int, seconds: float) -> None:
-    """Count one REST ``/infer`` request (called by :class:`predictors.protocol.middleware.ServingMiddleware`)."""
+    """Count one REST ``/infer`` request (called by :class:`predictors.protocol.middleware.ServingMiddleware`,
+    with ``model`` already a served name or one of the fixed labels)."""
     latency, count = _children(model, "rest", str(status))
     latency.observe(seconds)
     count.inc()
 
 
 def observe_grpc(model: str, code: str, seconds: float) -> None:
-    """Count one gRPC ``ModelInfer`` call by its status code name (called by the servicer itself)."""
+    """Count one gRPC ``ModelInfer`` call by its status code name (called by the servicer itself, with ``model``
+    already a served name or :data:`UNKNOWN_MODEL_LABEL`; calls without the key never reach it)."""
     latency, count = _children(model, "grpc", code)
     latency.observe(seconds)
     count.inc()

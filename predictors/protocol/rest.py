@@ -20,18 +20,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from predictors.protocol.errors import ClientError, PayloadTooLarge, http_status
 from predictors.protocol.lookup import ModelRegistry, ready_model, served_model
-from predictors.protocol.v2 import BINARY_HEADER, encode_rest, parse_rest
+from predictors.protocol.v2 import BINARY_HEADER, MAX_JSON_VALUES, encode_rest, parse_rest
 
 logger = logging.getLogger(__name__)
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
+
+
+INTERNAL_ERROR = "internal server error"
+"""The whole body of a 500: exception text names hosts, users, paths and code, and is logged instead."""
+
+
+def error_message(exc: BaseException, status: int, model_name: str | None = None) -> str:
+    """What a client is told about ``exc``: its reason below 500 and for 503 (a model not ready); for a
+    server fault only that there was one, the details going to the log."""
+    if isinstance(exc, ClientError):
+        return exc.reason
+    if isinstance(exc, ModelNotReady):
+        return str(exc)
+    if status < 500:
+        return str(exc) or type(exc).__name__
+    logger.error("request for model %s failed", model_name, exc_info=exc)
+    return INTERNAL_ERROR
+
+
+def install_internal_error_handlers(app: FastAPI) -> None:
+    """Answer unexpected exceptions with :data:`INTERNAL_ERROR`; KServe's handlers put ``str(exc)`` (and for
+    ``InferenceError`` the user code's message) in the body. Called after KServe has added its handlers."""
+
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": INTERNAL_ERROR}, status_code=500)
+
+    app.add_exception_handler(Exception, internal)
+    app.add_exception_handler(InferenceError, internal)
 
 
 def client_error_response(exc: ClientError) -> JSONResponse:
@@ -109,9 +137,10 @@ class InferEndpoint:
     ``Content-Length`` over the limit before calling here); a chunked body is counted as it arrives.
     """
 
-    def __init__(self, registry: ModelRegistry, max_body_bytes: int) -> None:
+    def __init__(self, registry: ModelRegistry, max_body_bytes: int, max_json_values: int = MAX_JSON_VALUES) -> None:
         self.registry = registry
         self.max_body_bytes = max_body_bytes
+        self.max_json_values = max_json_values
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable, model_name: str,
                        model_version: str | None) -> None:
@@ -122,14 +151,11 @@ class InferEndpoint:
             for name, value in scope["headers"]:
                 if name == b"inference-header-content-length":
                     json_length = value.decode("latin-1")
-            response = await model.infer(parse_rest(body, json_length, model_name))
+            response = await model.infer(parse_rest(body, json_length, model_name, self.max_json_values))
             payload, json_size = encode_rest(response)
         except Exception as exc:
             status = http_status(exc)
-            if status >= 500 and not isinstance(exc, ModelNotReady):
-                logger.exception("inference on model %s failed", model_name)
-            message = exc.reason if isinstance(exc, ClientError) else str(exc) or type(exc).__name__
-            payload, json_size, status = orjson.dumps({"error": message}), None, status
+            payload, json_size, status = orjson.dumps({"error": error_message(exc, status, model_name)}), None, status
             headers = JSON_HEADERS
         else:
             status = 200
@@ -159,5 +185,6 @@ class ClientDisconnected(ClientError):
     """The client went away before sending its whole body; nothing is answered."""
 
 
-__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "InferEndpoint", "JSONErrorRoute", "client_error_response",
-           "install_error_handlers", "register_version_routes"]
+__all__ = ["INFERENCE_CONTENT_LENGTH_HEADER", "INTERNAL_ERROR", "InferEndpoint", "JSONErrorRoute",
+           "client_error_response", "error_message", "install_error_handlers", "install_internal_error_handlers",
+           "register_version_routes"]

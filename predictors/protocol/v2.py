@@ -22,6 +22,7 @@ KServe's data plane still serves the stock path: the same model classes answer u
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferRequest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from predictors.protocol.errors import BadInput
+from predictors.protocol.errors import BadInput, PayloadTooLarge
 
 BINARY_HEADER = "inference-header-content-length"
 """The binary tensor extension's header: the length of the JSON part of a body."""
@@ -44,6 +45,37 @@ GRPC_CONTENTS: dict[str, str] = {
 }
 """The typed ``InferTensorContents`` field that carries each datatype (FP16 has none: raw only)."""
 DATATYPES = frozenset({*GRPC_CONTENTS, "FP16"})
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_REQUESTED_OUTPUTS = 64
+"""More ``outputs`` entries than any model produces; each one is a copy of an output in the answer."""
+_JSON_LENGTH = re.compile(r"[0-9]{1,19}")
+MAX_JSON_VALUES = 2 * 1024 * 1024
+"""Default bound on the values a REST body's JSON may hold (``KCP_MAX_JSON_VALUES``). A parsed value costs
+8-64 bytes of Python objects for 2-3 bytes of JSON (``[],`` is an empty list), so the byte limit alone lets
+one body take twenty times its size in memory and seconds of CPU on the event loop."""
+
+
+def check_id(value: str, what: str) -> str:
+    """Refuse an id with control characters: it is logged, stored and echoed, and a NUL or newline there
+    breaks the database row, the log line or the client that reads it back."""
+    if _CONTROL.search(value):
+        raise BadInput(f"{what} contains control characters")
+    return value
+
+
+def _checked_outputs(outputs: list[RequestedOutput]) -> list[RequestedOutput] | None:
+    """The requested outputs, refused when a name repeats or there are more than any model has: every
+    entry is a full copy of an output in the answer, so a repeated name multiplies the response."""
+    if len(outputs) > MAX_REQUESTED_OUTPUTS:
+        raise BadInput(f"{len(outputs)} requested outputs; at most {MAX_REQUESTED_OUTPUTS}")
+    seen: set[str] = set()
+    for out in outputs:
+        if out.name in seen:
+            raise BadInput(f"output '{out.name}' is requested twice")
+        seen.add(out.name)
+    return outputs or None
 
 
 def _tensor(name: str, datatype: str, shape: list[int], parameters: dict[str, Any] | None) -> Tensor:
@@ -154,14 +186,28 @@ def _binary_flag(parameters: dict[str, Any] | None, key: str, where: str) -> boo
     return value
 
 
-def parse_rest(body: bytes, json_length: str | None, model_name: str) -> V2Request:
-    """A REST ``/infer`` body (JSON, or JSON then binary tensor data when ``json_length`` is given)."""
+def json_value_bound(json_part: bytes) -> int:
+    """At most how many values a JSON text holds: every value after the first follows a comma or opens a
+    container. Counted without parsing (strings with commas only make the bound looser)."""
+    return json_part.count(b",") + json_part.count(b"[") + json_part.count(b"{") + 1
+
+
+def parse_rest(body: bytes, json_length: str | None, model_name: str,
+               max_values: int = MAX_JSON_VALUES) -> V2Request:
+    """A REST ``/infer`` body (JSON, or JSON then binary tensor data when ``json_length`` is given).
+
+    A JSON part that could hold more than ``max_values`` values is refused (413) before it is parsed: the
+    Python objects are what cost memory and time, and they exist only after parsing.
+    """
     if json_length is not None:
-        if not json_length.isdigit() or int(json_length) > len(body):
+        # ASCII digits only: str.isdigit also takes '²' and other digits int() then refuses with a ValueError
+        if not _JSON_LENGTH.fullmatch(json_length) or int(json_length) > len(body):
             raise BadInput(f"{BINARY_HEADER} header '{json_length}' is not a length within the body")
         json_part, binary = body[: int(json_length)], body[int(json_length):]
     else:
         json_part, binary = body, b""
+    if json_value_bound(json_part) > max_values:
+        raise PayloadTooLarge(f"request JSON holds more than {max_values} values; send large tensors as binary data")
     try:
         document = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
@@ -172,6 +218,8 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str) -> V2Reque
         raise BadInput(_first_error(exc)) from exc
     if request.model_name is not None and request.model_name != model_name:
         raise BadInput(f"body names model '{request.model_name}' but the URL names '{model_name}'")
+    if request.id is not None:
+        check_id(request.id, "request id")
 
     inputs: list[Tensor] = []
     offset = 0
@@ -195,9 +243,9 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str) -> V2Reque
         inputs.append(tensor)
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    outputs = [RequestedOutput(o.name, _binary_flag(o.parameters, "binary_data", f"output '{o.name}'"))
-               for o in request.outputs or []]
-    return V2Request(request.id, inputs, outputs or None,
+    outputs = _checked_outputs([RequestedOutput(o.name, _binary_flag(o.parameters, "binary_data", f"output '{o.name}'"))
+                                for o in request.outputs or []])
+    return V2Request(request.id, inputs, outputs,
                      bool(_binary_flag(request.parameters, "binary_data_output", "request")), request.parameters)
 
 
@@ -234,6 +282,8 @@ def _grpc_parameters(parameters: Any) -> dict[str, Any] | None:
 
 def parse_grpc(request: pb.ModelInferRequest) -> V2Request:
     """A ``ModelInferRequest``: typed ``contents`` per input, or ``raw_input_contents`` for all of them."""
+    if request.id:
+        check_id(request.id, "request id")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
@@ -251,8 +301,8 @@ def parse_grpc(request: pb.ModelInferRequest) -> V2Request:
                                "send it in raw_input_contents")
             tensor.data = getattr(item.contents, field)
         inputs.append(tensor)
-    outputs = [RequestedOutput(o.name) for o in request.outputs]
-    return V2Request(request.id or None, inputs, outputs or None, bool(raw), _grpc_parameters(request.parameters))
+    outputs = _checked_outputs([RequestedOutput(o.name) for o in request.outputs])
+    return V2Request(request.id or None, inputs, outputs, bool(raw), _grpc_parameters(request.parameters))
 
 
 def encode_grpc(response: V2Response) -> pb.ModelInferResponse:
@@ -302,9 +352,12 @@ def from_kserve(request: InferRequest) -> V2Request:
     """
     inputs = [Tensor(t.name, t.datatype, list(t.shape), data=t.data, raw=t._raw_data,
                      parameters=dict(t.parameters) if t.parameters else None) for t in request.inputs]
-    outputs = [RequestedOutput(o.name, o.binary_data) for o in request.request_outputs or []]
-    return V2Request(request.id, inputs, outputs or None, bool(request.use_binary_outputs))
+    outputs = _checked_outputs([RequestedOutput(o.name, o.binary_data) for o in request.request_outputs or []])
+    if request.id:
+        check_id(request.id, "request id")
+    return V2Request(request.id, inputs, outputs, bool(request.use_binary_outputs))
 
 
-__all__ = ["BINARY_HEADER", "Output", "RequestedOutput", "Tensor", "V2Request", "V2Response", "encode_grpc",
-           "encode_rest", "from_kserve", "parse_grpc", "parse_rest", "raw_bytes"]
+__all__ = ["BINARY_HEADER", "MAX_JSON_VALUES", "MAX_REQUESTED_OUTPUTS", "Output", "RequestedOutput", "Tensor",
+           "V2Request", "V2Response", "check_id", "encode_grpc", "encode_rest", "from_kserve", "json_value_bound",
+           "parse_grpc", "parse_rest", "raw_bytes"]
