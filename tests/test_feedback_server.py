@@ -132,7 +132,7 @@ def test_feedback_through_the_real_server_survives_a_restart(iris_data: dict[str
 
             metrics = c.get("/metrics").text
         assert 'classifier_feedback_total{model="iris"' in metrics
-        assert 'classifier_feedback_accuracy{model="iris"}' in metrics
+        assert 'classifier_feedback_accuracy{model="iris",version="1"}' in metrics
 
 
 def test_predictions_are_served_while_the_feedback_database_is_down(iris_data: dict[str, Any], tmp_path: Path,
