@@ -472,7 +472,7 @@ def reach(objects: list[dict], other: Pod, port: int, direction: str = "Ingress"
 
 def test_network_policy_admits_only_the_bridge_the_test_pod_and_prometheus():
     objects = helm_template()
-    (policy,) = by_kind(objects, "NetworkPolicy")
+    (policy,) = [p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-predictor")]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert reach(objects, BRIDGE, 8081) and reach(objects, BRIDGE, 8080)
     assert reach(objects, HELM_TEST, 8080)
@@ -482,7 +482,28 @@ def test_network_policy_admits_only_the_bridge_the_test_pod_and_prometheus():
     assert reach(objects, PROMETHEUS, 8080) and not reach(objects, PROMETHEUS, 8081), "Prometheus: /metrics only"
     assert not reach(objects, DISPATCHER, 8080), "no KafkaSource in deployment mode"
     policies = by_kind(objects, "NetworkPolicy")
-    assert allowed(policies, BRIDGE, STRANGER, 8090, direction="Ingress"), "the policy selects only predictors"
+    assert allowed(policies, HELM_TEST, STRANGER, 8090, direction="Ingress"), "the policies select only their pods"
+
+
+def test_bridge_metrics_port_only_for_prometheus():
+    """The bridge listens on all addresses for /metrics and its probes: only Prometheus may reach it."""
+    policies = by_kind(helm_template(), "NetworkPolicy")
+    assert allowed(policies, BRIDGE, PROMETHEUS, 8090, direction="Ingress")
+    assert not allowed(policies, BRIDGE, STRANGER, 8090, direction="Ingress")
+    assert not allowed(policies, BRIDGE, Pod("default", {"any": "pod"}), 8090, direction="Ingress")
+    assert allowed(policies, BRIDGE, Pod(ip="10.0.0.9"), 9092, direction="Egress"), "Kafka may be anywhere"
+    closed = by_kind(helm_template(set_values={"networkPolicy.ingress.prometheus.enabled": "false"}), "NetworkPolicy")
+    assert not allowed(closed, BRIDGE, PROMETHEUS, 8090, direction="Ingress")
+    knative = by_kind(helm_template([VALUES_DIR / "knative-kafkasource.yaml"]), "NetworkPolicy")
+    assert [p["metadata"]["name"] for p in knative] == ["kcp-kserve-classifiers-predictor"], "no bridge Deployment"
+
+
+def test_knative_bridge_starts_at_earliest_by_default():
+    """Both bridge modes start a new consumer group at the earliest offset: nothing sent before it started is lost."""
+    assert values_of(None)["bridge"]["knative"]["initialOffset"] == "earliest"
+    objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"bridge.knative.initialOffset": "earliest"})
+    (source,) = by_kind(objects, "KafkaSource")
+    assert source["spec"]["initialOffset"] == "earliest"
 
 
 def test_network_policy_egress_dns_and_url_input_only_by_default():
