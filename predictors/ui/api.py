@@ -8,7 +8,9 @@
     drift from it. Image models only: a tabular model's input is already what the user typed.
 ``GET /v2/models/{name}/card``
     What a person needs to try the model and that V2 metadata does not carry: task,
-    description, feature names, class names, top-k.
+    description, feature names, class names, top-k, and for a model whose rows are JSON
+    objects (Katonic) the fields of one row (``row_fields``, from its ``schema.py``): its
+    input tensor is BYTES ``[-1]``, which says nothing about what to type.
 
 Both live under ``/v2/models/{name}/`` so the API key guards them like every model endpoint,
 and every failure is a 4xx/503 ``{"error": ...}`` answered here, whatever app mounts them.
@@ -24,6 +26,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from kserve.errors import ModelNotReady
+from pydantic import BaseModel
 
 from predictors.protocol.errors import BadInput, UnknownModel
 from predictors.protocol.rest import JSONErrorRoute
@@ -42,10 +45,40 @@ def _ready_model(lookup: ModelLookup, name: str) -> Any:
     return model
 
 
+_FIELD_TYPES = {"number": "number", "integer": "integer", "string": "string", "boolean": "boolean"}
+
+
+def row_fields(model: Any) -> list[dict[str, Any]] | None:
+    """The fields of one JSON-object row from the model's pydantic row schema; None when it has none.
+
+    Each field: ``name``, ``type`` (number, integer, string, boolean, or json for anything else),
+    ``required``, ``title`` and ``description`` as the schema gives them, and the numeric bounds.
+    """
+    schema = getattr(model, "schema", None)
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        return None
+    document = schema.model_json_schema()
+    required = set(document.get("required", []))
+    fields = []
+    for name, spec in document.get("properties", {}).items():
+        kind = spec.get("type")
+        if kind is None and "anyOf" in spec:  # Optional[X]: the non-null branch
+            kinds = [branch.get("type") for branch in spec["anyOf"] if branch.get("type") != "null"]
+            kind = kinds[0] if len(kinds) == 1 else None
+        field = {"name": name, "type": _FIELD_TYPES.get(kind or "", "json"), "required": name in required,
+                 "title": spec.get("title", name), "description": spec.get("description")}
+        for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if bound in spec:
+                field[bound] = spec[bound]
+        fields.append(field)
+    return fields
+
+
 def describe(model: Any) -> dict[str, Any]:
     """The card of a served package model (see the module docstring)."""
     config = model.config
     labels = model.package.labels
+    rows_are_objects = config.framework == "katonic"
     return {
         "name": model.name,
         "version": config.version,
@@ -58,6 +91,8 @@ def describe(model: Any) -> dict[str, Any]:
         "labels": [{"label": label, "name": labels.name_of(label)} for label in labels.labels],
         "top_k": min(config.postprocessing.top_k, len(labels.labels)),
         "max_batch_size": config.max_batch_size,
+        "row_format": "json_object" if rows_are_objects else "tensor",
+        "row_fields": row_fields(model) if rows_are_objects else None,
     }
 
 

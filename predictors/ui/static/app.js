@@ -287,6 +287,11 @@
   }
 
   function renderTabularFields(card) {
+    if (card.row_format === "json_object") {
+      renderRowFields(card);
+      return;
+    }
+    $("tabular-form").dataset.mode = "tensor";
     const count = card.input.shape[card.input.shape.length - 1];
     const names = card.feature_names || Array.from({ length: count }, (_, i) => `feature ${i + 1}`);
     const fields = $("tabular-fields");
@@ -297,6 +302,82 @@
         el("label", { htmlFor: id, text: featureName }),
         el("input", { id, name: id, type: "number", step: "any", inputMode: "decimal", required: true })));
     });
+  }
+
+  // A model whose rows are JSON objects (Katonic): one field per field of its row schema, or one JSON
+  // text area when it has no schema. Its input tensor (BYTES [-1]) says nothing about what to type.
+  function renderRowFields(card) {
+    $("tabular-form").dataset.mode = "row";
+    const fields = $("tabular-fields");
+    fields.replaceChildren();
+    const rowFields = card.row_fields || [];
+    if (!rowFields.length) {
+      const id = "feature-json";
+      fields.append(el("div", { class: "field wide" },
+        el("label", { htmlFor: id, text: "Row (a JSON object)" }),
+        el("textarea", { id, name: id, rows: 4, required: true, "data-kind": "object", placeholder: '{"name": 1.0}' })));
+      return;
+    }
+    rowFields.forEach((field, i) => {
+      const id = `feature-${i}`;
+      const common = { id, name: id, required: field.required, "data-field": field.name, "data-kind": field.type };
+      let input;
+      if (field.type === "boolean") {
+        input = el("select", common, el("option", { value: "true", text: "true" }),
+          el("option", { value: "false", text: "false" }));
+      } else if (field.type === "number" || field.type === "integer") {
+        input = el("input", { ...common, type: "number", step: field.type === "integer" ? "1" : "any", inputMode: "decimal" });
+      } else {
+        input = el("input", { ...common, type: "text" });
+      }
+      if (field.description) input.title = field.description;
+      fields.append(el("div", { class: "field" }, el("label", { htmlFor: id, text: field.title || field.name }), input));
+    });
+  }
+
+  // The row the form describes, or null after showing what is wrong with it.
+  function readRow() {
+    const invalid = (input, message) => {
+      input.setAttribute("aria-invalid", "true");
+      clearResult();
+      $("result").hidden = false;
+      showError("result-error", message);
+      input.focus();
+      return null;
+    };
+    const row = {};
+    for (const input of $("tabular-fields").querySelectorAll("input, select, textarea")) {
+      const label = input.labels && input.labels[0] ? input.labels[0].textContent : input.name;
+      const kind = input.dataset.kind;
+      const text = input.value.trim();
+      input.removeAttribute("aria-invalid");
+      if (kind === "object") {
+        let value;
+        try { value = JSON.parse(text); } catch { value = null; }
+        if (value === null || typeof value !== "object" || Array.isArray(value)) {
+          return invalid(input, `Enter the row as a JSON object, like {"name": 1.0}.`);
+        }
+        return value;
+      }
+      if (text === "" && !input.required) continue;
+      if (kind === "number" || kind === "integer") {
+        const value = text === "" ? NaN : Number(text);
+        if (!Number.isFinite(value) || (kind === "integer" && !Number.isInteger(value))) {
+          return invalid(input, `Enter ${kind === "integer" ? "a whole number" : "a number"} for ${label}.`);
+        }
+        row[input.dataset.field] = value;
+      } else if (kind === "boolean") {
+        row[input.dataset.field] = text === "true";
+      } else if (kind === "json") {
+        try { row[input.dataset.field] = JSON.parse(text); } catch {
+          return invalid(input, `Enter JSON for ${label}.`);
+        }
+      } else {
+        if (text === "") return invalid(input, `Enter a value for ${label}.`);
+        row[input.dataset.field] = input.value;
+      }
+    }
+    return row;
   }
 
   function requestBody(data, shape, datatype) {
@@ -553,6 +634,11 @@
   function setupTabular() {
     $("tabular-form").addEventListener("submit", (event) => {
       event.preventDefault();
+      if ($("tabular-form").dataset.mode === "row") {
+        const row = readRow();
+        if (row !== null) classify(requestBody([JSON.stringify(row)], [1], "BYTES"), { what: "row" });
+        return;
+      }
       const inputs = Array.from($("tabular-fields").querySelectorAll("input"));
       const values = [];
       for (const input of inputs) {
@@ -589,7 +675,8 @@
     setFeedbackEnabled(false);
     try {
       const answer = await api(modelPath(prediction.modelName, "/feedback"), {
-        method: "POST", body: { items: [{ id: prediction.id, true_label: trueLabel }] },
+        // Marked as the page's: a trial click is not production feedback, and reports can leave it out.
+        method: "POST", body: { items: [{ id: prediction.id, true_label: trueLabel }], source: "ui" },
       });
       const accuracy = answer.cumulative.accuracy;
       status.className = "ok";
@@ -657,7 +744,8 @@
     const serial = ++state.metricsSerial;
     stopMetrics();
     try {
-      const report = await api(modelPath(name, "/feedback"));
+      const filter = $("metrics-production").checked ? "?exclude_source=ui" : "";
+      const report = await api(modelPath(name, `/feedback${filter}`));
       if (serial !== state.metricsSerial || !state.model || state.model.name !== name) return;
       renderMetrics(report);
       showError("metrics-error", "");
@@ -699,7 +787,8 @@
         el("td", { class: "num", text: score(c.f1) }),
         el("td", { class: "num", text: String(c.support) }));
     }));
-    table.tFoot.replaceChildren(...[["Macro average", cumulative.macro_avg], ["Weighted average", cumulative.weighted_avg]]
+    table.tFoot.replaceChildren(...[["Macro average (classes seen)", cumulative.macro_avg],
+      ["Macro average (all labels)", cumulative.macro_avg_all_labels], ["Weighted average", cumulative.weighted_avg]]
       .map(([title, avg]) => el("tr", {},
         el("th", { scope: "row", text: title }),
         el("td", { class: "num", text: cumulative.count ? fixed(avg.precision) : "–" }),
@@ -707,6 +796,17 @@
         el("td", { class: "num", text: cumulative.count ? fixed(avg.f1) : "–" }),
         el("td", { class: "num", text: String(avg.support) }))));
     renderConfusion(cumulative.confusion_matrix);
+    renderVersions(report.versions || []);
+  }
+
+  function renderVersions(versions) {
+    $("versions-wrap").hidden = versions.length === 0;
+    $("versions").tBodies[0].replaceChildren(...versions.map((v) => el("tr", { "data-version": v.version },
+      el("th", { scope: "row", text: v.version || "unknown" }),
+      el("td", { class: "num", text: String(v.count) }),
+      el("td", { class: "num", text: v.accuracy === null ? "–" : percent(v.accuracy) }),
+      el("td", { class: "num", text: v.count ? fixed(v.macro_f1) : "–" }),
+      el("td", { class: "num", text: v.count ? fixed(v.macro_f1_all_labels) : "–" }))));
   }
 
   function formatWindow(seconds) {
@@ -747,6 +847,7 @@
   function setupMetrics() {
     $("metrics-live").addEventListener("change", () => (
       $("metrics-live").checked ? refreshMetrics() : stopMetrics()));
+    $("metrics-production").addEventListener("change", () => refreshMetrics());
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden && state.model && $("metrics-live").checked) refreshMetrics();
     });
