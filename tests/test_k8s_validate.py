@@ -524,3 +524,23 @@ def test_helm_test_pods_infer_and_read_feedback_of_every_model(tmp_path):
         assert "iris: feedback accepted" not in posted.stdout and "feedback accepted" in posted.stdout
         after = httpx.get(f"{server.http_url}/v2/models/iris/feedback", headers={"X-API-Key": "helm-test-key"}).json()
         assert after["cumulative"]["count"] == before["cumulative"]["count"] + 1, "one feedback item was stored"
+
+
+def test_grace_period_covers_the_servers_shutdown():
+    """terminationGracePeriodSeconds (the rendered one and the schema's minimum) covers what the server may spend
+    stopping: KServe's gRPC drain, then its REST drain (each the server's grace_period), then the prediction log's
+    last flush; and the worker supervisor's wait when there are several workers."""
+    import inspect
+
+    from kserve.model_server import ModelServer
+
+    from predictors.runtime.server import SHUTDOWN_FLUSH_TIMEOUT_S
+    from predictors.runtime.workers import STOP_TIMEOUT_S
+
+    grace = inspect.signature(ModelServer.__init__).parameters["grace_period"].default
+    budget = max(2 * grace + SHUTDOWN_FLUSH_TIMEOUT_S, STOP_TIMEOUT_S)
+    schema = json.loads((REPO / "helm" / "kserve-classifiers" / "values.schema.json").read_text())
+    assert schema["properties"]["predictor"]["properties"]["terminationGracePeriodSeconds"]["minimum"] >= budget
+    for values_file in VALUE_SETS:
+        for isvc in by_kind(render(values_file), "InferenceService"):
+            assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] >= budget, isvc["metadata"]["name"]
