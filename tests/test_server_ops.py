@@ -72,7 +72,7 @@ def test_metrics_auth_closes_metrics_and_openapi(tmp_path, iris_dir):
         unauthenticated = httpx.post(server.http_url + "/v2/models/iris/infer", json=IRIS_BODY)
         metrics = httpx.get(server.http_url + "/metrics", headers={"X-API-Key": KEY}).text
     assert unauthenticated.status_code == 401
-    assert 'classifier_requests_total{model="iris",protocol="rest",status="401"} 1.0' in metrics
+    assert 'classifier_requests_total{model="_unauthenticated",protocol="rest",status="401"} 1.0' in metrics
 
 
 def test_access_log_is_off_by_default_and_on_with_the_flag(tmp_path, iris_dir):
