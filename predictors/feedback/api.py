@@ -341,8 +341,8 @@ async def _add_feedback_by_ids(store: FeedbackStore, model_name: str, items: lis
     Another replica's or ``--workers`` worker's write-behind log starts writing a prediction within one
     flush interval (``retry_s``) of answering it; its commit lands a little later. So an unknown id is
     looked up again after ``retry_s``, then every :data:`UNKNOWN_ID_POLL_S` until
-    :data:`UNKNOWN_ID_WRITE_ALLOWANCE_S` more have passed, and only then refused. (Looking up once,
-    exactly one interval later, refused 2 of 300 feedbacks sent across two workers.)
+    :data:`UNKNOWN_ID_WRITE_ALLOWANCE_S` more have passed, and only then refused: looking up once,
+    exactly one interval later, races the other process's commit and refuses ids that are about to exist.
     """
     loop = asyncio.get_running_loop()
     give_up = loop.time() + retry_s + UNKNOWN_ID_WRITE_ALLOWANCE_S

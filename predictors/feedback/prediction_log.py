@@ -1,9 +1,8 @@
 """Write-behind prediction log: the response never waits for the database.
 
 Every answered request records its prediction ids so feedback can refer to them later.
-Committing before answering made the log the largest single cost of serving a small model
-(bench/RESULTS.md: Iris REST at 16 clients, 696 req/s with the log, 1,029 without), and a
-database that stopped answering stalled every prediction. :class:`WriteBehindLog` instead
+Committing before answering made the log the largest single cost of serving a small model,
+and a database that stopped answering stalled every prediction. :class:`WriteBehindLog` instead
 puts rows in a bounded in-memory queue that one writer task flushes every
 ``flush_interval_s`` (50 ms) or ``flush_rows`` rows, whichever comes first, one
 ``record_predictions`` call (one transaction) per model version in the flush.
