@@ -10,6 +10,7 @@ own route lets FastAPI parse the body (malformed JSON would be a 422 with FastAP
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -30,6 +31,8 @@ from predictors.protocol.v2 import BINARY_HEADER, MAX_JSON_VALUES, encode_rest, 
 
 logger = logging.getLogger(__name__)
 
+PARSE_INLINE_BYTES = 256 * 1024
+"""Bodies up to this size are parsed on the event loop: for them a thread hop would cost more than the parse."""
 JSON_HEADERS = [(b"content-type", b"application/json")]
 BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
 
@@ -115,17 +118,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def register_version_routes(app: FastAPI, endpoints: V2Endpoints) -> None:
-    """``GET /v2/models/{name}/versions/{version}[/ready]``: like the unversioned routes for the served
-    version, 404 for any other (KServe answers 501 "Model versioning not supported yet")."""
+    """``GET /v2/models/{name}[/versions/{version}][/ready]``: the versioned routes answer like the unversioned
+    ones for the served version, 404 for any other (KServe answers 501 "Model versioning not supported yet").
+    Metadata is the data plane's own, ``properties`` included (KServe's response model drops that field)."""
 
-    async def metadata(model_name: str, model_version: str) -> Any:
+    async def metadata(model_name: str, model_version: str | None = None) -> Any:
         served_model(endpoints.dataplane.model_registry, model_name, model_version)
-        return await endpoints.model_metadata(model_name)
+        return await endpoints.dataplane.model_metadata(model_name)
 
     async def ready(model_name: str, model_version: str) -> Any:
         served_model(endpoints.dataplane.model_registry, model_name, model_version)
         return await endpoints.model_ready(model_name)
 
+    app.add_api_route("/v2/models/{model_name}", metadata, methods=["GET"], tags=["V2"])
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}", metadata, methods=["GET"], tags=["V2"])
     app.add_api_route("/v2/models/{model_name}/versions/{model_version}/ready", ready, methods=["GET"], tags=["V2"])
 
@@ -151,7 +156,11 @@ class InferEndpoint:
             for name, value in scope["headers"]:
                 if name == b"inference-header-content-length":
                     json_length = value.decode("latin-1")
-            response = await model.infer(parse_rest(body, json_length, model_name, self.max_json_values))
+            if len(body) > PARSE_INLINE_BYTES:  # a big body is parsed beside the event loop, which keeps answering
+                request = await asyncio.to_thread(parse_rest, body, json_length, model_name, self.max_json_values)
+            else:
+                request = parse_rest(body, json_length, model_name, self.max_json_values)
+            response = await model.infer(request)
             payload, json_size = encode_rest(response)
         except Exception as exc:
             status = http_status(exc)

@@ -1,0 +1,207 @@
+"""A user's own scikit-learn model, from a fitted estimator to answers over REST and gRPC.
+
+The first test runs the README's "Serve your own model" commands as written (ports and the bind address
+aside) on a pipeline this test fits itself; the others check what that path promises: column inputs with
+string categories over both protocols, the compiled runtime in the metadata, a model that cannot be
+compiled served by scikit-learn with the reason, and clear errors for what cannot be packaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+from tests.fixtures.ports import free_port
+from tests.fixtures.server import REPO, start_model_server
+from tests.support.v2 import raw_stub, split_bytes_tensor
+
+pytestmark = pytest.mark.slow
+
+
+def customers(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"age": rng.integers(18, 80, n), "income": rng.normal(50, 15, n).round(2),
+                         "city": rng.choice(["paris", "rome", "oslo"], n), "plan": rng.choice(["basic", "pro"], n)})
+
+
+@pytest.fixture(scope="module")
+def churn(tmp_path_factory) -> tuple[Path, Pipeline, pd.DataFrame]:
+    """A directory holding churn.joblib (a ColumnTransformer + forest fitted on a data frame) and customers.csv."""
+    work = tmp_path_factory.mktemp("own-model")
+    frame = customers()
+    target = np.where((frame.age > 40) & (frame.city != "rome"), "churn", "stay")
+    estimator = Pipeline([
+        ("columns", ColumnTransformer([("num", StandardScaler(), ["age", "income"]),
+                                       ("cat", OneHotEncoder(handle_unknown="ignore"), ["city", "plan"])])),
+        ("forest", RandomForestClassifier(60, random_state=0))]).fit(frame, target)
+    joblib.dump(estimator, work / "churn.joblib")
+    frame.to_csv(work / "customers.csv", index=False)
+    return work, estimator, frame
+
+
+def readme_commands() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Serve your own model", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+def json_documents(text: str) -> list[dict]:
+    """Every JSON object in ``text``, which the commands print one after another (curl adds no newline)."""
+    decoder, documents, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        document, i = decoder.raw_decode(text, i)
+        documents.append(document)
+    return documents
+
+
+def test_the_readme_path_serves_a_model_the_user_fitted(churn):
+    work, estimator, _ = churn
+    http_port, grpc_port = free_port(), free_port()
+    script = (readme_commands().replace("localhost:8080", f"127.0.0.1:{http_port}")
+              .replace("--http_port 8080 --grpc_port 8081", f"--http_port {http_port} --grpc_port {grpc_port} "
+                                                            f"--host 127.0.0.1"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OPENBLAS_NUM_THREADS": "1",
+           "KCP_FEEDBACK_DB_URL": f"sqlite:///{work / 'feedback.db'}", "KCP_EXECUTION_CACHE": ""}
+    env.pop("KCP_API_KEY", None)
+    # The server the script starts in the background keeps its output open: read files, not pipes.
+    with open(work / "out.txt", "w") as out_file, open(work / "err.txt", "w") as err_file:
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, stdout=out_file,
+                                stderr=err_file, start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+    out, err = (work / "out.txt").read_text(), (work / "err.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    documents = json_documents(out)
+    packaged = next(d for d in documents if "runtime_reason" in d)
+    assert packaged["runtime"] == "onnxruntime", packaged["runtime_reason"]
+    assert [i["name"] for i in packaged["inputs"]] == ["age", "income", "city", "plan"]
+    validated = next(d for d in documents if d.get("package") == "models/churn")
+    assert validated["ok"] is True
+    metadata = next(d for d in documents if "platform" in d)
+    assert metadata["properties"]["runtime"] == "onnxruntime"
+    assert metadata["properties"]["execution"] in ("inline", "thread_pool")
+    answer = next(d for d in documents if "model_name" in d)
+    names = next(o for o in answer["outputs"] if o["name"] == "label_name")["data"]
+    rows = pd.DataFrame({"age": [52, 23], "income": [61.5, 30.0], "city": ["paris", "rome"], "plan": ["pro", "basic"]})
+    assert names == list(estimator.predict(rows))
+
+
+@pytest.fixture(scope="module")
+def served(churn, tmp_path_factory):
+    """The churn package and one that cannot be compiled, served by one server."""
+    work, _, _ = churn
+    models = tmp_path_factory.mktemp("own-models")
+    run = [sys.executable, "-m", "predictors", "package"]
+    subprocess.run([*run, str(work / "churn.joblib"), "--name", "churn", "--out", str(models / "churn"),
+                    "--data", str(work / "customers.csv")], check=True, capture_output=True, cwd=REPO)
+    x = np.random.default_rng(1).normal(size=(200, 3))
+    custom = Pipeline([("square", FunctionTransformer(np.square)), ("clf", LogisticRegression())])
+    joblib.dump(custom.fit(x, (x[:, 0] ** 2 > 1).astype(int)), work / "custom.joblib")
+    subprocess.run([*run, str(work / "custom.joblib"), "--name", "custom", "--out", str(models / "custom"),
+                    "--labels", "small", "large"], check=True, capture_output=True, cwd=REPO)
+    with start_model_server(models, tmp_path_factory.mktemp("own-server"),
+                            env={"KCP_EXECUTION_CACHE": ""}) as server:
+        yield server
+
+
+def test_a_model_that_cannot_compile_is_served_by_scikit_learn_with_the_reason(served):
+    with served.client() as client:
+        props = client.get("/v2/models/custom").json()["properties"]
+        assert props["runtime"] == "sklearn"
+        assert "FunctionTransformer" in props["runtime_reason"]
+        body = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [2, 3], "data": [2, 0, 0, 0.1, 0, 0]}]}
+        answer = client.post("/v2/models/custom/infer", json=body).json()
+    assert next(o for o in answer["outputs"] if o["name"] == "label_name")["data"] == ["large", "small"]
+
+
+def test_columns_with_string_categories_over_grpc(served, churn):
+    _, estimator, frame = churn
+    rows = frame.head(5)
+    channel = grpc.insecure_channel(served.grpc_target)
+    stub = raw_stub(channel)
+    m = stub.messages
+    tensor = m["ModelInferRequest"].InferInputTensor
+    contents = m["InferTensorContents"]
+    request = m["ModelInferRequest"](model_name="churn", inputs=[
+        tensor(name="age", datatype="INT64", shape=[5], contents=contents(int64_contents=rows.age.tolist())),
+        tensor(name="income", datatype="FP64", shape=[5], contents=contents(fp64_contents=rows.income.tolist())),
+        *(tensor(name=column, datatype="BYTES", shape=[5],
+                 contents=contents(bytes_contents=[v.encode() for v in rows[column]])) for column in ("city", "plan")),
+    ])
+    response = stub.ModelInfer(request)
+    channel.close()
+    by_name = {o.name: o for o in response.outputs}
+    names = list(by_name["label_name"].contents.bytes_contents)
+    if not names:  # raw output contents
+        index = [o.name for o in response.outputs].index("label_name")
+        names = split_bytes_tensor(response.raw_output_contents[index])
+    assert [n.decode() for n in names] == list(estimator.predict(rows))
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([{"name": "age", "datatype": "INT64", "shape": [1], "data": [52]}], "missing inputs"),
+    ([{"name": "age", "datatype": "BYTES", "shape": [1], "data": ["old"]},
+      {"name": "income", "datatype": "FP64", "shape": [1], "data": [1.0]},
+      {"name": "city", "datatype": "BYTES", "shape": [1], "data": ["rome"]},
+      {"name": "plan", "datatype": "BYTES", "shape": [1], "data": ["pro"]}], "numeric"),
+    ([{"name": "age", "datatype": "INT64", "shape": [2], "data": [52, 3]},
+      {"name": "income", "datatype": "FP64", "shape": [1], "data": [1.0]},
+      {"name": "city", "datatype": "BYTES", "shape": [1], "data": ["rome"]},
+      {"name": "plan", "datatype": "BYTES", "shape": [1], "data": ["pro"]}], "same number of rows"),
+    ([{"name": "age", "datatype": "INT64", "shape": [1], "data": [52]},
+      {"name": "income", "datatype": "FP64", "shape": [1], "data": [1.0]},
+      {"name": "city", "datatype": "INT64", "shape": [1], "data": [3]},
+      {"name": "plan", "datatype": "BYTES", "shape": [1], "data": ["pro"]}], "must be BYTES"),
+])
+def test_bad_columns_are_a_clear_400(served, inputs, message):
+    with served.client() as client:
+        response = client.post("/v2/models/churn/infer", json={"inputs": inputs})
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]
+        assert client.get("/v2/models/churn/ready").status_code == 200
+
+
+@pytest.mark.parametrize("estimator, message", [
+    (LinearRegression(), "regressor"),
+    (Pipeline([("clf", LogisticRegression())]), "not fitted"),
+])
+def test_what_cannot_be_packaged_is_refused_with_the_reason(tmp_path, estimator, message):
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    if message != "not fitted":
+        estimator.fit(x, x[:, 0])
+    joblib.dump(estimator, tmp_path / "model.joblib")
+    result = subprocess.run([sys.executable, "-m", "predictors", "package", str(tmp_path / "model.joblib"), "--name",
+                             "bad", "--out", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_package_without_data_is_checked_on_synthesised_rows(tmp_path):
+    x = np.random.default_rng(0).normal(size=(200, 5))
+    estimator = RandomForestClassifier(20, random_state=0).fit(x, (x[:, 0] > 0).astype(int))
+    joblib.dump(estimator, tmp_path / "forest.joblib")
+    result = subprocess.run([sys.executable, "-m", "predictors", "package", str(tmp_path / "forest.joblib"),
+                             "--name", "forest", "--out", str(tmp_path / "forest")],
+                            capture_output=True, text=True, cwd=REPO, check=True)
+    report = json.loads(result.stdout)
+    assert report["runtime"] == "onnxruntime" and "synthesised" in report["probes"]
+    assert report["inputs"] == [{"name": "input-0", "datatype": "FP32", "shape": [-1, 5]}]
