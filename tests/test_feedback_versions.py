@@ -321,3 +321,19 @@ def test_choosing_versions() -> None:
         choose_versions(["1"], "1", None, None)
     with pytest.raises(ValueError):
         choose_versions(["1", "2"], None, "2", "2")
+
+
+def test_one_submission_may_judge_several_versions(db_url: str) -> None:
+    """Ids answered before and after a swap, sent together: each row counts against the version that answered."""
+    store = FeedbackStore(db_url)
+    try:
+        store.record_predictions("iris", "1", [("old-a", 0), ("old-b", 1)])
+        store.record_predictions("iris", "2", [("new-a", 2)])
+        submission = store.add_feedback_by_ids("iris", [("old-a", 0), ("new-a", 0), ("old-b", 1)])
+        assert submission.versions == ["1", "2", "1"]
+        by_version = store.confusion_by_version("iris", IRIS.labels)
+        assert set(by_version) == {"1", "2"}
+        assert np.trace(by_version["1"]) == 2 and by_version["2"][0, 2] == 1
+        assert store.confusion("iris", IRIS.labels, version="2").sum() == 1
+    finally:
+        store.close()

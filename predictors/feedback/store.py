@@ -443,6 +443,9 @@ class FeedbackStore:
             with conn.begin():
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+                    # A migration's backfill of a large table may outlast the per-statement limit meant for
+                    # requests; cut short, it would roll back and start over at every retry, forever.
+                    conn.execute(text("SET LOCAL statement_timeout = 0"))
                 migrate(conn, metadata)
 
     # --- availability -----------------------------------------------------------------------
