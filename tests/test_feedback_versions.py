@@ -227,7 +227,10 @@ def test_compare_needs_two_versions_and_names_them(served) -> None:
     route = f"/v2/models/{model}/feedback/compare"
     assert c.get(route).status_code == 400  # no feedback at all
     c.post(f"/v2/models/{model}/feedback", json={"predicted_label": [0] * 5, "true_label": [0] * 5, "version": "1"})
-    r = c.get(route)
+    r = c.get(route)  # version 3 is served and has no feedback yet
+    assert r.status_code == 200, r.text
+    assert r.json()["verdict"] == "undecided" and "no feedback yet for version '3'" in r.json()["reason"]
+    r = c.get(route, params={"candidate": "1"})
     assert r.status_code == 400 and "second version" in r.json()["error"]
     c.post(f"/v2/models/{model}/feedback", json={"predicted_label": [0] * 5, "true_label": [0, 0, 0, 1, 1]})
     body = c.get(route).json()
@@ -315,7 +318,10 @@ def test_choosing_versions() -> None:
     assert choose_versions(["1", "2", "3"], "3", None, None) == ("2", "3")
     assert choose_versions(["1", "2", "3"], "2", None, None) == ("1", "2")
     assert choose_versions(["1", "2"], "1", None, None) == ("2", "1")  # rolled back to 1
-    assert choose_versions(["1", "2"], "9", None, None) == ("1", "2")  # served version has no feedback yet
+    assert choose_versions(["1", "2"], "9", None, None) == ("2", "9")  # served version has no feedback yet
+    assert choose_versions(["1", "2"], None, None, None) == ("1", "2")
+    with pytest.raises(LookupError):
+        choose_versions([], "1", None, None)
     assert choose_versions(["1", "2", "3"], None, "1", "3") == ("1", "3")
     with pytest.raises(LookupError):
         choose_versions(["1"], "1", None, None)

@@ -167,14 +167,14 @@ def choose_versions(versions: Sequence[str], served: str | None, baseline: str |
                     candidate: str | None) -> tuple[str, str]:
     """(baseline, candidate) from the versions with feedback, oldest first, unless the caller named them.
 
-    The candidate defaults to the version served now when it has feedback, else the newest; the
-    baseline to the newest version older than the candidate (after a rollback to the oldest, the
-    newest other one).
+    The candidate defaults to the version served now (with no feedback yet, the verdict says so),
+    else the newest; the baseline to the newest version older than the candidate (after a rollback
+    to the oldest, the newest other one).
     """
-    if candidate is None:
-        candidate = served if served in versions else (versions[-1] if versions else None)
-    if candidate is None:
+    if not versions:
         raise LookupError("no feedback recorded for any version of this model yet")
+    if candidate is None:
+        candidate = served if served else versions[-1]
     if baseline is None:
         older = list(versions[:versions.index(candidate)]) if candidate in versions else list(versions)
         others = older or [v for v in versions if v != candidate]  # a rollback: the candidate is the oldest
