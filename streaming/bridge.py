@@ -18,14 +18,26 @@ Guarantees and why they hold:
   become dead-letter records (original value, key and headers, plus ``kcp-dlq-*`` headers with the
   reason) and are acknowledged like results. A dead letter the broker refuses too is sent cut to
   the broker's limit (value truncated, ``kcp-dlq-truncated`` marking it, original headers dropped,
-  a key over 256 bytes replaced by its SHA-256). A merged call stays under ``max_call_bytes``; one
-  the server refuses anyway is retried one request at a time, so one bad request does not
-  dead-letter its neighbours. Any exception while finishing a message ends in a minimal dead
-  letter and its acknowledgement, never in a task that died silently.
-* **Outages are waited out.** Connection refused / UNAVAILABLE / 503 and transient broker errors
-  are retried with capped backoff forever (:mod:`streaming.v2client`); the messages stay pending,
-  and the consumer pauses its partitions once ``max_pending`` messages or ``max_pending_bytes``
-  of their values are waiting, keeping its group membership meanwhile.
+  a key over 256 bytes replaced by its SHA-256). A merged call stays under ``max_call_bytes`` and
+  under the model's row limit (read from its V2 metadata, else ``max_batch_rows``); one the server
+  refuses anyway is retried one request at a time, so one bad request does not dead-letter its
+  neighbours. Any exception while finishing a message ends in a minimal dead letter and its
+  acknowledgement, never in a task that died silently.
+* **Every message has a deadline.** ``message_deadline_s`` after it was consumed, a call or result
+  send still being retried is given up and the message dead-lettered (kind ``deadline``, or
+  ``unpublishable-result`` for a result the broker would not take). A dead letter gets
+  ``dead_letter_timeout_s`` of its own; if even the minimal one is refused or keeps failing, the
+  message is *not* acknowledged (it is delivered again after a restart: never lost silently), it
+  is counted in ``kcp_bridge_stranded`` and ``/readyz`` answers 503 ("failing").
+* **Outages are waited out, within the deadline.** Connection refused / UNAVAILABLE / 503 and
+  transient broker errors are retried with capped backoff (:mod:`streaming.v2client`); the messages
+  stay pending, and the consumer pauses its partitions once ``max_pending`` messages or
+  ``max_pending_bytes`` of their decoded size are waiting, keeping its group membership meanwhile.
+  The budget counts what a message keeps alive once decoded (its value plus its tensors as Python
+  lists, several times the raw bytes for JSON numbers), so the default fits a 512 Mi pod.
+* **Bounded by what it serves, not by what messages say.** Per-model metric labels are the models
+  that answered (at most ``max_model_labels``), any other model string is "other"; per-model
+  routes are bounded and evicted (:class:`~streaming.v2client.PerModelTransport`).
 * **The event loop never blocks.** kafka-python is synchronous: every consumer call runs on one
   dedicated thread (the consumer is not thread-safe), producer sends on a small pool; V2 calls
   use grpc.aio / httpx's async client.
@@ -44,6 +56,7 @@ import json
 import logging
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,17 +82,45 @@ DLQ_PREFIX = "kcp-dlq-"
 MAX_REASON_BYTES = 1000  # a header value Pub/Sub accepts (1,024 bytes) with room to spare
 MAX_KEY_BYTES = 256
 RECORD_MARGIN = 1024  # record framing beyond value, key and headers, generously
+POLL_FAILURES_NOT_READY = 5  # consecutive failed polls after which /readyz answers 503 until one succeeds
 GC_YOUNG_THRESHOLD = 50_000  # net allocations between young-generation collections (Python's default: 700)
+
+
+# How many times its raw size a message may occupy once decoded: a JSON number of two to four characters
+# becomes an 8-byte list slot plus (for a float) a 24-byte object; the raw value stays alive beside it.
+DECODED_EXPANSION = 10
+ELEMENT_COST = 32  # list slot + float object (small ints are shared, so this over-counts them: the safe side)
+BYTES_ELEMENT_COST = 40  # list slot + bytes/str object header
+
+
+class SendGivenUp(Exception):
+    """A record kept failing transiently until its time ran out."""
 
 
 @dataclass
 class Work:
-    """One consumed message on its way through the bridge (``decoded`` is None for a bad one)."""
+    """One consumed message on its way through the bridge (``decoded`` is None for a bad one).
+
+    ``weight`` is what the message holds in memory (raw value plus its decoded tensors), the unit of the
+    pending-bytes budget; ``deadline`` (``time.monotonic()``) is when it is given up and dead-lettered."""
 
     message: Message
     decoded: DecodedRequest | None
     received: float
+    deadline: float = 0.0
+    weight: int = 0
     done: bool = False
+
+
+def decoded_bytes(decoded: DecodedRequest) -> int:
+    """About how much memory a decoded request keeps alive beyond its raw value (its tensors, as Python lists)."""
+    total = 0
+    for t in decoded.request.inputs:
+        if t.datatype == "BYTES":
+            total += sum(BYTES_ELEMENT_COST + len(v) for v in t.data)
+        else:
+            total += ELEMENT_COST * len(t.data)
+    return total
 
 
 class Bridge:
@@ -107,6 +148,9 @@ class Bridge:
         self._pending = 0
         self._pending_bytes = 0
         self._produced_by_model: dict[str, Any] = {}
+        self._model_labels: set[str] = set()  # models that answered: the only per-model label values
+        self._stranded = 0  # messages whose dead letter the broker refused too: never acknowledged
+        self._poll_failures = 0
         self._result_fixed: HeaderList | None = None
         self._stop: asyncio.Event | None = None
         # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
@@ -136,7 +180,7 @@ class Bridge:
                 loop.add_signal_handler(sig, self.stop)
         health = HealthServer(self.metrics, lambda: self.state, self.settings.health_host, self.settings.health_port,
                               lambda: {"assigned": list(self.source.assignment), "pending": self._pending,
-                                      "pending_bytes": self._pending_bytes})
+                                      "pending_bytes": self._pending_bytes, "stranded": self._stranded})
         self.health_port = await health.start()
         log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
         try:
@@ -166,20 +210,25 @@ class Bridge:
                     continue
                 capacity = 0  # still full: a paused poll keeps the group membership and serves rebalances
             try:
-                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity, room)
+                # room counts decoded size: the raw bytes handed out may grow DECODED_EXPANSION times
+                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity,
+                                                   max(1, room // DECODED_EXPANSION))
             except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
                 failures += 1
+                self._poll_failures = failures
                 self.metrics.retries.labels("broker").inc()
                 log.warning("polling %s failed (%s); retrying", s.request_topic, exc)
+                self._update_state()
                 await asyncio.sleep(min(0.2 * 2**failures, 5.0))
                 continue
-            failures = 0
+            failures = self._poll_failures = 0
             if self.state == "starting":
                 # What is alive now (modules, clients, settings) lives as long as the bridge: keep it out of the
                 # cyclic GC's full collections, which scanned ~100k objects (~50 ms) and paused the loop every
                 # few thousand messages. Refcounting still frees these objects; only cycles among them would stay.
                 gc.freeze()
-            self.state = "running"
+                self.state = "running"
+            self._update_state()
             if messages:
                 self.metrics.consumed.inc(len(messages))
                 for message in messages:
@@ -189,6 +238,13 @@ class Bridge:
                     # waiting max_batch_delay_ms could not grow these batches, only delay them.
                     self._batcher.flush_all()
                 self.metrics.pending.set(self._pending)
+
+    def _update_state(self) -> None:
+        """``running`` or ``failing`` (not ready): failing while polling keeps failing or a message is stranded."""
+        if self.state not in ("running", "failing"):
+            return
+        failing = self._stranded > 0 or self._poll_failures >= POLL_FAILURES_NOT_READY
+        self.state = "failing" if failing else "running"
 
     def _has_room(self) -> bool:
         s = self.settings
@@ -243,18 +299,22 @@ class Bridge:
     # --- per message -----------------------------------------------------------------------
 
     def _accept(self, message: Message) -> None:
+        received = time.monotonic()
+        work = Work(message, None, received, received + self.settings.message_deadline_s, len(message.value))
         self._pending += 1
-        self._pending_bytes += len(message.value)
-        work = Work(message, None, time.monotonic())
         try:
             work.decoded = decode(message, self.options)
+            work.weight += decoded_bytes(work.decoded)
         except BadMessage as exc:
+            self._pending_bytes += work.weight
             self._spawn(self._guarded(work, self._dead_letter(work, exc.kind, exc.reason, None)))
             return
         except Exception as exc:  # a decoder bug must not stop the stream
+            self._pending_bytes += work.weight
             log.exception("decoding %s failed unexpectedly", message.position)
             self._spawn(self._guarded(work, self._dead_letter(work, "internal", repr(exc), None)))
             return
+        self._pending_bytes += work.weight
         self._batcher.add(work.decoded.request.batch_key(), work)
 
     def _on_batch(self, works: list[Work]) -> None:
@@ -275,8 +335,10 @@ class Bridge:
         model = requests[0].model_name
         self.metrics.in_flight.inc()
         started = time.monotonic()
+        outcomes: list[InferResponse | V2Error] = []
         try:
-            return await self._infer(requests)
+            outcomes = await self._infer(requests, min(w.deadline for w in works))
+            return outcomes
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never let one batch take the bridge down
@@ -284,7 +346,18 @@ class Bridge:
             return [V2Error("internal", 500, repr(exc))] * len(works)
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.v2_latency.labels(model).observe(time.monotonic() - started)
+            if any(isinstance(o, InferResponse) for o in outcomes):
+                self._learn_model(model)
+            self.metrics.v2_latency.labels(self._model_label(model)).observe(time.monotonic() - started)
+
+    def _learn_model(self, model: str) -> None:
+        """A model that answered becomes a label value (up to ``max_model_labels`` of them)."""
+        if model not in self._model_labels and len(self._model_labels) < self.settings.max_model_labels:
+            self._model_labels.add(model)
+
+    def _model_label(self, model: str) -> str:
+        """``model`` if it ever answered, else "other": messages choose model strings, labels must stay few."""
+        return model if model in self._model_labels else "other"
 
     async def _finish_batch(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
         try:
@@ -294,44 +367,63 @@ class Bridge:
         except Exception as exc:  # a bug here must not leave the batch's messages unfinished for ever
             await asyncio.gather(*(self._guarded(w, _reraise(exc)) for w in works if not w.done))
 
-    def _chunks(self, requests: list[InferRequest]) -> list[list[InferRequest]]:
-        """Consecutive runs whose merged payload stays under ``max_call_bytes`` (a request over it runs alone)."""
+    def _chunks(self, requests: list[InferRequest], max_rows: int | None = None) -> list[list[InferRequest]]:
+        """Consecutive runs whose merged payload stays under ``max_call_bytes`` and ``max_rows`` rows (a request
+        over either runs alone)."""
         cap = self.settings.v2.max_call_bytes
+        rows_cap = max_rows or sys.maxsize
         chunks: list[list[InferRequest]] = []
         size = cap + 1
+        rows = 0
         for r in requests:
             n = r.payload_bytes()
-            if size + n > cap:
+            if size + n > cap or rows + r.rows > rows_cap:
                 chunks.append([])
-                size = 0
+                size = rows = 0
             chunks[-1].append(r)
             size += n
+            rows += r.rows
         return chunks
 
-    async def _infer(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
+    async def _infer(self, requests: list[InferRequest], deadline: float) -> list[InferResponse | V2Error]:
+        first = requests[0]
+        limit, published = self.settings.v2.max_batch_rows, False
+        if len(requests) > 1 or first.rows > limit:
+            limit, published = await self.client.row_limit(first.model_name, first.model_version)
         if len(requests) == 1:
-            return [await self._infer_one(requests[0])]
-        chunks = self._chunks(requests)
+            return [await self._infer_one(first, deadline, limit if published else None)]
+        chunks = self._chunks(requests, limit)
         if len(chunks) == 1:  # the usual case: no task per chunk
-            return await self._infer_merged(chunks[0])
-        parts = await asyncio.gather(*(self._infer_merged(c) for c in chunks))
+            return await self._infer_merged(chunks[0], deadline, limit if published else None)
+        parts = await asyncio.gather(*(self._infer_merged(c, deadline, limit if published else None)
+                                       for c in chunks))
         return [o for part in parts for o in part]
 
-    async def _infer_merged(self, requests: list[InferRequest]) -> list[InferResponse | V2Error]:
+    async def _infer_merged(self, requests: list[InferRequest], deadline: float,
+                            limit: int | None) -> list[InferResponse | V2Error]:
         if len(requests) == 1:
-            return [await self._infer_one(requests[0])]
+            return [await self._infer_one(requests[0], deadline, limit)]
         self.metrics.batch_size.observe(len(requests))
         try:
-            return list(split(await self.client.infer(merge(requests)), requests))
-        except (V2Error, BatchSplitError) as exc:
+            return list(split(await self.client.infer(merge(requests), deadline), requests))
+        except V2Error as exc:
+            if exc.kind == "deadline":  # no time left for one-by-one calls either
+                return [exc] * len(requests)
             # One bad (too large, too slow) request fails the whole merged call: retry individually so only it fails.
             log.info("batch of %d for %s failed (%s); retrying one by one", len(requests), requests[0].model_name, exc)
-        return list(await asyncio.gather(*(self._infer_one(r) for r in requests)))
+        except BatchSplitError as exc:
+            log.info("batch of %d for %s failed (%s); retrying one by one", len(requests), requests[0].model_name, exc)
+        return list(await asyncio.gather(*(self._infer_one(r, deadline, limit) for r in requests)))
 
-    async def _infer_one(self, request: InferRequest) -> InferResponse | V2Error:
+    async def _infer_one(self, request: InferRequest, deadline: float,
+                         limit: int | None = None) -> InferResponse | V2Error:
+        """One request alone; refused without a call when it has more rows than its model published."""
+        if limit is not None and request.rows > limit:
+            return V2Error("too-large", 413, f"{request.rows} rows exceed the limit of {limit} that model "
+                                             f"'{request.model_name}' publishes in its metadata")
         self.metrics.batch_size.observe(1)
         try:
-            return await self.client.infer(request)
+            return await self.client.infer(request, deadline)
         except V2Error as exc:
             return exc
 
@@ -347,12 +439,25 @@ class Bridge:
                 return
             value, key, headers = cut_dead_letter(work.message, "internal", f"finishing failed: {exc!r}", None, 0)
             try:
-                await self._produce(self.settings.dead_letter_topic, value, key, headers)
-            except PermanentSendError:
-                log.error("the minimal dead letter for %s was refused too; acknowledging it anyway (see this log)",
-                          work.message.position)
+                await self._produce(self.settings.dead_letter_topic, value, key, headers,
+                                    time.monotonic() + self.settings.dead_letter_timeout_s)
+            except (PermanentSendError, SendGivenUp) as refused:
+                self._strand(work, refused)
+                return
             self.metrics.dead_lettered.labels("internal").inc()
             self._done(work)
+
+    def _strand(self, work: Work, error: BaseException) -> None:
+        """Even the minimal dead letter failed: leave the message unacknowledged (a later bridge gets it again),
+        never acknowledge what was neither answered nor dead-lettered, and stop reporting ready."""
+        if work.done:
+            return
+        work.done = True  # finished here, but neither acknowledged nor freed: it stays pending until a restart
+        self._stranded += 1
+        self.metrics.stranded.set(self._stranded)
+        log.error("the dead letter for %s was refused too (%s); the message is left unacknowledged and will be "
+                  "delivered again after a restart; /readyz now answers 503", work.message.position, error)
+        self._update_state()
 
     async def _finish_all(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
         """Publish a batch's results with one hand-off to the producer thread; failures go one by one."""
@@ -393,10 +498,14 @@ class Bridge:
                 raise error
             self.metrics.retries.labels("broker").inc()
             log.warning("producing the result for %s failed (%s); retrying", work.message.position, error)
-            await self._produce(self.settings.result_topic, value, work.decoded.request_id, headers)
+            await self._produce(self.settings.result_topic, value, work.decoded.request_id, headers, work.deadline)
         except PermanentSendError as exc:
             await self._dead_letter(work, "unpublishable-result", f"the result ({len(value)} bytes) was refused: "
                                                                   f"{exc}", None)
+            return
+        except SendGivenUp as exc:
+            await self._dead_letter(work, "unpublishable-result", f"the result ({len(value)} bytes) was not "
+                                                                  f"taken before the message's deadline: {exc}", None)
             return
         self._published(work)
 
@@ -411,19 +520,22 @@ class Bridge:
             model = w.decoded.request.model_name
             produced[model] = produced.get(model, 0) + 1
         for model, n in produced.items():
-            self._produced(model).inc(n)
+            self._learn_model(model)
+            self._produced(self._model_label(model)).inc(n)
         self._done_all(works)
 
     async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
         message = work.message
         log.warning("dead-lettering %s (%s): %s", message.position, kind, reason[:MAX_REASON_BYTES])
         headers = list(message.headers) + dead_letter_headers(message, kind, reason, status)
+        # a dead letter has its own time, even for a message whose deadline is what ended it
+        deadline = time.monotonic() + self.settings.dead_letter_timeout_s
         try:
-            await self._produce(self.settings.dead_letter_topic, message.value, message.key, headers)
+            await self._produce(self.settings.dead_letter_topic, message.value, message.key, headers, deadline)
         except PermanentSendError as exc:
             log.warning("the dead letter for %s was refused (%s); sending it cut to the limit", message.position, exc)
             await self._produce(self.settings.dead_letter_topic,
-                                *cut_dead_letter(message, kind, reason, status, self.sink.max_record_bytes))
+                                *cut_dead_letter(message, kind, reason, status, self.sink.max_record_bytes), deadline)
         self.metrics.dead_lettered.labels(kind).inc()
         self._done(work)
 
@@ -440,7 +552,7 @@ class Bridge:
             w.done = True
             ack(w.message)
             finished += 1
-            freed += len(w.message.value)
+            freed += w.weight
             observe(now - w.received)
         if not finished:
             return
@@ -465,9 +577,11 @@ class Bridge:
                                                                              topic=topic))
         return await waiter
 
-    async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList) -> None:
+    async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList,
+                       deadline: float) -> None:
         """Send and wait for the broker's ack; transient failures are retried with capped backoff until it
-        succeeds or we are cancelled, a permanent one raises :class:`PermanentSendError` at once."""
+        succeeds, we are cancelled or ``deadline`` passes (:class:`SendGivenUp`); a permanent one raises
+        :class:`PermanentSendError` at once."""
         loop = asyncio.get_running_loop()
         delay = 0.2
         while True:
@@ -480,9 +594,12 @@ class Bridge:
             except (asyncio.CancelledError, PermanentSendError):
                 raise
             except Exception as exc:  # broker trouble: keep the message, try again
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SendGivenUp(f"producing to {topic} kept failing: {exc!r}") from exc
                 self.metrics.retries.labels("broker").inc()
                 log.warning("producing to %s failed (%s); retrying in %.1fs", topic, exc, delay)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(min(random.uniform(delay / 2, delay), max(0.0, left)))
             delay = min(delay * 2, 5.0)
 
     def _produced(self, model: str) -> Any:

@@ -105,7 +105,14 @@ class KafkaBackend:
                 max_request_size=s.max_request_size,
                 # the default key -> partition mapping (Java-compatible), without its pure-Python cost per record
                 partitioner=Murmur2Partitioner(),
-            )  # kafka-python 3 defaults: idempotent, retries forever within delivery.timeout.ms
+                # kafka-python's idempotent producer turns any non-retriable broker refusal of one record (an
+                # invalid record, a topic ACL denial, a record over the topic's limit) into a fatal state that
+                # fails every later send, results included: one refused dead letter would stop the bridge's
+                # output for good. Without idempotence a refusal fails only its own batch. What idempotence
+                # added, no duplicate on a retried produce, the bridge never relied on: it is at least once,
+                # and a duplicate carries the same request id.
+                enable_idempotence=False,
+            )  # retries forever within delivery.timeout.ms
         return self._producer
 
     def send(self, topic: str, value: bytes, key: bytes | None, headers: HeaderList) -> Future[Delivery]:

@@ -2,9 +2,10 @@
 
 Served by a few lines of ``asyncio`` rather than ``prometheus_client.start_http_server`` so it
 runs on the bridge's own event loop (no extra thread) and can answer health probes with the
-bridge's real state: ``/healthz`` (liveness: the loop is turning), ``/readyz`` (consuming, not
-draining) and ``/metrics`` (Prometheus text format). Each bridge has its own registry, so tests
-can run several in one process.
+bridge's real state: ``/healthz`` (liveness: the loop is turning), ``/readyz`` (consuming: not
+starting, draining, or failing, which means polls keep failing or a message could be neither
+answered nor dead-lettered) and ``/metrics`` (Prometheus text format). Each bridge has its own
+registry, so tests can run several in one process.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ class BridgeMetrics:
         self.latency = Histogram("kcp_bridge_latency_seconds", "Consume to acknowledged result",
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
                                  registry=r)
+        # model: one that answered at least once, else "other" (message strings must not create series)
         self.v2_latency = Histogram("kcp_bridge_v2_call_seconds", "Model server call time (with retries)",
                                     ["model"], registry=r)
         self.batch_size = Histogram("kcp_bridge_batch_size", "Requests merged per model server call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.pending = Gauge("kcp_bridge_pending", "Messages consumed but not yet acknowledged", registry=r)
         self.in_flight = Gauge("kcp_bridge_in_flight_calls", "Model server calls in progress", registry=r)
+        self.stranded = Gauge("kcp_bridge_stranded", "Messages whose dead letter the broker refused too: left "
+                                                     "unacknowledged until a restart", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

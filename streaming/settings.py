@@ -128,6 +128,19 @@ class V2ClientSettings(BaseSettings):
     # Merged calls stay under this many payload bytes: KServe's default gRPC receive limit (8 MiB, which the
     # chart keeps) less a margin for protobuf framing. A request over it alone is still sent once.
     max_call_bytes: int = Field(default=8 * 1024 * 1024 - 64 * 1024, ge=1024)
+    # Rows (first dimension) of one merged call when the model's V2 metadata publishes no ``max_batch_size``
+    # (in ``parameters`` or ``properties``): the default limit of this project's server. A model with a lower
+    # limit that does not publish it refuses the merged call, which is then retried one request at a time.
+    max_batch_rows: int = Field(default=256, ge=1)
+    # How long a model's row limit read from its metadata is trusted before it is read again.
+    metadata_ttl_s: float = Field(default=300.0, gt=0)
+    # Per-model routing ("{model}" in the target): a name whose host does not resolve is checked this many
+    # times (with backoff) before its messages are refused as unroutable, and the refusal is remembered for
+    # unroutable_ttl_s so a flood of such names costs one check each, not one per message.
+    route_checks: int = Field(default=3, ge=1)
+    unroutable_ttl_s: float = Field(default=30.0, ge=0)
+    # Per-model routing keeps at most this many transports (channels); the least recently used is closed.
+    max_transports: int = Field(default=32, ge=1)
 
     @field_validator("api_key")
     @classmethod
@@ -152,11 +165,22 @@ class BridgeSettings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, description="requests merged into one V2 call (1 = off)")
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
-    # Bytes of consumed-but-unacknowledged record values: 512 pending 1 MB images would not fit a 512 Mi pod.
+    # Bytes that consumed-but-unacknowledged messages keep alive: each one's value plus its decoded tensors (a JSON
+    # number list costs several times its raw bytes as Python objects). 512 pending 1 MB images would not fit a
+    # 512 Mi pod; this budget does, with the interpreter, clients and in-flight calls beside it.
     max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Request ids become the result key, CloudEvent id and correlation header: longer ones are refused
     # (dead-lettered), so a result can never outgrow its request many times over.
     max_id_chars: int = Field(default=256, ge=8)
+    # Every message is finished within this long of being consumed: a call (or a result send) still failing
+    # then is given up and the message dead-lettered (kind "deadline"), so nothing waits on it for ever.
+    message_deadline_s: float = Field(default=600.0, gt=0)
+    # How long a dead letter may keep failing transiently before the bridge gives up on it: the message is
+    # then left unacknowledged (it is delivered again after a restart) and /readyz reports "failing".
+    dead_letter_timeout_s: float = Field(default=60.0, gt=0)
+    # Label values the bridge gives its per-model metrics: models that answered at least once, up to this
+    # many; any other model string from a message is counted as "other".
+    max_model_labels: int = Field(default=64, ge=1)
     poll_timeout_ms: int = Field(default=200, ge=1)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     health_host: str = "127.0.0.1"

@@ -5,22 +5,31 @@ works against any V2 server (this project's, Triton, MLServer).
 
 Errors are sorted by what the bridge should do about them:
 
-* **outage** (connection refused, gRPC ``UNAVAILABLE``/``RESOURCE_EXHAUSTED`` other than size,
-  HTTP 502/503/504/408/429, connect timeouts): retried with exponential backoff *forever*. The
-  request is fine; the server is not there. The bridge keeps its place until it comes back.
+* **outage** (connection refused, gRPC ``UNAVAILABLE``, HTTP 502/503/504/408/429, connect timeouts):
+  retried with exponential backoff until the message's deadline. The request is fine; the server is
+  not there. The bridge keeps its place until it comes back or the deadline passes.
 * **timeout** (gRPC ``DEADLINE_EXCEEDED``, an HTTP read/write timeout): retried
   ``max_timeout_retries`` times, then given up. The server is there but this call does not finish
   in time (say, an image URL on a slow host); retrying it forever would stall its partition.
-* **too-large** (gRPC ``RESOURCE_EXHAUSTED`` "message larger than max", HTTP 413): never retried.
-  The bridge splits a merged call that gets it and dead-letters a request too big on its own.
+* **too-large** (gRPC ``RESOURCE_EXHAUSTED``, HTTP 413): never retried. Told apart by the code
+  alone, never by the message text: gRPC's own size refusal and a V2 server's "batch over this model's
+  limit" both answer ``RESOURCE_EXHAUSTED``, and an overloaded server answers ``UNAVAILABLE`` (the
+  gRPC twin of HTTP 429/503). The bridge splits a merged call that gets it and dead-letters a
+  request too big on its own.
 * **server error** (HTTP 500, gRPC ``INTERNAL``/``UNKNOWN``): retried ``max_server_error_retries``
   times, then given up. A healthy server answering 500 to one request repeatedly is a poison
   message, and must not block its partition for ever.
-* **unauthorized** (HTTP 401/403, gRPC ``UNAUTHENTICATED``/``PERMISSION_DENIED``): retried forever
-  like an outage. A wrong or missing API key is the deployment's fault, not the message's; dead-
+* **unauthorized** (HTTP 401/403, gRPC ``UNAUTHENTICATED``/``PERMISSION_DENIED``): retried like an
+  outage, until the message's deadline. A wrong or missing API key is the deployment's fault, not the message's; dead-
   lettering every message until someone fixes the Secret would empty the topic into the DLQ.
 * **rejected** (other 4xx: ``INVALID_ARGUMENT``, ``NOT_FOUND``...): never retried; the bridge
-  dead-letters the message with the server's reason.
+  dead-letters the message with the server's reason. Under per-model routing, a model name whose
+  host does not resolve (the resolver's "no such name", checked ``route_checks`` times) is rejected
+  as 404 too: no InferenceService of that name exists, and waiting would not make one.
+* **deadline**: the message's overall deadline passed while its call was still being retried.
+
+Every message carries a deadline (:meth:`V2Client.infer`'s ``deadline``): each try's timeout is cut
+to what is left of it, and no error is retried past it.
 
 gRPC stubs come from ``streaming.v2_grpc`` (committed, generated from the spec's proto).
 REST sends BYTES tensors with the V2 binary-data extension (``Inference-Header-Content-Length``),
@@ -33,7 +42,10 @@ import asyncio
 import json
 import random
 import re
+import socket
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -89,25 +101,26 @@ _GRPC_STATUS = {
     grpc.StatusCode.FAILED_PRECONDITION: ("rejected", 400), grpc.StatusCode.OUT_OF_RANGE: ("rejected", 400),
     grpc.StatusCode.ALREADY_EXISTS: ("rejected", 409), grpc.StatusCode.UNIMPLEMENTED: ("rejected", 501),
     grpc.StatusCode.UNAVAILABLE: ("outage", 503), grpc.StatusCode.DEADLINE_EXCEEDED: ("timeout", 504),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ("outage", 429), grpc.StatusCode.CANCELLED: ("outage", 499),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ("too-large", 413), grpc.StatusCode.CANCELLED: ("outage", 499),
     grpc.StatusCode.ABORTED: ("outage", 409), grpc.StatusCode.INTERNAL: ("server-error", 500),
     grpc.StatusCode.UNKNOWN: ("server-error", 500), grpc.StatusCode.DATA_LOSS: ("server-error", 500),
 }
-# gRPC core's wording when either side refuses a message over its size limit (send or receive)
-_TOO_LARGE = ("larger than max", "message too large")
+# The resolver's "this name does not exist" (NXDOMAIN), as opposed to "cannot ask right now" (EAI_AGAIN).
+NO_SUCH_HOST = frozenset({socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)})
+LIMIT_KEYS = ("max_batch_size",)  # where a V2 server may publish a model's row limit in its metadata
 
 
 def grpc_error(exc: grpc.aio.AioRpcError) -> V2Error:
-    """Classify a failed gRPC call; a size refusal is RESOURCE_EXHAUSTED too, but no outage."""
+    """Classify a failed gRPC call by its status code alone (see the module docstring)."""
     details = exc.details() or ""
-    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(t in details.lower() for t in _TOO_LARGE):
-        return V2Error("too-large", 413, f"gRPC {exc.code().name}: {details}")
     kind, status = _GRPC_STATUS.get(exc.code(), ("server-error", 500))
     return V2Error(kind, status, f"gRPC {exc.code().name}: {details}")
 
 
 class Transport(Protocol):
-    async def infer(self, request: InferRequest) -> InferResponse: ...
+    async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse: ...
+
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
 
@@ -279,10 +292,10 @@ class GrpcTransport:
             self._stub = pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         message = to_grpc(request)
         try:
-            reply = await self._ensure().ModelInfer(message, timeout=self.settings.timeout_s,
+            reply = await self._ensure().ModelInfer(message, timeout=timeout_s or self.settings.timeout_s,
                                                     metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise grpc_error(exc) from exc
@@ -296,7 +309,8 @@ class GrpcTransport:
             raise grpc_error(exc) from exc
         return {"name": reply.name, "versions": list(reply.versions), "platform": reply.platform,
                 "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.inputs],
-                "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.outputs]}
+                "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in reply.outputs],
+                "properties": dict(reply.properties)}
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -337,10 +351,10 @@ class RestTransport:
         except ValueError as exc:
             raise V2Error("server-error", 500, f"response is not JSON: {exc}") from exc
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         body, headers = to_rest(request)
         doc = await self._call("POST", self._path(request.model_name, request.model_version) + "/infer",
-                               content=body, headers=headers)
+                               content=body, headers=headers, timeout=timeout_s or self.settings.timeout_s)
         return from_rest(doc)
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
@@ -356,31 +370,118 @@ class PerModelTransport:
     In Kubernetes each model is its own InferenceService with its own address; a target
     (or REST URL) containing ``{model}`` is filled in with the request's model name. Names
     must be DNS labels, so a message cannot steer the bridge to an arbitrary host.
+
+    Model names come from messages, so nothing here grows with them: a name is routed only once its host
+    resolves (a name that does not exist is refused as unroutable after ``route_checks`` looks, and the
+    refusal remembered for ``unroutable_ttl_s`` in a bounded table), and at most ``max_transports`` are kept,
+    the least recently used closed once its calls could have finished.
     """
 
     def __init__(self, settings: V2ClientSettings) -> None:
         self.settings = settings
-        self._transports: dict[str, GrpcTransport | RestTransport] = {}
+        self._transports: OrderedDict[str, GrpcTransport | RestTransport] = OrderedDict()
+        self._unroutable: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def _check_name(self, model: str) -> None:
+        if not MODEL_NAME.fullmatch(model):
+            raise V2Error("rejected", 400, f"model name '{model}' is not a DNS label; cannot route it")
+
+    def _filled(self, model: str) -> V2ClientSettings:
+        s = self.settings
+        return s.model_copy(update={"grpc_target": s.grpc_target.replace("{model}", model),
+                                    "rest_url": s.rest_url.replace("{model}", model)})
 
     def _for(self, model: str) -> GrpcTransport | RestTransport:
         transport = self._transports.get(model)
-        if transport is None:
-            if not MODEL_NAME.fullmatch(model):
-                raise V2Error("rejected", 400, f"model name '{model}' is not a DNS label; cannot route it")
-            s = self.settings
-            filled = s.model_copy(update={"grpc_target": s.grpc_target.replace("{model}", model),
-                                          "rest_url": s.rest_url.replace("{model}", model)})
-            transport = GrpcTransport(filled) if s.protocol == "grpc" else RestTransport(filled)
-            self._transports[model] = transport
+        if transport is not None:
+            self._transports.move_to_end(model)
+            return transport
+        self._check_name(model)
+        filled = self._filled(model)
+        transport = GrpcTransport(filled) if filled.protocol == "grpc" else RestTransport(filled)
+        self._transports[model] = transport
+        while len(self._transports) > self.settings.max_transports:
+            self._retire(self._transports.popitem(last=False)[1])
         return transport
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return await self._for(request.model_name).infer(request)
+    def _retire(self, transport: GrpcTransport | RestTransport) -> None:
+        """Close an evicted transport once a call started on it could have finished."""
+        async def later() -> None:
+            await asyncio.sleep(self.settings.timeout_s)
+            await transport.close()
+
+        try:
+            task = asyncio.get_running_loop().create_task(later())
+        except RuntimeError:  # no loop: it never opened a channel, which happens only inside one
+            return
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def host(self, model: str) -> tuple[str, int] | None:
+        """The host and port ``model`` routes to, or None when the address names no host to look up."""
+        filled = self._filled(model)
+        if filled.protocol == "rest":
+            url = httpx.URL(filled.rest_url)
+            return (url.host, url.port or (443 if url.scheme == "https" else 80)) if url.host else None
+        target = filled.grpc_target
+        for scheme in ("dns:///", "dns:"):
+            if target.startswith(scheme):
+                target = target[len(scheme):]
+                break
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdecimal() or ":" in host or "/" in host:
+            return None
+        return host, int(port)
+
+    async def _routable(self, model: str) -> None:
+        """Raise ``rejected`` (404) when ``model``'s host does not exist; DNS trouble is an outage."""
+        self._check_name(model)
+        known = self._unroutable.get(model)
+        now = time.monotonic()
+        if known is not None:
+            if known[0] > now:
+                raise V2Error("rejected", 404, known[1])
+            del self._unroutable[model]
+        address = self.host(model)
+        if address is None:
+            return
+        host, port = address
+        loop = asyncio.get_running_loop()
+        checks = self.settings.route_checks
+        for attempt in range(checks):
+            try:
+                await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                return
+            except socket.gaierror as exc:
+                if exc.errno not in NO_SUCH_HOST:
+                    raise V2Error("outage", 503, f"cannot resolve {host}: {exc}") from exc
+                error = exc
+            if attempt + 1 < checks:
+                await asyncio.sleep(self.settings.retry_initial_s * 2**attempt)
+        reason = (f"model '{model}' is not routable: its host {host} does not resolve ({error.strerror}) "
+                  f"after {checks} look-up(s); no model server of that name is deployed")
+        self._unroutable[model] = (time.monotonic() + self.settings.unroutable_ttl_s, reason)
+        while len(self._unroutable) > 4 * self.settings.max_transports:
+            self._unroutable.popitem(last=False)
+        raise V2Error("rejected", 404, reason)
+
+    async def _route(self, model: str) -> GrpcTransport | RestTransport:
+        if model not in self._transports:
+            await self._routable(model)
+        return self._for(model)
+
+    async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
+        return await (await self._route(request.model_name)).infer(request, timeout_s)
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        return await self._for(model).metadata(model, version)
+        return await (await self._route(model)).metadata(model, version)
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for transport in self._transports.values():
             await transport.close()
         self._transports.clear()
@@ -404,15 +505,27 @@ class V2Client:
         self.settings = settings or V2ClientSettings()
         self.transport: Any = transport or make_transport(self.settings)
         self.on_retry = on_retry
+        # (model, version) -> (valid until, row limit, whether the server published it); bounded, LRU
+        self._limits: OrderedDict[tuple[str, str | None], tuple[float, int, bool]] = OrderedDict()
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
+        """Call the model server, retrying as the module docstring says; ``deadline`` (``time.monotonic()``)
+        bounds the whole: each try's timeout is cut to what is left, and nothing is retried past it."""
         delay = self.settings.retry_initial_s
         bounded = {"server-error": self.settings.max_server_error_retries,
                    "timeout": self.settings.max_timeout_retries}
         failures = dict.fromkeys(bounded, 0)
+        last: V2Error | None = None
         while True:
+            timeout = self.settings.timeout_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise V2Error("deadline", 504, "the message's deadline passed before the model server answered"
+                                  + (f"; last error: {last}" if last else ""))
+                timeout = min(timeout, left)
             try:
-                return await self.transport.infer(request)
+                return await self.transport.infer(request, timeout)
             except V2Error as exc:
                 if exc.kind in ("rejected", "too-large"):
                     raise
@@ -420,14 +533,64 @@ class V2Client:
                     failures[exc.kind] += 1
                     if failures[exc.kind] > bounded[exc.kind]:
                         raise
+                last = exc
                 if self.on_retry is not None:
                     self.on_retry(exc)
             # full jitter keeps a fleet of bridges from hammering a server that is coming back
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            pause = random.uniform(delay / 2, delay)
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
             delay = min(delay * 2, self.settings.retry_max_s)
 
     async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         return await self.transport.metadata(model, version)
 
+    async def row_limit(self, model: str, version: str | None = None) -> tuple[int, bool]:
+        """The most rows ``model`` takes in one call, and whether the server said so itself.
+
+        Read from the model's V2 metadata (``parameters`` or ``properties``: ``max_batch_size``), trusted for
+        ``metadata_ttl_s``; when the server publishes none, or its metadata cannot be read now,
+        ``max_batch_rows`` (and an unpublished limit is asked again sooner)."""
+        key = (model, version)
+        now = time.monotonic()
+        cached = self._limits.get(key)
+        if cached is not None and cached[0] > now:
+            self._limits.move_to_end(key)
+            return cached[1], cached[2]
+        limit, published = self.settings.max_batch_rows, False
+        try:
+            doc = await asyncio.wait_for(self.transport.metadata(model, version), self.settings.timeout_s)
+        except (V2Error, TimeoutError):
+            doc = None
+        if isinstance(doc, dict):
+            found = published_limit(doc)
+            if found is not None:
+                limit, published = found, True
+        ttl = self.settings.metadata_ttl_s if published else min(self.settings.metadata_ttl_s, 30.0)
+        self._limits[key] = (now + ttl, limit, published)
+        while len(self._limits) > 256:
+            self._limits.popitem(last=False)
+        return limit, published
+
     async def close(self) -> None:
         await self.transport.close()
+
+
+def published_limit(doc: dict[str, Any]) -> int | None:
+    """A model's row limit from its V2 metadata document, if the server published a valid one."""
+    for section in ("parameters", "properties"):
+        values = doc.get(section)
+        if not isinstance(values, dict):
+            continue
+        for name in LIMIT_KEYS:
+            value = values.get(name)
+            if isinstance(value, dict):  # gRPC-style parameter object serialised to JSON
+                value = next(iter(value.values()), None)
+            try:
+                limit = int(str(value).strip())
+            except (TypeError, ValueError):
+                continue
+            if limit >= 1:
+                return limit
+    return None
