@@ -450,9 +450,9 @@ def build_feedback_router(
         cumulative = compute_metrics(cumulative_matrix, labels)
         if not submission.replayed:  # a resend was counted the first time
             for version in touched:
-                pairs = [pair for pair, v in zip(submission.pairs, submission.versions, strict=True) if v == version]
+                judged = [pair for pair, v in zip(submission.pairs, submission.versions, strict=True) if v == version]
                 prometheus.observe_batch(model_name, version, body.source,
-                                         confusion_from_pairs(pairs, len(labels.labels)), labels.labels)
+                                         confusion_from_pairs(judged, len(labels.labels)), labels.labels)
         answer = FeedbackAccepted(model_name=model_name, submission_id=submission.submission_id,
                                   accepted=len(submission.pairs), replayed=submission.replayed,
                                   batch=compute_metrics(batch, labels), cumulative=cumulative)
