@@ -122,6 +122,16 @@ def test_an_old_database_is_migrated_with_its_rows_kept(db_url: str) -> None:
         assert store.confusion("iris", IRIS.labels, version="7", sources=["api"]).sum() == 1
     finally:
         store.close()
+    # A replica still running the previous code (rolling upgrade) can go on inserting: the new columns default.
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(old_feedback.insert(), {"model": "iris", "submission_id": "s3", "prediction_id": None,
+                                             "true_label": 0, "predicted_label": 0,
+                                             "created_at": datetime.now(UTC).replace(tzinfo=None)})
+        assert tuple(conn.execute(select(feedback.c.version, feedback.c.source)
+                                  .where(feedback.c.submission_id == "s3")).one()) == ("", "api")
+        conn.execute(old_feedback.delete().where(old_feedback.c.submission_id == "s3"))
+    engine.dispose()
     # A second start finds the schema current and changes nothing.
     again = FeedbackStore(db_url)
     try:
