@@ -1,4 +1,4 @@
-"""``python -m bench {iris,images,bridge,coldstart,all} [--quick] [--profile]`` (``make bench`` runs ``all``).
+"""``python -m bench {iris,zoo,images,bridge,coldstart,all} [--quick] [--profile]`` (``make bench`` runs ``all``).
 
 Each benchmark prints its table and writes ``bench/results/<name>.json``; ``all`` also writes
 ``bench/results/summary.md`` with every table, the machine and the load averages, ready to be
@@ -19,10 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _benchmarks(profile: bool) -> dict[str, Callable[[bool], dict[str, Any]]]:
-    from bench import bridge, coldstart, images, iris
+    from bench import bridge, coldstart, images, iris, zoo
 
     return {
         "iris": lambda quick: iris.run(quick=quick),
+        "zoo": lambda quick: zoo.run(quick=quick),
         "images": lambda quick: images.run(quick=quick),
         "bridge": lambda quick: bridge.run(quick=quick, profile=profile),
         "coldstart": lambda quick: coldstart.run(quick=quick),
@@ -32,7 +33,7 @@ def _benchmarks(profile: bool) -> dict[str, Callable[[bool], dict[str, Any]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["iris", "images", "bridge", "coldstart", "all"])
+    parser.add_argument("benchmark", choices=["iris", "zoo", "images", "bridge", "coldstart", "all"])
     parser.add_argument("--quick", action="store_true", help="fewer requests and rounds: a smoke run, not figures")
     parser.add_argument("--profile", action="store_true", help="py-spy the bridge during its burst (bench/profiles/)")
     args = parser.parse_args(argv)

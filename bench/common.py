@@ -250,6 +250,7 @@ class Contender:
     body: Callable[[Protocol], bytes]
     target: Callable[[Protocol], str]
     cases: Sequence[tuple[Protocol, int]] | None = None  # None: every case of the comparison
+    requests: int | None = None  # None: the comparison's count; a slow server gets fewer for similar run times
 
 
 def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, int]], requests: int,
@@ -268,7 +269,7 @@ def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, 
                 if c.cases is not None and (protocol, concurrency) not in c.cases:
                     continue
                 load = loadavg()
-                result = run_load(protocol, c.target(protocol), c.body(protocol), concurrency, requests,
+                result = run_load(protocol, c.target(protocol), c.body(protocol), concurrency, c.requests or requests,
                                   server_pid=c.service.process.pid)
                 if result.errors:
                     raise RuntimeError(f"{c.label} {protocol} c={concurrency}: {result.errors} errors, "
@@ -284,7 +285,7 @@ def interleave(contenders: Sequence[Contender], cases: Sequence[tuple[Protocol, 
         throughputs = [res.throughput for res, _ in results]
         rows.append({
             "server": label, "protocol": protocol, "concurrency": concurrency, "rounds": len(results),
-            "requests_per_round": requests, "throughput": float(np.median(throughputs)),
+            "requests_per_round": results[0][0].requests, "throughput": float(np.median(throughputs)),
             "throughput_runs": [round(t, 1) for t in throughputs],
             "p50_ms": float(np.percentile(latencies, 50)), "p90_ms": float(np.percentile(latencies, 90)),
             "p99_ms": float(np.percentile(latencies, 99)), "max_ms": float(latencies.max()),

@@ -3,7 +3,7 @@
 What a new user would write from KServe's custom-predictor docs: load ``model.joblib``, answer V2
 requests with ``predict``. No prediction log, no auth, no batching, KServe's default flags
 (its latency log line per request included), so it is the floor a KServe-based server adds to.
-Run as ``python -m bench.kserve_stock MODEL_FILE --http_port P --grpc_port Q``.
+Run as ``python -m bench.kserve_stock MODEL_FILE MODEL_NAME --http_port P --grpc_port Q``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import PYTHON, Service, free_port, service
 
 
-def serve(model_file: str) -> None:
+def serve(model_file: str, model_name: str = "iris") -> None:
     import joblib
     import kserve
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -34,19 +34,19 @@ def serve(model_file: str) -> None:
             return InferResponse(model_name=self.name, infer_outputs=[output],
                                  response_id=payload.id or str(uuid.uuid4()))
 
-    model = SKLearnModel("iris")
+    model = SKLearnModel(model_name)
     model.load()
     kserve.ModelServer().start([model])
 
 
-def kserve_stock(name: str, model_file: Path) -> AbstractContextManager[Service]:
-    """Serve ``model_file`` as model ``iris`` with stock KServe; a context manager of :class:`Service`."""
+def kserve_stock(name: str, model_file: Path, model_name: str = "iris") -> AbstractContextManager[Service]:
+    """Serve ``model_file`` as ``model_name`` with stock KServe; a context manager of :class:`Service`."""
     http_port, grpc_port = free_port(), free_port()
-    return service(name, [PYTHON, "-m", "bench.kserve_stock", str(model_file), "--http_port", str(http_port),
-                          "--grpc_port", str(grpc_port)],
-                   ready_url=f"http://127.0.0.1:{http_port}/v2/models/iris/ready",
+    return service(name, [PYTHON, "-m", "bench.kserve_stock", str(model_file), model_name, "--http_port",
+                          str(http_port), "--grpc_port", str(grpc_port)],
+                   ready_url=f"http://127.0.0.1:{http_port}/v2/models/{model_name}/ready",
                    http_port=http_port, grpc_port=grpc_port)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv.pop(2))  # KServe parses the remaining flags

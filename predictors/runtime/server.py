@@ -175,7 +175,8 @@ class ClassifierServer(kserve.ModelServer):
             flush = None if writer is None else functools.partial(_flush_for_feedback, writer, self.feedback_store)
             app.include_router(build_feedback_router(
                 self.feedback_store, self._labels_of, flush_predictions=flush,
-                unknown_id_retry_s=writer.flush_interval_s if writer is not None else 0.0))
+                unknown_id_retry_s=writer.flush_interval_s if writer is not None else 0.0,
+                get_version=self._version_of))
         if self.settings.ui:
             try:
                 from predictors.ui import mount_ui
@@ -202,6 +203,11 @@ class ClassifierServer(kserve.ModelServer):
                 time.sleep(3600)
 
         threading.Thread(target=prune_forever, name="prediction-log-retention", daemon=True).start()
+
+    def _version_of(self, name: str) -> str | None:
+        """The version served now under ``name`` (None if none is): what feedback without ids is about."""
+        config = getattr(self.repository.get_model(name), "config", None)
+        return None if config is None else config.version
 
     def _labels_of(self, model_name: str) -> LabelsFile:
         model = self.repository.get_model(model_name)
