@@ -82,7 +82,7 @@ DLQ_PREFIX = "kcp-dlq-"
 MAX_REASON_BYTES = 1000  # a header value Pub/Sub accepts (1,024 bytes) with room to spare
 MAX_KEY_BYTES = 256
 RECORD_MARGIN = 1024  # record framing beyond value, key and headers, generously
-POLL_FAILURES_NOT_READY = 5  # consecutive failed polls after which /readyz answers 503 until one succeeds
+FAILURES_NOT_READY = 5  # consecutive failed polls, or sends, after which /readyz answers 503 until one succeeds
 GC_YOUNG_THRESHOLD = 50_000  # net allocations between young-generation collections (Python's default: 700)
 
 
@@ -151,6 +151,7 @@ class Bridge:
         self._model_labels: set[str] = set()  # models that answered: the only per-model label values
         self._stranded = 0  # messages whose dead letter the broker refused too: never acknowledged
         self._poll_failures = 0
+        self._send_failures = 0  # consecutive failed produce attempts, reset by any acknowledged send
         self._result_fixed: HeaderList | None = None
         self._stop: asyncio.Event | None = None
         # Batches wait here for one of max_in_flight workers (an asyncio.Semaphore with hundreds of
@@ -240,10 +241,12 @@ class Bridge:
                 self.metrics.pending.set(self._pending)
 
     def _update_state(self) -> None:
-        """``running`` or ``failing`` (not ready): failing while polling keeps failing or a message is stranded."""
+        """``running`` or ``failing`` (not ready): failing while polls or sends keep failing (a missing topic, a
+        denied write), or once a message is stranded."""
         if self.state not in ("running", "failing"):
             return
-        failing = self._stranded > 0 or self._poll_failures >= POLL_FAILURES_NOT_READY
+        failing = (self._stranded > 0 or self._poll_failures >= FAILURES_NOT_READY
+                   or self._send_failures >= FAILURES_NOT_READY)
         self.state = "failing" if failing else "running"
 
     def _has_room(self) -> bool:
@@ -575,7 +578,22 @@ class Bridge:
 
         await loop.run_in_executor(self._producer_threads, functools.partial(self.sink.send_batch, records, done,
                                                                              topic=topic))
-        return await waiter
+        errors = await waiter
+        self._sent(any(e is None or isinstance(e, PermanentSendError) for e in errors))
+        return errors
+
+    def _sent(self, ok: bool) -> None:
+        """Track whether the broker takes records at all (a refusal of one record is an answer, not trouble)."""
+        if ok:
+            if self._send_failures:
+                self._send_failures = 0
+                self._update_state()
+        else:
+            self._send_failures += 1
+            if self._send_failures == FAILURES_NOT_READY:
+                log.error("the broker refused %d sends in a row; /readyz answers 503 until one succeeds",
+                          FAILURES_NOT_READY)
+            self._update_state()
 
     async def _produce(self, topic: str, value: bytes, key: bytes | str | None, headers: HeaderList,
                        deadline: float) -> None:
@@ -590,10 +608,12 @@ class Bridge:
                     self._producer_threads,
                     functools.partial(self.sink.send_async, value, key=key, headers=headers, topic=topic))
                 await asyncio.wrap_future(future)
+                self._sent(True)
                 return
             except (asyncio.CancelledError, PermanentSendError):
                 raise
             except Exception as exc:  # broker trouble: keep the message, try again
+                self._sent(False)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise SendGivenUp(f"producing to {topic} kept failing: {exc!r}") from exc

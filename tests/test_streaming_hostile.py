@@ -93,7 +93,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     config = json.loads((models / "localhost" / "config.json").read_text())
     config["name"] = "localhost"
     (models / "localhost" / "config.json").write_text(json.dumps(config))
-    with start_model_server(models, tmp, env={"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32"}) as handle:
+    # the server's own fetch limits far above the bridge's deadline in the deadline case, so that deadline decides
+    env = {"KCP_URL_ALLOWED_NETWORKS": "127.0.0.1/32", "KCP_URL_TIMEOUT_S": "25", "KCP_URL_DEADLINE_S": "25"}
+    with start_model_server(models, tmp, env=env) as handle:
         yield handle
 
 
@@ -137,7 +139,7 @@ CASES = [
     Case("overall message deadline",
          lambda site: [("stuck", json.dumps({"id": "stuck", "model_name": "mnist", "inputs": [
              {"name": "input-0", "datatype": "BYTES", "shape": [1], "data": [f"{site}/digit.png"]}]}).encode(), {})],
-         {"stuck": ("deadline", "504")}, env={"KCP_BRIDGE_MESSAGE_DEADLINE_S": "4"}),
+         {"stuck": ("deadline", "504")}, env={"KCP_BRIDGE_MESSAGE_DEADLINE_S": "3"}),
     Case("arbitrary model strings as metric labels",
          lambda site: [row(f"label-{n}", model=f"m-{uuid.uuid4().hex}-" + "x" * n) for n in (10, 300, 3000)],
          {f"label-{n}": ("rejected", "404") for n in (10, 300, 3000)}, check=_labels_bounded),
