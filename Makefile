@@ -16,7 +16,7 @@ MODEL_DIR ?= models
 IMAGE_REGISTRY ?= ghcr.io/example
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: help setup apt venv tools train serve demo test lint bench k8s-validate manifests images container-test clean
+.PHONY: help setup apt venv tools train serve demo test test-fast lint bench k8s-validate manifests images container-test clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ demo: apt venv ## end to end on embedded defaults: broker, server, bridge, produ
 
 test: setup ## the test suite (real servers, broker, databases, helm)
 	$(PY) -m pytest -q
+
+test-fast: venv ## the unit tier: no servers, brokers, databases or helm (a couple of minutes)
+	$(PY) -m pytest -q -m "not integration and not container"
 
 lint: venv
 	$(VENV)/bin/ruff check .
