@@ -11,6 +11,7 @@ unacknowledged, readiness must drop) and the byte budget counted on decoded size
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -27,10 +28,13 @@ from typing import Any
 import httpx
 import pytest
 
+from streaming.bridge import Bridge
 from streaming.broker import EmbeddedBroker, tansu_binary
 from streaming.broker import free_port as broker_port
 from streaming.messenger import Message, Messenger
-from streaming.settings import KafkaSettings, MessengerSettings
+from streaming.settings import BridgeSettings, KafkaSettings, MessengerSettings, V2ClientSettings
+from streaming.tensors import InferRequest, Tensor
+from streaming.v2client import PerModelTransport, V2Error, make_transport, published_limit
 from tests.fixtures.broker import KafkaBroker, collect, ids_of, launch_bridge
 from tests.fixtures.ports import free_port, wait_for
 from tests.fixtures.server import TRAINED_MODELS, ServerHandle, start_model_server
@@ -111,16 +115,17 @@ class Case:
     args: list[str] = field(default_factory=list)
     per_model: bool = False
     bound_s: float = 20.0
-    check: Callable[[dict[str, float], list[Message]], None] | None = None
+    check: Callable[[dict[str, float], list[Message], str], None] | None = None
 
 
-def _merged_never_past_the_limit(metrics: dict[str, float], results: list[Message]) -> None:
+def _merged_never_past_the_limit(metrics: dict[str, float], results: list[Message], log: str) -> None:
     assert {m.key_str for m in results} >= {f"small-{i}" for i in range(64)}
     merged = metrics.get('kcp_bridge_batch_size_count', 0) - metrics.get('kcp_bridge_batch_size_bucket{le="1.0"}', 0)
     assert merged >= 2, f"the burst was merged (into calls of at most 256 rows): {metrics}"
+    assert "retrying one by one" not in log, "no merged call went past the limit and was refused"
 
 
-def _labels_bounded(metrics: dict[str, float], results: list[Message]) -> None:
+def _labels_bounded(metrics: dict[str, float], results: list[Message], log: str) -> None:
     labels = {k.split('model="', 1)[1].split('"', 1)[0] for k in metrics
               if k.startswith("kcp_bridge_v2_call_seconds_count{")}
     assert labels <= {"iris", "other"} and "other" in labels, labels
@@ -178,7 +183,7 @@ def test_hostile_message_is_dead_lettered_in_bounded_time_and_service_continues(
     assert metrics["kcp_bridge_consumed_total"] == total
     assert httpx.get(f"{bridge.url}/readyz", timeout=2).status_code == 200
     if case.check is not None:
-        case.check(metrics, results)
+        case.check(metrics, results, bridge.log())
     assert bridge.stop(signal.SIGTERM) == 0, bridge.log()[-3000:]
 
 
@@ -278,3 +283,45 @@ def test_the_pending_byte_budget_counts_decoded_size(kafka_broker: KafkaBroker,
     assert health["pending_bytes"] <= budget + decoded, health
     assert health["pending"] <= budget // decoded + 1, health
     assert health["pending_bytes"] >= health["pending"] * decoded * 0.9, "the count is decoded size, not raw bytes"
+
+
+# --- the bounds themselves, on the real client objects ----------------------------------------------
+
+
+def test_per_model_routes_are_checked_bounded_and_evicted() -> None:
+    """A name that does not resolve is refused after ``route_checks`` look-ups, then at once while remembered;
+    transports stay within ``max_transports``, the evicted ones closed once their calls could have finished."""
+    settings = V2ClientSettings(grpc_target="{model}:1", route_checks=2, retry_initial_s=0.05, max_transports=3,
+                                timeout_s=0.2)
+    transport = make_transport(settings)
+    assert isinstance(transport, PerModelTransport)
+
+    async def scenario() -> None:
+        request = InferRequest("no-such-model-kcp", [Tensor("input-0", "FP32", [1, 4], SETOSA)])
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(V2Error) as refused:
+                await transport.infer(request)
+            assert (refused.value.kind, refused.value.status) == ("rejected", 404), refused.value
+            assert "not routable" in str(refused.value) and time.monotonic() - started < 5
+        evicted = [transport._for(f"m{i}") for i in range(10)][:7]
+        assert len(transport._transports) == 3 and list(transport._transports) == ["m7", "m8", "m9"]
+        evicted[0]._ensure()  # a channel opened by a call still running when it was evicted
+        assert evicted[0]._channel is not None
+        await asyncio.sleep(0.5)
+        assert evicted[0]._channel is None, "an evicted transport is closed"
+        await transport.close()
+
+    asyncio.run(scenario())
+
+
+def test_row_limits_cap_merged_calls_and_come_from_published_metadata() -> None:
+    bridge = Bridge(BridgeSettings())
+    requests = [InferRequest("iris", [Tensor("input-0", "FP32", [5, 4], SETOSA * 5)]) for _ in range(64)]
+    chunks = bridge._chunks(requests, 256)
+    assert [sum(r.rows for r in c) for c in chunks] == [255, 65]
+    assert published_limit({"parameters": {"max_batch_size": 32}}) == 32
+    assert published_limit({"properties": {"max_batch_size": "16"}}) == 16
+    assert published_limit({"parameters": {"max_batch_size": {"int64_param": 8}}}) == 8
+    for unpublished in ({}, {"parameters": {"max_batch_size": "many"}}, {"properties": {"max_batch_size": "0"}}):
+        assert published_limit(unpublished) is None
