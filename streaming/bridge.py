@@ -28,7 +28,10 @@ Guarantees and why they hold:
   ``unpublishable-result`` for a result the broker would not take). A dead letter gets
   ``dead_letter_timeout_s`` of its own; if even the minimal one is refused or keeps failing, the
   message is *not* acknowledged (it is delivered again after a restart: never lost silently), it
-  is counted in ``kcp_bridge_stranded`` and ``/readyz`` answers 503 ("failing").
+  is counted in ``kcp_bridge_stranded`` and ``/readyz`` answers 503 ("failing"). Its minimal dead
+  letter is tried again every ``dead_letter_timeout_s``; once the broker takes it the message is
+  acknowledged and readiness returns. Meanwhile the bridge takes at most ``STRANDED_BACKLOG`` more
+  messages (on Kafka every one finished behind the stranded offset stays tracked until then).
 * **Outages are waited out, within the deadline.** Connection refused / UNAVAILABLE / 503 and
   transient broker errors are retried with capped backoff (:mod:`streaming.v2client`); the messages
   stay pending, and the consumer pauses its partitions once ``max_pending`` messages or
@@ -83,6 +86,7 @@ MAX_REASON_BYTES = 1000  # a header value Pub/Sub accepts (1,024 bytes) with roo
 MAX_KEY_BYTES = 256
 RECORD_MARGIN = 1024  # record framing beyond value, key and headers, generously
 FAILURES_NOT_READY = 5  # consecutive failed polls, or sends, after which /readyz answers 503 until one succeeds
+STRANDED_BACKLOG = 100_000  # messages taken while one is stranded (~100 bytes of offset tracking each), then none
 GC_YOUNG_THRESHOLD = 50_000  # net allocations between young-generation collections (Python's default: 700)
 
 
@@ -149,7 +153,12 @@ class Bridge:
         self._pending_bytes = 0
         self._produced_by_model: dict[str, Any] = {}
         self._model_labels: set[str] = set()  # models that answered: the only per-model label values
-        self._stranded = 0  # messages whose dead letter the broker refused too: never acknowledged
+        # messages whose dead letter the broker refused too: never acknowledged, their dead letter tried again now
+        # and then; meanwhile the bridge takes at most STRANDED_BACKLOG more messages (on Kafka each one finished
+        # behind a stranded offset stays tracked until that offset is acknowledged)
+        self._stranded: list[Work] = []
+        self._taken_while_stranded = 0
+        self._stranded_task: asyncio.Task[None] | None = None
         self._poll_failures = 0
         self._send_failures = 0  # consecutive failed produce attempts, reset by any acknowledged send
         self._result_fixed: HeaderList | None = None
@@ -181,7 +190,7 @@ class Bridge:
                 loop.add_signal_handler(sig, self.stop)
         health = HealthServer(self.metrics, lambda: self.state, self.settings.health_host, self.settings.health_port,
                               lambda: {"assigned": list(self.source.assignment), "pending": self._pending,
-                                      "pending_bytes": self._pending_bytes, "stranded": self._stranded})
+                                      "pending_bytes": self._pending_bytes, "stranded": len(self._stranded)})
         self.health_port = await health.start()
         log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
         try:
@@ -204,6 +213,8 @@ class Bridge:
         while not self._stop.is_set():
             room = s.max_pending_bytes - self._pending_bytes
             capacity = max(0, min(s.max_pending - self._pending, 500)) if room > 0 else 0
+            if self._stranded and self._taken_while_stranded >= STRANDED_BACKLOG:
+                capacity = room = 0  # stopped until the stranded messages are dead-lettered (or a restart)
             if capacity < self._refill and self._pending:
                 # Full: wait on the loop for a batch's worth of room rather than in a paused poll, which would
                 # hold the consumer thread for poll_timeout and drop what was fetched for the paused partitions.
@@ -231,6 +242,7 @@ class Bridge:
                 self.state = "running"
             self._update_state()
             if messages:
+                self._taken_while_stranded += len(messages)
                 self.metrics.consumed.inc(len(messages))
                 for message in messages:
                     self._accept(message)
@@ -245,12 +257,14 @@ class Bridge:
         denied write), or once a message is stranded."""
         if self.state not in ("running", "failing"):
             return
-        failing = (self._stranded > 0 or self._poll_failures >= FAILURES_NOT_READY
+        failing = (bool(self._stranded) or self._poll_failures >= FAILURES_NOT_READY
                    or self._send_failures >= FAILURES_NOT_READY)
         self.state = "failing" if failing else "running"
 
     def _has_room(self) -> bool:
         s = self.settings
+        if self._stranded and self._taken_while_stranded >= STRANDED_BACKLOG:
+            return False
         return (s.max_pending - self._pending >= self._refill or not self._pending) \
             and self._pending_bytes < s.max_pending_bytes
 
@@ -265,6 +279,8 @@ class Bridge:
         return self._room.is_set() and not self._stop.is_set()
 
     async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
+        if self._stranded_task is not None:
+            self._stranded_task.cancel()
         self._batcher.flush_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_timeout_s
@@ -456,11 +472,37 @@ class Bridge:
         if work.done:
             return
         work.done = True  # finished here, but neither acknowledged nor freed: it stays pending until a restart
-        self._stranded += 1
-        self.metrics.stranded.set(self._stranded)
-        log.error("the dead letter for %s was refused too (%s); the message is left unacknowledged and will be "
-                  "delivered again after a restart; /readyz now answers 503", work.message.position, error)
+        if not self._stranded:
+            self._taken_while_stranded = 0
+            # not one of the drained tasks: a stop must not wait for the broker to change its mind
+            self._stranded_task = asyncio.get_running_loop().create_task(self._retry_stranded())
+        self._stranded.append(work)
+        self.metrics.stranded.set(len(self._stranded))
+        log.error("the dead letter for %s was refused too (%s); the message is left unacknowledged (delivered again "
+                  "after a restart, its dead letter tried again every %.0fs meanwhile); /readyz now answers 503",
+                  work.message.position, error, self.settings.dead_letter_timeout_s)
         self._update_state()
+
+    async def _retry_stranded(self) -> None:
+        """Try the stranded messages' minimal dead letters again until the broker takes them (the topic was
+        created, the permission granted); each one taken is acknowledged, and readiness returns with the last."""
+        while self._stranded:
+            await asyncio.sleep(self.settings.dead_letter_timeout_s)
+            for work in list(self._stranded):
+                value, key, headers = cut_dead_letter(work.message, "internal", "its dead letter was refused at first",
+                                                      None, 0)
+                try:
+                    await self._produce(self.settings.dead_letter_topic, value, key, headers,
+                                        time.monotonic() + self.settings.dead_letter_timeout_s)
+                except (PermanentSendError, SendGivenUp):
+                    continue
+                self._stranded.remove(work)
+                self.metrics.stranded.set(len(self._stranded))
+                self.metrics.dead_lettered.labels("internal").inc()
+                work.done = False
+                self._done(work)
+                log.info("the dead letter for %s was taken at last; the message is acknowledged", work.message.position)
+            self._update_state()
 
     async def _finish_all(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
         """Publish a batch's results with one hand-off to the producer thread; failures go one by one."""
