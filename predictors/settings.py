@@ -32,8 +32,11 @@ class ImageLimits(BaseModel):
     max_images: int = Field(default=256, gt=0, description="encoded images in one request (KCP_IMAGE_MAX_IMAGES)")
     decode_deadline_s: float = Field(default=10.0, gt=0,
                                      description="decoding one request's images (KCP_IMAGE_DECODE_DEADLINE_S)")
-    decode_slots: int = Field(default=2, gt=0, description="requests decoding images at once, server-wide, "
-                                                          "so concurrent requests cannot multiply the memory "
+    decode_slots: int = Field(default=1, gt=0, description="requests decoding images at once in one server "
+                                                          "process, so concurrent requests cannot multiply the "
+                                                          "memory; decoding holds the GIL in stretches, and one "
+                                                          "decoding thread keeps the event loop answering "
+                                                          "(--workers scales across cores) "
                                                           "(KCP_IMAGE_DECODE_SLOTS)")
 
 

@@ -507,5 +507,6 @@ def _base_env(tmp_path: Path) -> dict[str, str]:
 def test_serving_without_a_key_beyond_loopback_warns(iris_only, tmp_path):
     with start_model_server(iris_only, tmp_path, extra_args=["--host", "0.0.0.0"]) as handle:
         assert "without an API key" in handle.log()
+    (tmp_path / "loopback").mkdir()
     with start_model_server(iris_only, tmp_path / "loopback") as handle:
         assert "without an API key" not in handle.log()

@@ -98,9 +98,12 @@ def grayscale(image: Image.Image | np.ndarray, _: GrayscaleStep | None = None) -
     if isinstance(image, np.ndarray):
         return image.astype(np.float32)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Pasting through the alpha mask gives what Image.alpha_composite gives on opaque paper, pixel for
+        # pixel, without holding the GIL for the whole image (the event loop shares the process).
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
+        paper = Image.new("RGB", rgba.size, (255, 255, 255))
+        paper.paste(rgba, mask=rgba.getchannel("A"))
+        image = paper
     return np.asarray(ImageOps.grayscale(image.convert("RGB")), dtype=np.float32)
 
 

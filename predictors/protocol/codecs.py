@@ -43,6 +43,7 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
         if tensor.raw is not None:
             array = _from_raw(tensor.raw, name, dtype_name, dtype, count, shape)
         elif isinstance(tensor.data, list):
+            _check_outer_length(tensor.data, name, shape, count)
             array = _from_json(_flatten(tensor.data), name, dtype_name, dtype)
         elif tensor.data is not None:  # gRPC typed contents: protobuf has typed every element already
             array = _from_typed(tensor.data, name, dtype_name, dtype)
@@ -55,6 +56,13 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
         raise
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadInput(f"input '{name}': cannot decode as {dtype_name} {shape}: {exc}") from exc
+
+
+def _check_outer_length(data: list, name: str, shape: list[int], count: int) -> None:
+    """JSON ``data`` is flat (``count`` values) or nested along the shape (``shape[0]`` lists): any other
+    length is refused before the values are walked one by one."""
+    if shape and len(data) not in (count, shape[0]):
+        raise BadInput(f"input '{name}': {len(data)} values or rows do not match shape {shape} ({count} elements)")
 
 
 def _from_raw(raw: bytes, name: str, dtype_name: str, dtype: Any, count: int, shape: list[int]) -> np.ndarray:

@@ -22,6 +22,7 @@ KServe's data plane still serves the stock path: the same model classes answer u
 
 from __future__ import annotations
 
+import gc
 import re
 import struct
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_REQUESTED_OUTPUTS = 64
 """More ``outputs`` entries than any model produces; each one is a copy of an output in the answer."""
 _JSON_LENGTH = re.compile(r"[0-9]{1,19}")
-MAX_JSON_VALUES = 2 * 1024 * 1024
+MAX_JSON_VALUES = 1024 * 1024
 """Default bound on the values a REST body's JSON may hold (``KCP_MAX_JSON_VALUES``). A parsed value costs
 8-64 bytes of Python objects for 2-3 bytes of JSON (``[],`` is an empty list), so the byte limit alone lets
 one body take twenty times its size in memory and seconds of CPU on the event loop."""
@@ -152,7 +153,7 @@ class _Input(BaseModel):
     shape: list[StrictInt]
     datatype: str
     parameters: dict[str, Parameter] | None = None
-    data: list | None = None
+    data: Any = None  # checked to be a list in parse_rest: validating it as one would copy every element
 
 
 class _Output(BaseModel):
@@ -186,10 +187,31 @@ def _binary_flag(parameters: dict[str, Any] | None, key: str, where: str) -> boo
     return value
 
 
+_COUNT_SLICE = 1024 * 1024
+
+
 def json_value_bound(json_part: bytes) -> int:
     """At most how many values a JSON text holds: every value after the first follows a comma or opens a
-    container. Counted without parsing (strings with commas only make the bound looser)."""
-    return json_part.count(b",") + json_part.count(b"[") + json_part.count(b"{") + 1
+    container. Counted without parsing (strings with commas only make the bound looser), a slice at a time
+    so that a thread counting a large body lets the event loop's thread in between slices."""
+    count = 1
+    for start in range(0, len(json_part), _COUNT_SLICE):
+        end = start + _COUNT_SLICE
+        count += sum(json_part.count(mark, start, end) for mark in (b",", b"[", b"{"))
+    return count
+
+
+def _loads(json_part: bytes) -> Any:
+    """``orjson.loads`` with the cyclic garbage collector paused: a body of many small arrays or objects
+    creates as many containers, and each allocation threshold crossed on the way would start a collection
+    that walks all of them again (ten times the parse itself). Plain JSON cannot form cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return orjson.loads(json_part)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def parse_rest(body: bytes, json_length: str | None, model_name: str,
@@ -209,7 +231,7 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str,
     if json_value_bound(json_part) > max_values:
         raise PayloadTooLarge(f"request JSON holds more than {max_values} values; send large tensors as binary data")
     try:
-        document = orjson.loads(json_part)
+        document = _loads(json_part)
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"request body is not valid JSON: {exc}") from exc
     try:
@@ -232,6 +254,8 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str,
                 raise BadInput(f"input '{item.name}' has both 'data' and 'binary_data_size'")
             if item.datatype == "FP16":
                 raise BadInput(f"input '{item.name}': FP16 must be sent as binary data")
+            if not isinstance(item.data, list):
+                raise BadInput(f"invalid inference request: inputs.{item.name}.data: must be an array")
             tensor.data = item.data
         elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
