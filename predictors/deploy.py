@@ -1,15 +1,20 @@
 """Deploy a model package to a Kubernetes cluster running KServe: ``python -m predictors deploy|undeploy``.
 
-``deploy`` reads the package's name from its ``config.json``, server-side-applies an ``InferenceService``
-of that name whose custom predictor container (``kserve-container``) runs this project's server on the
-package fetched from ``--storage-uri`` by KServe's storage initializer (``/mnt/models``), waits for the
-``Ready`` condition and prints the service URL. ``undeploy`` deletes it.
+``deploy`` renders the Helm chart (``helm/kserve-classifiers``, by ``helm template``) for one model, the package:
+its name, format (``framework``) and version from ``config.json`` and the ``--storage-uri`` KServe's storage
+initializer fetches it from, on top of the user's values files (``-f``) and under their ``--set`` values. Of what
+the chart renders it server-side-applies the package's InferenceService and the serving runtime that
+InferenceService names (field manager ``kserve-classifiers-deploy``), waits for ``Ready`` and prints the service
+URL. ``undeploy`` deletes the InferenceService; the runtime stays, as other models of its format may use it.
 
-The InferenceService is the one the Helm chart (``helm/kserve-classifiers``) renders for a model with its
-default values: same command, arguments, ports, probes and environment (a test compares the two).
+The chart is the one definition of both objects, and it checks the values (its schema and cross-field rules, e.g.
+SQLite feedback with more than one replica) before anything reaches the cluster. The release-wide objects (the API
+key and feedback database Secrets, the bridge, the NetworkPolicy, alerts, dashboards) are ``helm install``'s: a
+Secret named here must exist. Without ``--api-key-secret`` (or ``apiKey`` in a values file) the model takes no key.
 
     python -m predictors deploy models/iris --storage-uri pvc://models/iris -n classifiers \\
         --api-key-secret kcp-kserve-classifiers-api-key
+    python -m predictors deploy models/iris --storage-uri s3://bucket/iris -f my-values.yaml --set image.tag=0.2.0
     python -m predictors undeploy iris -n classifiers
 """
 
@@ -17,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
-import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,156 +39,184 @@ VERSION = "v1beta1"
 PLURAL = "inferenceservices"
 KIND = "InferenceService"
 FIELD_MANAGER = "kserve-classifiers-deploy"
-CONTAINER_NAME = "kserve-container"  # KServe's name for the predictor container of a custom predictor
-MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts what STORAGE_URI names
-DEFAULT_REGISTRY = "ghcr.io/example"
-DEFAULT_IMAGE_REPOSITORY = "kserve-classifiers-predictor"
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "kserve-classifiers"
+# Release name: the chart names the runtimes "<release>-<format>" when the release holds the chart's name.
+DEFAULT_RELEASE = "kserve-classifiers"
 DEPLOYMENT_MODES = ("Standard", "Knative")
-# KServe validates InferenceService names as DNS-1035 labels; 45 leaves room for the names KServe derives.
-ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,43}[a-z0-9])?$")
-STORAGE_URI = re.compile(r"^(pvc|s3|gs|hf|oci)://[^/\s]+(/\S*)?$|^https?://\S+$")
+RUNTIME_KINDS = ("ServingRuntime", "ClusterServingRuntime")
+# The kinds deploy applies: kind -> plural (the group and version come from each object's apiVersion).
+PLURALS = {KIND: PLURAL, "ServingRuntime": "servingruntimes", "ClusterServingRuntime": "clusterservingruntimes"}
+# Below the user's values files: the release-wide parts deploy does not apply stay out of the way (the bridge
+# would check models deploy leaves out; an API key would name the chart's Secret, which deploy does not create).
+DEPLOY_DEFAULTS: dict[str, Any] = {"apiKey": {"enabled": False}, "bridge": {"enabled": False}}
 
 
 class DeployError(RuntimeError):
-    """Anything that stops a deploy or undeploy: bad input, API errors, not Ready in time."""
+    """Anything that stops a deploy or undeploy: bad input, the chart refusing the values, API errors, not Ready."""
 
 
-def project_version() -> str:
+# --- rendering the chart --------------------------------------------------------------------------------------
+
+
+def helm_binary() -> str:
+    """$KCP_HELM, the project's pinned helm (.tools/bin, ``make tools``), or helm on PATH."""
+    for candidate in (os.environ.get("KCP_HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise DeployError("helm not found: run make tools (installs it into .tools/bin), put helm on PATH or set KCP_HELM")
+
+
+def chart_dir(chart: str | Path | None = None) -> Path:
+    path = Path(chart or os.environ.get("KCP_CHART") or CHART)
+    if not (path / "Chart.yaml").is_file():
+        raise DeployError(f"no Helm chart at {path}: pass --chart or set KCP_CHART to helm/kserve-classifiers")
+    return path
+
+
+def split_image(reference: str) -> tuple[str, str, str, str]:
+    """``registry/path/repository[:tag][@digest]`` as the chart's (registry, repository, tag, digest)."""
+    rest, _, digest = reference.partition("@")
+    registry, _, last = rest.rpartition("/")
+    repository, _, tag = last.partition(":")
+    if not repository:
+        raise DeployError(f"image {reference!r}: expected [registry/]repository[:tag][@sha256:digest]")
+    return registry, repository, tag, digest
+
+
+def option_values(fmt: str, *, image: str | None = None, deployment_mode: str | None = None,
+                  api_key_secret: str | None = None, api_key_secret_key: str | None = None,
+                  feedback_db_secret: str | None = None, feedback_db_secret_key: str | None = None,
+                  service_account: str | None = None, url_input: bool | None = None) -> dict[str, Any]:
+    """The chart values the command-line options stand for (None: leave the values files' or the chart's)."""
+    values: dict[str, Any] = {}
+    if image:
+        registry, repository, tag, digest = split_image(image)
+        values["image"] = {"registry": registry, **({"tag": tag} if tag else {})}
+        values["runtimes"] = {fmt: {"image": {"repository": repository, "digest": digest}}}
+    if deployment_mode:
+        values.setdefault("kserve", {})["deploymentMode"] = deployment_mode
+    if service_account:
+        values.setdefault("kserve", {})["serviceAccountName"] = service_account
+    if api_key_secret:
+        values["apiKey"] = {"enabled": True, "existingSecret": api_key_secret,
+                            **({"secretKey": api_key_secret_key} if api_key_secret_key else {})}
+    if feedback_db_secret:
+        values["feedback"] = {"database": {"existingSecret": feedback_db_secret,
+                                           **({"secretKey": feedback_db_secret_key} if feedback_db_secret_key else {})}}
+    if url_input is not None:
+        values["predictor"] = {"urlInput": {"enabled": url_input}}
+    return values
+
+
+def users_model_entry(values_files: Iterable[str | Path], name: str) -> dict[str, Any]:
+    """The entry named ``name`` in the ``models`` of the last values file that sets them (helm replaces lists)."""
+    import yaml
+
+    models = None
+    for path in values_files:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise DeployError(f"values file {path}: {exc}") from exc
+        if isinstance(values, dict) and "models" in values:
+            models = values["models"]
+    return copy.deepcopy(next((m for m in models or [] if isinstance(m, dict) and m.get("name") == name), {}))
+
+
+def helm_error(stderr: str) -> str:
+    """helm's error as one line: its "Error: " prefix, the template position and the --debug hint dropped."""
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and not line.startswith("Use --debug") and not line.startswith("WARNING")]
+    text = " ".join(lines).removeprefix("Error: ")
+    if text.startswith("execution error at ("):
+        text = text.split("): ", 1)[-1]
+    return text or "helm template failed with no message"
+
+
+def render(package: str | Path | None, storage_uri: str | None = None, *, name: str | None = None,
+           fmt: str | None = None, version: str | None = None, namespace: str = "default",
+           release: str = DEFAULT_RELEASE, values_files: Iterable[str | Path] = (), set_values: Iterable[str] = (),
+           chart: str | Path | None = None, min_replicas: int | None = None, max_replicas: int | None = None,
+           **options: Any) -> list[dict[str, Any]]:
+    """What deploy applies for ``package``: the chart's serving runtime and InferenceService for it, in that order.
+
+    Values, later ones winning: :data:`DEPLOY_DEFAULTS`, ``values_files``, the model (the values files' entry of its
+    name, if any, with the package's name, format and version, ``storage_uri`` and the replica counts),
+    ``options`` (see :func:`option_values`), ``set_values`` (``key=value`` as helm's ``--set``).
+    """
+    import yaml
+
+    if package is not None:
+        loaded = load(package)
+        name = name or loaded.name
+        fmt = fmt or loaded.config.framework
+        version = version or loaded.version
+    if not name or not fmt:
+        raise DeployError("give a package directory (or a name and a format)")
+    values_files = [str(f) for f in values_files]
+    model = {"minReplicas": 1, "maxReplicas": 1, **users_model_entry(values_files, name), "name": name,
+             "format": fmt}
+    if version:
+        model["version"] = str(version)
+    if storage_uri:
+        model["storageUri"] = storage_uri
+    if not model.get("storageUri"):
+        raise DeployError(f"no storage URI for {name}: pass --storage-uri (pvc://, s3://, gs://, https://)")
+    if min_replicas is not None:
+        model["minReplicas"] = min_replicas
+    if max_replicas is not None:
+        model["maxReplicas"] = max_replicas
+    overrides = {**option_values(fmt, **options), "models": [model]}
+    with tempfile.TemporaryDirectory(prefix="kcp-deploy-") as tmp:
+        defaults_file, overrides_file = Path(tmp, "deploy-defaults.yaml"), Path(tmp, "deploy-model.yaml")
+        defaults_file.write_text(yaml.safe_dump(DEPLOY_DEFAULTS))
+        overrides_file.write_text(yaml.safe_dump(overrides))
+        cmd = [helm_binary(), "template", release, str(chart_dir(chart)), "--namespace", namespace, "--skip-tests",
+               "-f", str(defaults_file), *(a for f in values_files for a in ("-f", f)), "-f", str(overrides_file),
+               *(a for s in set_values for a in ("--set", s))]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DeployError(f"helm template: {exc}") from exc
+    if proc.returncode != 0:
+        raise DeployError(f"the chart refused the values: {helm_error(proc.stderr)}")
+    objects = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    isvc = next((o for o in objects if o.get("kind") == KIND and o["metadata"]["name"] == name), None)
+    if isvc is None:  # a --set that renamed models[0]
+        raise DeployError(f"the chart rendered no InferenceService named {name}")
+    runtime_name = isvc["spec"]["predictor"]["model"]["runtime"]
+    runtime = next((o for o in objects if o.get("kind") in RUNTIME_KINDS and o["metadata"]["name"] == runtime_name),
+                   None)
+    if runtime is None:
+        raise DeployError(f"the chart rendered no serving runtime {runtime_name} for {name}")
+    return [runtime, isvc]
+
+
+def load(package: str | Path):
+    """The package (fully validated; its name, framework and version are what deploy needs)."""
+    from predictors.package import PackageError, load_package
+
     try:
-        from importlib.metadata import version
-
-        return version("kserve-classifiers")
-    except Exception:
-        return "0.1.0"
-
-
-def default_image() -> str:
-    """The predictor image ``make images`` builds: $KCP_PREDICTOR_IMAGE or <registry>/<repository>:<version>."""
-    return os.environ.get("KCP_PREDICTOR_IMAGE") or f"{DEFAULT_REGISTRY}/{DEFAULT_IMAGE_REPOSITORY}:{project_version()}"
-
-
-# --- the InferenceService -------------------------------------------------------------------------------
-
-
-def server_args(*, http_port: int = 8080, grpc_port: int = 8081, enable_grpc: bool = True, workers: int = 1,
-                max_threads: int = 4, enable_docs_url: bool = False, model_dir: str = MODEL_DIR) -> list[str]:
-    """Arguments of ``python -m predictors serve`` in the container (as the chart renders them)."""
-    return ["--model_dir", model_dir, "--host", "0.0.0.0", "--http_port", str(http_port),
-            "--grpc_port", str(grpc_port), "--enable_grpc", str(enable_grpc).lower(), "--workers", str(workers),
-            "--max_threads", str(max_threads), "--enable_docs_url", str(enable_docs_url).lower()]
-
-
-@dataclass
-class DeploySpec:
-    """What to deploy. The container is the chart's (tests/test_deploy.py compares them); one replica by default."""
-
-    name: str
-    storage_uri: str
-    namespace: str = "default"
-    image: str = field(default_factory=default_image)
-    deployment_mode: str = "Standard"
-    min_replicas: int = 1
-    max_replicas: int = 1
-    api_key_secret: str | None = None
-    api_key_secret_key: str = "api-key"
-    feedback_db_secret: str | None = None
-    feedback_db_secret_key: str = "url"
-    service_account: str | None = None
-    url_input: bool = True
-    http_port: int = 8080
-    grpc_port: int = 8081
-    cpu: str = "500m"
-    memory: str = "1Gi"
-    cpu_limit: str = "2"
-    memory_limit: str = "2Gi"
-
-    def validate(self) -> None:
-        if not ISVC_NAME.match(self.name):
-            raise DeployError(f"model name {self.name!r} cannot be an InferenceService name: KServe needs a DNS-1035 "
-                              "label (lower-case letters, digits and '-', starting with a letter, at most 45 chars)")
-        if not STORAGE_URI.match(self.storage_uri):
-            raise DeployError(f"storage URI {self.storage_uri!r} is not one KServe's storage initializer fetches: "
-                              "use pvc://<claim>/<path>, s3://<bucket>/<path>, gs://<bucket>/<path> or https://...")
-        if self.deployment_mode not in DEPLOYMENT_MODES:
-            raise DeployError(f"deployment mode {self.deployment_mode!r}: choose one of {', '.join(DEPLOYMENT_MODES)}")
-        if self.min_replicas < 0 or self.max_replicas < 1 or self.min_replicas > self.max_replicas:
-            raise DeployError(f"replicas: need 0 <= min ({self.min_replicas}) <= max ({self.max_replicas}), max >= 1")
-        if self.min_replicas == 0 and self.deployment_mode != "Knative":
-            raise DeployError("min replicas 0 (scale to zero) needs deployment mode Knative")
-
-
-def inference_service(spec: DeploySpec) -> dict[str, Any]:
-    """The InferenceService manifest for ``spec`` (validated first)."""
-    spec.validate()
-    knative = spec.deployment_mode == "Knative"
-    env: list[dict[str, Any]] = [{"name": "STORAGE_URI", "value": spec.storage_uri}]
-    if spec.api_key_secret:
-        env.append({"name": "KCP_API_KEY", "valueFrom": {"secretKeyRef": {"name": spec.api_key_secret,
-                                                                          "key": spec.api_key_secret_key}}})
-    if spec.feedback_db_secret:
-        env.append({"name": "KCP_FEEDBACK_DB_URL", "valueFrom": {"secretKeyRef": {
-            "name": spec.feedback_db_secret, "key": spec.feedback_db_secret_key}}})
-    else:
-        env.append({"name": "KCP_FEEDBACK_DB_URL", "value": "sqlite:////var/lib/kcp/feedback.db"})
-    env.append({"name": "KCP_URL_FETCH_ENABLED", "value": str(spec.url_input).lower()})
-    ports = [{"name": "http1", "containerPort": spec.http_port, "protocol": "TCP"}]
-    if not knative:  # Knative allows one port per container: REST only there
-        ports.append({"name": "h2c", "containerPort": spec.grpc_port, "protocol": "TCP"})
-    container = {
-        "name": CONTAINER_NAME,
-        "image": spec.image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "predictors", "serve"],
-        "args": server_args(http_port=spec.http_port, grpc_port=spec.grpc_port, enable_grpc=not knative),
-        "env": env,
-        "ports": ports,
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": spec.http_port},
-                           "initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": spec.http_port},
-                          "initialDelaySeconds": 30, "periodSeconds": 15, "timeoutSeconds": 3, "failureThreshold": 5},
-        "resources": {"requests": {"cpu": spec.cpu, "memory": spec.memory},
-                      "limits": {"cpu": spec.cpu_limit, "memory": spec.memory_limit}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/var/lib/kcp"}],
-    }
-    predictor: dict[str, Any] = {
-        "minReplicas": spec.min_replicas,
-        "maxReplicas": spec.max_replicas,
-        "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.http_port),
-                        "prometheus.io/path": "/metrics"},
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
-        "automountServiceAccountToken": False,  # the server never calls the Kubernetes API
-        "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "data", "emptyDir": {}}],
-    }
-    if spec.service_account:
-        predictor["serviceAccountName"] = spec.service_account
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "labels": {"app.kubernetes.io/name": "kserve-classifiers", "app.kubernetes.io/component": "predictor",
-                       "app.kubernetes.io/managed-by": FIELD_MANAGER, "app.kubernetes.io/part-of": "kserve-classifiers",
-                       "kserve-classifiers/model": spec.name},
-            "annotations": {"serving.kserve.io/deploymentMode": spec.deployment_mode,
-                            "serving.kserve.io/enable-prometheus-scraping": "true"},
-        },
-        "spec": {"predictor": predictor},
-    }
+        return load_package(package)
+    except PackageError as exc:
+        raise DeployError(str(exc)) from exc
 
 
 def package_name(package: str | Path) -> str:
     """The model name in a package's config.json (the package is fully validated)."""
-    from predictors.package import PackageError, load_package
+    return load(package).name
 
-    try:
-        return load_package(package).name
-    except PackageError as exc:
-        raise DeployError(str(exc)) from exc
+
+def notes(objects: list[dict[str, Any]]) -> list[str]:
+    """What the user should know about the objects before they go out: a model without an API key."""
+    isvc = next(o for o in objects if o["kind"] == KIND)
+    env = {e["name"] for o in objects for c in (o["spec"].get("containers") or []) for e in c.get("env") or []}
+    env |= {e["name"] for e in isvc["spec"]["predictor"]["model"].get("env") or []}
+    if "KCP_API_KEY" not in env:
+        return [f"note: {isvc['metadata']['name']} takes no API key (no --api-key-secret): every caller that reaches "
+                "it is served; helm install adds the chart's NetworkPolicy"]
+    return []
 
 
 # --- talking to the cluster --------------------------------------------------------------------------------
@@ -221,7 +256,7 @@ def default_namespace(kubeconfig: str | None = None, context: str | None = None)
     return sa_ns.read_text().strip() if sa_ns.is_file() else "default"
 
 
-def _api_error(exc: Exception, what: str) -> DeployError:
+def _api_error(exc: Exception, what: str, kind: str = KIND) -> DeployError:
     from kubernetes.client.exceptions import ApiException
 
     if isinstance(exc, ApiException):
@@ -230,27 +265,39 @@ def _api_error(exc: Exception, what: str) -> DeployError:
             reason = json.loads(exc.body).get("message", reason)
         hint = ""
         if exc.status == 404:
-            hint = " (is KServe installed? the InferenceService CRD serving.kserve.io/v1beta1 is missing)"
+            hint = f" (is KServe installed? the {kind} CRD of {GROUP} is missing)"
         elif exc.status == 403:
-            hint = " (your account may not create InferenceServices in this namespace)"
+            hint = f" (your account may not create {kind} objects here)"
         return DeployError(f"{what}: HTTP {exc.status}: {reason}{hint}")
     return DeployError(f"{what}: {exc}")
 
 
+def _where(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else meta["name"]
+
+
 def apply(manifest: dict[str, Any], client: Any, *, dry_run: bool = False) -> dict[str, Any]:
-    """Server-side apply (field manager ``kserve-classifiers-deploy``, taking over conflicting fields)."""
+    """Server-side apply one of the kinds in :data:`PLURALS` (field manager ``kserve-classifiers-deploy``, taking
+    over conflicting fields); the object as the server stored it."""
     from kubernetes.client import CustomObjectsApi
 
-    meta = manifest["metadata"]
+    kind, meta = manifest["kind"], manifest["metadata"]
+    group, _, version = manifest["apiVersion"].partition("/")
+    api = CustomObjectsApi(client)
+    # Raw response: the generated client maps only 200 to a body, and an apply that creates answers 201.
+    common = {"field_manager": FIELD_MANAGER, "force": True, "dry_run": "All" if dry_run else None,
+              "_content_type": "application/apply-patch+yaml", "_preload_content": False}
     try:
-        # Raw response: the generated client maps only 200 to a body, and an apply that creates answers 201.
-        response = CustomObjectsApi(client).patch_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], manifest, field_manager=FIELD_MANAGER,
-            force=True, dry_run="All" if dry_run else None, _content_type="application/apply-patch+yaml",
-            _preload_content=False)
+        if meta.get("namespace"):
+            response = api.patch_namespaced_custom_object(group, version, meta["namespace"], PLURALS[kind],
+                                                          meta["name"], manifest, **common)
+        else:
+            response = api.patch_cluster_custom_object(group, version, PLURALS[kind], meta["name"], manifest,
+                                                       **common)
         return json.loads(response.data)
     except Exception as exc:
-        raise _api_error(exc, f"applying InferenceService {meta['namespace']}/{meta['name']}") from exc
+        raise _api_error(exc, f"applying {kind} {_where(manifest)}", kind) from exc
 
 
 def ready_condition(isvc: dict[str, Any]) -> dict[str, Any] | None:
@@ -288,28 +335,28 @@ def wait_ready(name: str, namespace: str, client: Any, *, timeout: float = 600.0
         time.sleep(interval)
 
 
-def deploy(package: str | Path | None, storage_uri: str, *, name: str | None = None, namespace: str | None = None,
-           client: Any = None, kubeconfig: str | None = None, context: str | None = None, wait: bool = True,
-           timeout: float = 600.0, interval: float = 2.0, out: TextIO | None = None, err: TextIO | None = None,
-           **options: Any) -> str:
-    """Apply the InferenceService for ``package`` and (unless ``wait`` is false) wait until Ready.
+def deploy(package: str | Path, storage_uri: str | None = None, *, namespace: str | None = None, client: Any = None,
+           kubeconfig: str | None = None, context: str | None = None, wait: bool = True, timeout: float = 600.0,
+           interval: float = 2.0, out: TextIO | None = None, err: TextIO | None = None, **options: Any) -> str:
+    """Apply the chart's serving runtime and InferenceService for ``package``; unless ``wait`` is false, wait until
+    the InferenceService is Ready.
 
     Returns its URL (``status.url``; empty when not waiting and none is known yet) and prints it to ``out``.
-    ``options`` are :class:`DeploySpec` fields (image, deployment_mode, min_replicas, api_key_secret, ...).
+    ``options`` are :func:`render`'s (name, release, values_files, set_values, image, max_replicas, ...).
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    if name is None:
-        if package is None:
-            raise DeployError("give a package directory or a name")
-        name = package_name(package)
     if namespace is None:
         namespace = default_namespace(kubeconfig, context)
-    manifest = inference_service(DeploySpec(name=name, storage_uri=storage_uri, namespace=namespace, **options))
+    objects = render(package, storage_uri, namespace=namespace, **options)
+    for line in notes(objects):
+        print(line, file=err, flush=True)
     client = client or api_client(kubeconfig, context)
-    applied = apply(manifest, client)
-    print(f"inferenceservice {namespace}/{name} applied (generation {applied['metadata'].get('generation')})",
-          file=err, flush=True)
+    for obj in objects:
+        applied = apply(obj, client)
+        print(f"{obj['kind'].lower()} {_where(obj)} applied (generation {applied['metadata'].get('generation')})",
+              file=err, flush=True)
+    name = objects[-1]["metadata"]["name"]
     if not wait:
         url = (applied.get("status") or {}).get("url") or ""
     else:
@@ -371,27 +418,36 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 
 def add_deploy_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add ``deploy`` and ``undeploy`` to ``python -m predictors``'s subcommands."""
-    d = subparsers.add_parser("deploy", help="apply an InferenceService for a package, wait until Ready, print its URL",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("package", help="model package directory (its config.json names the InferenceService)")
-    d.add_argument("--storage-uri", required=True,
-                   help="where KServe's storage initializer fetches the package: pvc://claim/path, s3://, gs://")
+    d = subparsers.add_parser("deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              help="apply the chart's InferenceService for a package, wait until Ready, print its URL")
+    d.add_argument("package", help="model package directory (its config.json gives the name, format and version)")
+    d.add_argument("--storage-uri", help="where KServe's storage initializer fetches the package: pvc://claim/path, "
+                   "s3://, gs://, https:// (default: the values files' entry for the model)")
     d.add_argument("--name", help="InferenceService name (default: the package's name)")
-    d.add_argument("--image", default=None,
-                   help=f"predictor image (default: $KCP_PREDICTOR_IMAGE or {default_image()})")
-    d.add_argument("--deployment-mode", choices=DEPLOYMENT_MODES, default="Standard",
-                   help="KServe deployment mode: Standard (REST + gRPC) or Knative (REST only, scale to zero)")
-    d.add_argument("--min-replicas", type=int, default=1)
-    d.add_argument("--max-replicas", type=int, default=1)
-    d.add_argument("--api-key-secret", help="Secret holding the API key (key: --api-key-secret-key); none: no key")
-    d.add_argument("--api-key-secret-key", default="api-key")
-    d.add_argument("--feedback-db-secret", help="Secret holding the feedback database URL (default: SQLite in the pod)")
-    d.add_argument("--feedback-db-secret-key", default="url")
+    d.add_argument("-f", "--values", dest="values_files", action="append", default=[], metavar="FILE",
+                   help="chart values file, as helm's -f (repeatable; its models entry of this name is the base)")
+    d.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
+                   help="chart value, as helm's --set (repeatable; the model is models[0])")
+    d.add_argument("--release", default=DEFAULT_RELEASE, help="release name the chart names objects after "
+                   "(the runtime is <release>-<format>; use your helm release's name to share its runtimes)")
+    d.add_argument("--chart", help=f"chart directory (default: $KCP_CHART or {CHART})")
+    d.add_argument("--image", help="runtime image [registry/]repository[:tag][@digest] (default: the chart's "
+                   "runtimes.<format>.image)")
+    d.add_argument("--deployment-mode", choices=DEPLOYMENT_MODES,
+                   help="KServe deployment mode: Standard (REST + gRPC, the chart's default) or Knative")
+    d.add_argument("--min-replicas", type=int, help="default 1")
+    d.add_argument("--max-replicas", type=int, help="default 1 (more needs a feedback database)")
+    d.add_argument("--api-key-secret", help="existing Secret holding the API key (key: --api-key-secret-key); "
+                   "none: no key")
+    d.add_argument("--api-key-secret-key", help="key in that Secret (default: the chart's, api-key)")
+    d.add_argument("--feedback-db-secret", help="existing Secret holding the feedback database URL "
+                   "(default: SQLite in the pod)")
+    d.add_argument("--feedback-db-secret-key", help="key in that Secret (default: the chart's, url)")
     d.add_argument("--service-account", help="service account with the storage credentials (s3://, gs://)")
-    d.add_argument("--no-url-input", dest="url_input", action="store_false",
+    d.add_argument("--no-url-input", dest="url_input", action="store_false", default=None,
                    help="refuse BYTES inputs holding http(s) URLs (the server then fetches nothing)")
     d.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Ready")
-    d.add_argument("--dry-run", action="store_true", help="print the manifest as JSON and apply nothing")
+    d.add_argument("--dry-run", action="store_true", help="print the objects as a JSON List and apply nothing")
     _cluster_flags(d)
     d.set_defaults(func=_deploy_command)
 
@@ -402,28 +458,26 @@ def add_deploy_arguments(subparsers: argparse._SubParsersAction) -> None:
     u.set_defaults(func=_undeploy_command)
 
 
-def _spec_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {"deployment_mode": args.deployment_mode, "min_replicas": args.min_replicas,
-               "max_replicas": args.max_replicas, "api_key_secret": args.api_key_secret,
-               "api_key_secret_key": args.api_key_secret_key, "feedback_db_secret": args.feedback_db_secret,
-               "feedback_db_secret_key": args.feedback_db_secret_key, "service_account": args.service_account,
-               "url_input": args.url_input}
-    if args.image:
-        options["image"] = args.image
-    return options
+def _render_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"name": args.name, "release": args.release, "chart": args.chart, "values_files": args.values_files,
+            "set_values": args.set_values, "image": args.image, "deployment_mode": args.deployment_mode,
+            "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+            "api_key_secret": args.api_key_secret, "api_key_secret_key": args.api_key_secret_key,
+            "feedback_db_secret": args.feedback_db_secret, "feedback_db_secret_key": args.feedback_db_secret_key,
+            "service_account": args.service_account, "url_input": args.url_input}
 
 
 def _deploy_command(args: argparse.Namespace) -> None:
     try:
         if args.dry_run:
-            name = args.name or package_name(args.package)
             namespace = args.namespace or default_namespace(args.kubeconfig, args.context)
-            manifest = inference_service(DeploySpec(name=name, storage_uri=args.storage_uri, namespace=namespace,
-                                                    **_spec_options(args)))
-            print(json.dumps(manifest, indent=2))
+            objects = render(args.package, args.storage_uri, namespace=namespace, **_render_options(args))
+            for line in notes(objects):
+                print(line, file=sys.stderr)
+            print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
             return
-        deploy(args.package, args.storage_uri, name=args.name, namespace=args.namespace, kubeconfig=args.kubeconfig,
-               context=args.context, wait=args.wait, timeout=args.timeout, **_spec_options(args))
+        deploy(args.package, args.storage_uri, namespace=args.namespace, kubeconfig=args.kubeconfig,
+               context=args.context, wait=args.wait, timeout=args.timeout, **_render_options(args))
     except DeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""``python -m predictors deploy|undeploy`` against a real (CRD-only) Kubernetes API server.
+"""``python -m predictors deploy|undeploy``: the chart's objects for a package, rendered by real helm and applied to a
+real (CRD-only) Kubernetes API server.
 
 Nothing reconciles InferenceServices there, so the tests play the KServe controller: they patch the status
 subresource (Ready, URL) the way KServe does, and the deploy tooling must notice.
@@ -14,10 +15,13 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from predictors import deploy as d
 from predictors.package import LabelsFile, PackageConfig, save_package
-from tests.fixtures.k8s import REPO, by_kind, helm_template
+from tests.fixtures.k8s import REPO, VALUES_DIR, by_kind, crd_dir, helm_template, load_yaml_documents
+from tests.fixtures.ports import wait_for
+from tests.test_k8s_validate import cluster_serving_runtime_crd
 
 
 @pytest.fixture
@@ -66,30 +70,70 @@ def ready_later(server, namespace: str, name: str, url: str, delay: float = 0.5)
     return thread
 
 
-def test_manifest_is_the_charts_inference_service():
-    """deploy and the chart must run the same container: same command, args, ports, probes, env, mounts."""
-    (chart_isvc,) = by_kind(helm_template(set_values={"models[0].name": "iris", "models[0].storageUri": "pvc://m/iris",
-                                                      "models[0].minReplicas": "1", "models[0].maxReplicas": "3"}),
-                            "InferenceService")
-    api_secret = chart_isvc["spec"]["predictor"]["containers"][0]["env"][1]["valueFrom"]["secretKeyRef"]["name"]
-    ours = d.inference_service(d.DeploySpec(name="iris", storage_uri="pvc://m/iris", namespace="classifiers",
-                                            image=chart_isvc["spec"]["predictor"]["containers"][0]["image"],
-                                            max_replicas=3, api_key_secret=api_secret))
-    chart_pred, our_pred = chart_isvc["spec"]["predictor"], ours["spec"]["predictor"]
-    assert our_pred["containers"] == chart_pred["containers"]
-    for key in ("minReplicas", "maxReplicas", "annotations", "securityContext", "volumes",
-                "automountServiceAccountToken"):
-        assert our_pred[key] == chart_pred[key], key
-    assert ours["metadata"]["annotations"] == chart_isvc["metadata"]["annotations"]
-    assert ours["metadata"]["name"] == "iris" and ours["metadata"]["namespace"] == "classifiers"
+@pytest.fixture(scope="module")
+def cluster(crd_apiserver):
+    """The session's CRD API server with KServe's serving runtime CRDs too (what deploy applies besides the
+    InferenceService): ServingRuntime from ../shared/crds and ClusterServingRuntime derived from it."""
+    docs = [doc for doc in load_yaml_documents(crd_dir() / "serving.kserve.io_servingruntimes.yaml")
+            if doc.get("kind") == "CustomResourceDefinition"]
+    docs.append(cluster_serving_runtime_crd())
+    crd_apiserver.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs), timeout=120)
+    wanted = {"servingruntimes.serving.kserve.io", "clusterservingruntimes.serving.kserve.io"}
+    wait_for(lambda: wanted <= set(crd_apiserver.kubectl("api-resources", "-o", "name", check=False).stdout.split()),
+             timeout=60, what="the serving runtime CRDs in discovery")
+    return crd_apiserver
 
 
-def test_manifest_passes_the_schema(schema_validator):
-    spec = d.DeploySpec(name="iris", storage_uri="s3://bucket/iris", api_key_secret="k", feedback_db_secret="db",
-                        deployment_mode="Knative", min_replicas=0, max_replicas=4, service_account="s3-reader")
-    manifest = d.inference_service(spec)
-    assert not schema_validator.errors(manifest)
-    (container,) = manifest["spec"]["predictor"]["containers"]
+def chart_objects(set_values: dict[str, str], strings: dict[str, str]) -> list[dict]:
+    """helm template of the chart itself, as a user would run it, for comparison with what deploy applies."""
+    return helm_template((), set_values, release=d.DEFAULT_RELEASE, namespace="classifiers",
+                         extra=("--skip-tests", *(a for k, v in strings.items() for a in ("--set-string", f"{k}={v}"))))
+
+
+def test_deploy_applies_the_charts_runtime_and_inference_service(package):
+    """No copy of the chart: deploy's objects are the chart's own for the same values."""
+    ours = d.render(package, "pvc://m/iris", namespace="classifiers", api_key_secret="iris-key",
+                    feedback_db_secret="feedback-db", max_replicas=3, image="registry.example.com/ml/sk:2")
+    chart = chart_objects({
+        "models[0].name": "iris", "models[0].format": "sklearn", "models[0].storageUri": "pvc://m/iris",
+        "models[0].minReplicas": "1", "models[0].maxReplicas": "3", "apiKey.existingSecret": "iris-key",
+        "feedback.database.existingSecret": "feedback-db", "bridge.enabled": "false",
+        "image.registry": "registry.example.com/ml", "runtimes.sklearn.image.repository": "sk"},
+        {"models[0].version": "3", "image.tag": "2"})
+    (isvc,) = by_kind(chart, "InferenceService")
+    (runtime,) = [o for o in by_kind(chart, "ServingRuntime") if o["metadata"]["name"] == "kserve-classifiers-sklearn"]
+    assert ours == [runtime, isvc]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/ml/sk:2"
+    env = {e["name"]: e for e in isvc["spec"]["predictor"]["model"]["env"]}
+    assert env["KCP_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "iris-key"
+    assert env["KCP_FEEDBACK_DB_URL"]["valueFrom"]["secretKeyRef"]["name"] == "feedback-db"
+
+
+def test_values_files_and_set_values_reach_the_chart(package):
+    """The user's values file sets the release-wide settings and the model's own (its entry of the package's name);
+    the package and the flags fill in the rest; --set goes last, as with helm."""
+    runtime, isvc = d.render(package, "s3://other/iris", namespace="team",
+                             values_files=[VALUES_DIR / "multi-model.yaml"], set_values=["models[0].timeout=45"])
+    assert runtime["kind"] == "ClusterServingRuntime" and "namespace" not in runtime["metadata"]
+    assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/ml/kserve-classifiers-sklearn:0.1.0"
+    pred = isvc["spec"]["predictor"]
+    assert (pred["minReplicas"], pred["maxReplicas"], pred["timeout"]) == (1, 4, 45)
+    assert pred["model"]["storageUri"] == "s3://other/iris"
+    assert pred["model"]["args"] == ["--max_batch_size", "32", "--max_latency_ms", "5"]
+    assert pred["serviceAccountName"] == "models-reader"
+    env = {e["name"]: e for e in pred["model"]["env"]}
+    assert "KCP_API_KEY" not in env, "the values file says nothing of apiKey: deploy's default, no key"
+    assert env["KCP_FEEDBACK_DB_URL"]["valueFrom"]["secretKeyRef"]["name"] == "kserve-classifiers-feedback-db"
+
+
+def test_objects_pass_the_schema(package, schema_validator):
+    objects = d.render(package, "s3://bucket/iris", namespace="x", api_key_secret="k", feedback_db_secret="db",
+                       deployment_mode="Knative", min_replicas=0, max_replicas=4, service_account="s3-reader")
+    assert [o["kind"] for o in objects] == ["ServingRuntime", "InferenceService"]
+    for obj in objects:
+        assert not schema_validator.errors(obj)
+    (container,) = objects[0]["spec"]["containers"]
     assert [p["name"] for p in container["ports"]] == ["http1"], "Knative: a single port"
     assert container["args"][container["args"].index("--enable_grpc") + 1] == "false"
     from predictors.__main__ import build_parser
@@ -98,66 +142,91 @@ def test_manifest_passes_the_schema(schema_validator):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"name": "3d-digits"}, "DNS-1035 label"),
-    ({"name": "x" * 46}, "at most 45"),
-    ({"storage_uri": "/data/models/iris"}, "is not one KServe's storage initializer fetches"),
-    ({"storage_uri": "ftp://host/iris"}, "is not one KServe's storage initializer fetches"),
-    ({"deployment_mode": "RawDeployment"}, "choose one of Standard, Knative"),
-    ({"min_replicas": 3, "max_replicas": 2}, "need 0 <= min (3) <= max (2)"),
-    ({"min_replicas": 0}, "needs deployment mode Knative"),
+    ({"name": "3d-digits"}, "'/models/0/name': '3d-digits' does not match pattern"),
+    ({"name": "x" * 46}, "'/models/0/name': maxLength: got 46, want 45"),
+    ({"storage_uri": "/data/models/iris"}, "'/models/0/storageUri': '/data/models/iris' does not match pattern"),
+    ({"storage_uri": "ftp://host/iris"}, "'/models/0/storageUri': 'ftp://host/iris' does not match pattern"),
+    ({"deployment_mode": "RawDeployment"}, "'/kserve/deploymentMode': value must be one of"),
+    ({"min_replicas": 3, "max_replicas": 2}, "minReplicas (3) is greater than maxReplicas (2)"),
+    ({"min_replicas": 0}, "minReplicas 0 (scale to zero) needs kserve.deploymentMode=Knative"),
+    ({"max_replicas": 2}, "the feedback store is SQLite inside each pod"),
+    ({"image": "registry.example.com/"}, "image 'registry.example.com/': expected"),
 ])
-def test_bad_input_is_refused_before_the_cluster(change, message):
-    spec = d.DeploySpec(**{"name": "iris", "storage_uri": "pvc://models/iris", **change})
-    with pytest.raises(d.DeployError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        d.inference_service(spec)
+def test_bad_input_is_refused_by_the_chart_before_the_cluster(package, change, message):
+    options = {"storage_uri": "pvc://models/iris", **change}
+    with pytest.raises(d.DeployError) as refused:
+        d.render(package, options.pop("storage_uri"), namespace="x", **options)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_deploy_applies_waits_for_ready_and_prints_the_url(crd_apiserver, package):
-    client = crd_apiserver.api_client()
-    ready_later(crd_apiserver, "team-a", "iris", "http://iris.team-a.example.com")
+def test_deploy_applies_waits_for_ready_and_prints_the_url(cluster, package):
+    client = cluster.api_client()
+    ready_later(cluster, "team-a", "iris", "http://iris.team-a.example.com")
     out, err = io.StringIO(), io.StringIO()
     url = d.deploy(package, "pvc://models/iris", namespace="team-a", client=client, timeout=60, interval=0.1,
                    out=out, err=err, api_key_secret="iris-key")
     assert url == "http://iris.team-a.example.com"
     assert out.getvalue() == "http://iris.team-a.example.com\n"
-    assert "waiting for iris" in err.getvalue() and "is Ready" in err.getvalue()
+    log = err.getvalue()
+    assert "servingruntime team-a/kserve-classifiers-sklearn applied" in log
+    assert "waiting for iris" in log and "is Ready" in log and "takes no API key" not in log
 
-    isvc = custom_objects(crd_apiserver).get_namespaced_custom_object(d.GROUP, d.VERSION, "team-a", d.PLURAL, "iris")
-    managers = {(m["manager"], m["operation"]) for m in isvc["metadata"]["managedFields"]}
-    assert (d.FIELD_MANAGER, "Apply") in managers, "server-side apply with our field manager"
-    (container,) = isvc["spec"]["predictor"]["containers"]
-    assert {"name": "STORAGE_URI", "value": "pvc://models/iris"} in container["env"]
+    api = custom_objects(cluster)
+    isvc = api.get_namespaced_custom_object(d.GROUP, d.VERSION, "team-a", d.PLURAL, "iris")
+    runtime = api.get_namespaced_custom_object(d.GROUP, "v1alpha1", "team-a", "servingruntimes",
+                                               "kserve-classifiers-sklearn")
+    for obj in (isvc, runtime):
+        managers = {(m["manager"], m["operation"]) for m in obj["metadata"]["managedFields"]}
+        assert (d.FIELD_MANAGER, "Apply") in managers, "server-side apply with our field manager"
+    model = isvc["spec"]["predictor"]["model"]
+    assert (model["modelFormat"]["name"], model["runtime"], model["storageUri"]) == (
+        "sklearn", "kserve-classifiers-sklearn", "pvc://models/iris")
+    assert runtime["spec"]["containers"][0]["command"] == ["python", "-m", "predictors", "serve"]
     generation = isvc["metadata"]["generation"]
 
     # applying the same package again changes nothing and is Ready at once
     url = d.deploy(package, "pvc://models/iris", namespace="team-a", client=client, timeout=10, interval=0.1,
                    out=io.StringIO(), err=io.StringIO(), api_key_secret="iris-key")
     assert url == "http://iris.team-a.example.com"
-    again = custom_objects(crd_apiserver).get_namespaced_custom_object(d.GROUP, d.VERSION, "team-a", d.PLURAL, "iris")
+    again = api.get_namespaced_custom_object(d.GROUP, d.VERSION, "team-a", d.PLURAL, "iris")
     assert again["metadata"]["generation"] == generation
 
     assert d.undeploy(package, namespace="team-a", client=client, err=io.StringIO()) is True
     assert d.undeploy("iris", namespace="team-a", client=client, err=io.StringIO()) is False
+    # the runtime stays for other models of its format
+    api.get_namespaced_custom_object(d.GROUP, "v1alpha1", "team-a", "servingruntimes", "kserve-classifiers-sklearn")
 
 
-def test_deploy_takes_over_fields_another_manager_set(crd_apiserver, package):
-    client = crd_apiserver.api_client()
-    manifest = d.inference_service(d.DeploySpec(name="iris", storage_uri="pvc://models/iris", namespace="team-b"))
+def test_cluster_scoped_runtime_from_a_values_file(cluster, package):
+    client = cluster.api_client()
+    err = io.StringIO()
+    d.deploy(package, "s3://bucket/iris", namespace="team-f", client=client, wait=False, out=io.StringIO(), err=err,
+             values_files=[VALUES_DIR / "multi-model.yaml"])
+    assert "clusterservingruntime kserve-classifiers-sklearn applied" in err.getvalue()
+    runtime = custom_objects(cluster).get_cluster_custom_object(d.GROUP, "v1alpha1", "clusterservingruntimes",
+                                                                "kserve-classifiers-sklearn")
+    assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/ml/kserve-classifiers-sklearn:0.1.0"
+    assert runtime["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    d.undeploy("iris", namespace="team-f", client=client, err=io.StringIO())
+
+
+def test_deploy_takes_over_fields_another_manager_set(cluster, package):
+    client = cluster.api_client()
+    _, manifest = d.render(package, "pvc://models/iris", namespace="team-b")
     manifest["spec"]["predictor"]["maxReplicas"] = 9
-    crd_apiserver.kubectl("apply", "--server-side", "--field-manager=someone-else", "-f", "-",
-                          input=json.dumps(manifest))
+    cluster.kubectl("apply", "--server-side", "--field-manager=someone-else", "-f", "-", input=json.dumps(manifest))
     d.deploy(package, "pvc://models/iris", namespace="team-b", client=client, wait=False, out=io.StringIO(),
-             err=io.StringIO(), max_replicas=2)
-    isvc = custom_objects(crd_apiserver).get_namespaced_custom_object(d.GROUP, d.VERSION, "team-b", d.PLURAL, "iris")
+             err=io.StringIO(), max_replicas=2, feedback_db_secret="feedback-db")
+    isvc = custom_objects(cluster).get_namespaced_custom_object(d.GROUP, d.VERSION, "team-b", d.PLURAL, "iris")
     assert isvc["spec"]["predictor"]["maxReplicas"] == 2
     d.undeploy("iris", namespace="team-b", client=client, err=io.StringIO())
 
 
-def test_deploy_that_never_gets_ready_fails_with_the_reason(crd_apiserver, package):
-    client = crd_apiserver.api_client()
+def test_deploy_that_never_gets_ready_fails_with_the_reason(cluster, package):
+    client = cluster.api_client()
 
     def not_ready() -> None:
-        set_status(crd_apiserver, "team-c", "iris", {"conditions": [
+        set_status(cluster, "team-c", "iris", {"conditions": [
             {"type": "Ready", "status": "False", "reason": "RevisionMissing",
              "message": "storage initializer: pvc models not found"}]})
 
@@ -168,11 +237,15 @@ def test_deploy_that_never_gets_ready_fails_with_the_reason(crd_apiserver, packa
     d.undeploy("iris", namespace="team-c", client=client, err=io.StringIO())
 
 
-def test_api_errors_are_one_clear_line(crd_apiserver, package):
-    manifest = d.inference_service(d.DeploySpec(name="iris", storage_uri="pvc://models/iris", namespace="team-d"))
-    manifest["spec"]["predictor"]["scaleMetric"] = "gpu"
+def test_api_errors_are_one_clear_line(cluster, package):
+    runtime, isvc = d.render(package, "pvc://models/iris", namespace="team-d")
+    isvc["spec"]["predictor"]["scaleMetric"] = "gpu"
     with pytest.raises(d.DeployError, match=r"applying InferenceService team-d/iris: HTTP 422: .*scaleMetric"):
-        d.apply(manifest, crd_apiserver.api_client())
+        d.apply(isvc, cluster.api_client())
+    runtime["spec"]["multiModel"] = "sometimes"
+    with pytest.raises(d.DeployError, match=r"applying ServingRuntime team-d/kserve-classifiers-sklearn: HTTP \d+: "
+                                            r".*multiModel"):
+        d.apply(runtime, cluster.api_client())
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -188,15 +261,18 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_cli_deploy_and_undeploy(crd_apiserver, package, capsys):
+def test_cli_deploy_and_undeploy(cluster, package, capsys):
     """The command line: deploy (no wait), Ready from 'the controller', deploy again waiting, undeploy."""
-    kube = ["--kubeconfig", str(crd_apiserver.kubeconfig)]
+    kube = ["--kubeconfig", str(cluster.kubeconfig)]
     code, out, err = run_cli(capsys, "deploy", str(package), "--storage-uri", "gs://bucket/models/iris", "-n", "team-e",
                              "--no-wait", "--image", "registry.example.com/predictor:1", *kube)
     assert code == 0, err
-    assert "inferenceservice team-e/iris applied" in err
-    set_status(crd_apiserver, "team-e", "iris", {"url": "http://iris.team-e.svc.cluster.local",
-                                                  "conditions": [{"type": "Ready", "status": "True"}]})
+    assert "inferenceservice team-e/iris applied" in err and "takes no API key" in err
+    runtime = custom_objects(cluster).get_namespaced_custom_object(d.GROUP, "v1alpha1", "team-e", "servingruntimes",
+                                                                   "kserve-classifiers-sklearn")
+    assert runtime["spec"]["containers"][0]["image"] == "registry.example.com/predictor:1"
+    set_status(cluster, "team-e", "iris", {"url": "http://iris.team-e.svc.cluster.local",
+                                           "conditions": [{"type": "Ready", "status": "True"}]})
     code, out, err = run_cli(capsys, "deploy", str(package), "--storage-uri", "gs://bucket/models/iris", "-n", "team-e",
                              "--image", "registry.example.com/predictor:1", "--timeout", "30", *kube)
     assert code == 0, err
@@ -208,22 +284,27 @@ def test_cli_deploy_and_undeploy(crd_apiserver, package, capsys):
 
 def test_cli_errors_are_one_line_and_exit_1(package, tmp_path, capsys):
     code, _, err = run_cli(capsys, "deploy", str(package), "--storage-uri", "/local/path", "--dry-run", "-n", "x")
-    assert (code, err.strip()) == (1, "error: storage URI '/local/path' is not one KServe's storage initializer "
-                                      "fetches: use pvc://<claim>/<path>, s3://<bucket>/<path>, gs://<bucket>/<path> "
-                                      "or https://...")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the chart refused the values: ") and "'/local/path' does not match pattern" in err
     code, _, err = run_cli(capsys, "deploy", str(tmp_path / "missing"), "--storage-uri", "s3://b/p", "--dry-run")
     assert code == 1 and "package directory does not exist" in err
+    code, _, err = run_cli(capsys, "deploy", str(package), "--dry-run", "-n", "x")
+    assert (code, err.strip()) == (1, "error: no storage URI for iris: pass --storage-uri (pvc://, s3://, gs://, "
+                                      "https://)")
     code, _, err = run_cli(capsys, "deploy", str(package), "--storage-uri", "s3://b/p", "-n", "x",
                            "--kubeconfig", str(tmp_path / "no-such-kubeconfig"))
-    assert code == 1 and err.startswith("error: kubeconfig")
+    assert code == 1 and err.splitlines()[-1].startswith("error: kubeconfig")
 
 
 def test_module_entry_point_has_deploy(package, tmp_path):
-    """The real ``python -m predictors deploy --dry-run`` prints the manifest (no cluster needed)."""
+    """The real ``python -m predictors deploy --dry-run`` prints what it would apply (no cluster needed)."""
     proc = subprocess.run([sys.executable, "-m", "predictors", "deploy", str(package), "--storage-uri",
-                           "s3://bucket/iris", "--dry-run", "-n", "x", "--kubeconfig", str(tmp_path / "none")],
+                           "s3://bucket/iris", "--dry-run", "-n", "x", "--kubeconfig", str(tmp_path / "none"),
+                           "--set", "models[0].timeout=30"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads(proc.stdout)
-    assert manifest["kind"] == "InferenceService"
-    assert (manifest["metadata"]["name"], manifest["metadata"]["namespace"]) == ("iris", "x")
+    listing = json.loads(proc.stdout)
+    assert [o["kind"] for o in listing["items"]] == ["ServingRuntime", "InferenceService"]
+    isvc = listing["items"][1]
+    assert (isvc["metadata"]["name"], isvc["metadata"]["namespace"]) == ("iris", "x")
+    assert isvc["spec"]["predictor"]["timeout"] == 30
