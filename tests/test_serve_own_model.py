@@ -205,3 +205,26 @@ def test_the_package_without_data_is_checked_on_synthesised_rows(tmp_path):
     report = json.loads(result.stdout)
     assert report["runtime"] == "onnxruntime" and "synthesised" in report["probes"]
     assert report["inputs"] == [{"name": "input-0", "datatype": "FP32", "shape": [-1, 5]}]
+
+
+def test_the_browser_page_offers_one_field_per_column(ui_page, served, churn):
+    """The page's form for a data-frame model: numbers where the column is numeric, the learned categories
+    to choose from where it is a string; the answer is the estimator's."""
+    from playwright.sync_api import expect
+
+    _, estimator, _ = churn
+    page = ui_page.page
+    page.goto(f"{served.http_url}/ui/#model=churn")
+    expect(page.locator("#try-title")).to_contain_text("Try churn")
+    page.get_by_label("age", exact=True).fill("61")
+    page.get_by_label("income", exact=True).fill("72.5")
+    expect(page.get_by_label("city", exact=True).locator("option")).to_have_count(3)
+    page.get_by_label("city", exact=True).select_option("oslo")
+    page.get_by_label("plan", exact=True).select_option("pro")
+    ui_page.shot("column-form")
+    page.get_by_role("button", name="Classify", exact=True).click()
+    row = pd.DataFrame({"age": [61], "income": [72.5], "city": ["oslo"], "plan": ["pro"]})
+    expect(page.locator("#predicted-label")).to_have_text(str(estimator.predict(row)[0]))
+    page.get_by_label("age", exact=True).fill("6.5")
+    page.get_by_role("button", name="Classify", exact=True).click()
+    expect(page.locator("#result-error")).to_contain_text("whole number for age")

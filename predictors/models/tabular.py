@@ -19,7 +19,7 @@ import numpy as np
 from predictors.models.base import PackageModel
 from predictors.models.columns import ColumnBatch, Features, TabularSchema
 from predictors.models.compiled import Compilation, compile_checked
-from predictors.models.probes import NoProbes, load_probes, synthesize
+from predictors.models.probes import NoProbes, learned_categories, load_probes, synthesize
 from predictors.package import ONNX_FILE, PackageError
 from predictors.protocol.codecs import as_text, require_finite, to_numpy
 from predictors.protocol.errors import BadInput
@@ -36,7 +36,7 @@ class TabularModel(PackageModel):
     _predict_proba: Callable[[Features], np.ndarray]
 
     def load_artifact(self) -> None:
-        estimator = joblib.load(self.package.artifact_path)
+        estimator = self._estimator = joblib.load(self.package.artifact_path)
         self.package.check_artifact(estimator)
         self.schema = TabularSchema.of(self.config.inputs)
         threads = self.context.settings.model_threads
@@ -78,6 +78,10 @@ class TabularModel(PackageModel):
         if self.schema.matrix:
             return estimator.predict_proba
         return lambda batch: estimator.predict_proba(batch.to_frame())
+
+    def categories(self) -> dict[str, list[str]]:
+        """String column → the categories the fitted encoders know (the browser page offers them)."""
+        return learned_categories(self._estimator)
 
     def sample_features(self) -> Features:
         probes = getattr(self, "_probes", None)

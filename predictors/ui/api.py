@@ -79,6 +79,8 @@ def describe(model: Any) -> dict[str, Any]:
     config = model.config
     labels = model.package.labels
     rows_are_objects = config.framework == "katonic"
+    columns = len(config.inputs) > 1
+    categories = model.categories() if columns and hasattr(model, "categories") else {}
     return {
         "name": model.name,
         "version": config.version,
@@ -91,8 +93,10 @@ def describe(model: Any) -> dict[str, Any]:
         "labels": [{"label": label, "name": labels.name_of(label)} for label in labels.labels],
         "top_k": min(config.postprocessing.top_k, len(labels.labels)),
         "max_batch_size": config.max_batch_size,
-        "row_format": "json_object" if rows_are_objects else "tensor",
+        "row_format": "json_object" if rows_are_objects else "columns" if columns else "tensor",
         "row_fields": row_fields(model) if rows_are_objects else None,
+        "columns": [{**spec.model_dump(), "categories": categories.get(spec.name)} for spec in config.inputs]
+        if columns else None,
     }
 
 

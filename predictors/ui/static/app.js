@@ -291,6 +291,10 @@
       renderRowFields(card);
       return;
     }
+    if (card.row_format === "columns") {
+      renderColumnFields(card);
+      return;
+    }
     $("tabular-form").dataset.mode = "tensor";
     const count = card.input.shape[card.input.shape.length - 1];
     const names = card.feature_names || Array.from({ length: count }, (_, i) => `feature ${i + 1}`);
@@ -302,6 +306,53 @@
         el("label", { htmlFor: id, text: featureName }),
         el("input", { id, name: id, type: "number", step: "any", inputMode: "decimal", required: true })));
     });
+  }
+
+  // A model that takes one tensor per column (a data frame): a number field per numeric column, a choice
+  // of the learned categories (or free text) per string column.
+  function renderColumnFields(card) {
+    $("tabular-form").dataset.mode = "columns";
+    const fields = $("tabular-fields");
+    fields.replaceChildren();
+    card.columns.forEach((column, i) => {
+      const id = `feature-${i}`;
+      const common = { id, name: id, required: true, "data-column": column.name, "data-datatype": column.datatype };
+      let input;
+      if (column.datatype === "BYTES" && column.categories && column.categories.length) {
+        input = el("select", common, ...column.categories.map((c) => el("option", { value: c, text: c })));
+      } else if (column.datatype === "BYTES") {
+        input = el("input", { ...common, type: "text" });
+      } else {
+        const whole = /INT/.test(column.datatype);
+        input = el("input", { ...common, type: "number", step: whole ? "1" : "any", inputMode: "decimal" });
+      }
+      fields.append(el("div", { class: "field" }, el("label", { htmlFor: id, text: column.name }), input));
+    });
+  }
+
+  // The V2 inputs of the column form (one tensor per column), or null after showing what is wrong.
+  function readColumns() {
+    const inputs = [];
+    for (const input of $("tabular-fields").querySelectorAll("input, select")) {
+      const datatype = input.dataset.datatype;
+      const text = input.value.trim();
+      input.removeAttribute("aria-invalid");
+      let value = text;
+      if (datatype !== "BYTES") {
+        value = text === "" ? NaN : Number(text);
+        const whole = /INT/.test(datatype);
+        if (!Number.isFinite(value) || (whole && !Number.isInteger(value))) {
+          input.setAttribute("aria-invalid", "true");
+          clearResult();
+          $("result").hidden = false;
+          showError("result-error", `Enter ${whole ? "a whole number" : "a number"} for ${input.dataset.column}.`);
+          input.focus();
+          return null;
+        }
+      }
+      inputs.push({ name: input.dataset.column, datatype, shape: [1], data: [value] });
+    }
+    return inputs;
   }
 
   // A model whose rows are JSON objects (Katonic): one field per field of its row schema, or one JSON
@@ -637,6 +688,11 @@
       if ($("tabular-form").dataset.mode === "row") {
         const row = readRow();
         if (row !== null) classify(requestBody([JSON.stringify(row)], [1], "BYTES"), { what: "row" });
+        return;
+      }
+      if ($("tabular-form").dataset.mode === "columns") {
+        const inputs = readColumns();
+        if (inputs !== null) classify({ inputs }, { what: "row" });
         return;
       }
       const inputs = Array.from($("tabular-fields").querySelectorAll("input"));
