@@ -64,20 +64,22 @@ lint: venv
 bench: venv ## benchmarks (never part of make test); results in bench/results/ and bench/RESULTS.md
 	$(PY) -m bench all
 
-k8s-validate: venv tools ## helm lint/template, schemas + real API-server dry-run, deploy tooling, Dockerfiles
-	$(PY) -m pytest -q tests/test_helm.py tests/test_k8s_validate.py tests/test_deploy.py tests/test_docker.py
+k8s-validate: venv tools ## helm lint/template, schemas + real API-server dry-run, alert rules, deploy tooling, Dockerfiles
+	$(PY) -m pytest -q tests/test_helm.py tests/test_k8s_validate.py tests/test_alert_rules.py tests/test_deploy.py \
+	  tests/test_docker.py
 
 manifests: tools ## regenerate manifests/ and the chart's dashboard copy from the chart
 	bash scripts/render-manifests.sh
 
 PREDICTOR_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-predictor:$(IMAGE_TAG)
 BRIDGE_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-bridge:$(IMAGE_TAG)
+SKLEARN_IMAGE ?= $(IMAGE_REGISTRY)/kserve-classifiers-sklearn:$(IMAGE_TAG)
 
-images: venv ## build the predictor and bridge images offline (podman or docker; BASE_IMAGE= to skip mmdebstrap)
-	bash scripts/build-images.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE)
+images: venv ## build the predictor, bridge and scikit-learn runtime images offline (podman or docker; IMAGES= picks)
+	bash scripts/build-images.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE) $(SKLEARN_IMAGE)
 
 container-test: venv tools ## CI's container stage: build the images, run them as the chart does (podman), sizes
-	bash scripts/container-test.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE)
+	bash scripts/container-test.sh $(PREDICTOR_IMAGE) $(BRIDGE_IMAGE) $(SKLEARN_IMAGE)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .ruff_cache .demo

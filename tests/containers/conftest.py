@@ -1,15 +1,18 @@
 """The built images run the way the chart runs them, under podman on the host's loopback.
 
-Each container is started from the rendered chart's own container spec: its command and args (ports moved to
-free ones, the broker and model server pointed at loopback), its environment (secrets filled in with a test
-key), its security context (numeric non-root user, read-only root filesystem, every capability dropped, no
-privilege escalation) and its emptyDir volumes as tmpfs mounts. /mnt/models is the repository's models/,
-mounted read-only where KServe's storage initializer would have put them. Run by scripts/container-test.sh
-(`make container-test`), which builds the images first; plain `pytest` deselects these (marker ``container``).
+Each container is started from the rendered chart's own container spec: for a model server, the container of the
+serving runtime its InferenceService names with the model's args and env added (as KServe merges them), for the
+bridge its Deployment's. Its command and args (ports moved to free ones, the broker and model server pointed at
+loopback), its environment (secrets filled in with a test key), its security context (numeric non-root user,
+read-only root filesystem, every capability dropped, no privilege escalation) and its emptyDir volumes as tmpfs
+mounts. /mnt/models holds packages of the repository's models/, mounted read-only where KServe's storage
+initializer would have put them. Run by scripts/container-test.sh (`make container-test`), which builds the images
+first; plain `pytest` deselects these (marker ``container``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -26,8 +29,9 @@ from tests.fixtures.ports import free_port, wait_for
 
 ENGINE = "podman"
 API_KEY = "container-test-key"
-# Kubernetes' default terminationGracePeriodSeconds: the InferenceService sets none.
+# Kubernetes' default terminationGracePeriodSeconds, for an InferenceService that sets none.
 DEFAULT_GRACE_S = 30
+RUNTIME_KINDS = ("ServingRuntime", "ClusterServingRuntime")
 
 
 def engine(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -36,7 +40,8 @@ def engine(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 def image(role: str) -> str:
-    """The image under test: $KCP_PREDICTOR_IMAGE / $KCP_BRIDGE_IMAGE, as scripts/container-test.sh sets them."""
+    """The image under test: $KCP_PREDICTOR_IMAGE, $KCP_BRIDGE_IMAGE or $KCP_SKLEARN_IMAGE, as
+    scripts/container-test.sh sets them."""
     name = os.environ.get(f"KCP_{role.upper()}_IMAGE")
     if not name:
         pytest.fail(f"KCP_{role.upper()}_IMAGE is not set: run the container tests with make container-test")
@@ -133,30 +138,52 @@ class Predictor:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": API_KEY}, timeout=30.0)
 
 
+def model_container(chart: list[dict], model: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """For the chart's InferenceService ``model``: the container KServe runs (its serving runtime's, with the
+    model's args and env appended), the InferenceService's predictor (the pod's settings) and the runtime."""
+    (isvc,) = [o for o in by_kind(chart, "InferenceService") if o["metadata"]["name"] == model]
+    predictor = isvc["spec"]["predictor"]
+    (runtime,) = [o for o in chart if o["kind"] in RUNTIME_KINDS
+                  and o["metadata"]["name"] == predictor["model"]["runtime"]]
+    spec = copy.deepcopy(runtime["spec"]["containers"][0])
+    spec["args"] = [*spec.get("args", []), *predictor["model"].get("args", [])]
+    spec["env"] = [*spec.get("env", []), *predictor["model"].get("env", [])]
+    return spec, predictor, runtime
+
+
+def start_predictor(role: str, chart: list[dict], model: str, volumes: list[str]) -> Iterator[Predictor]:
+    """The ``role`` image serving ``volumes`` (mounted under /mnt/models) as the chart's InferenceService ``model``
+    runs it, ready; removed afterwards."""
+    spec, predictor_spec, _ = model_container(chart, model)
+    http_port, grpc_port = free_port(), free_port()
+    args = replace_flag(replace_flag(spec["args"], "--http_port", str(http_port)), "--grpc_port", str(grpc_port))
+    container = run_container(role, spec, predictor_spec.get("securityContext", {}), args,
+                              {"KCP_API_KEY": API_KEY}, volumes,
+                              predictor_spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
+    handle = Predictor(container, http_port, grpc_port)
+    try:
+        wait_for(lambda: container.running() and httpx.get(f"{handle.url}/v2/health/ready", timeout=2).json()
+                 == {"ready": True}, timeout=300, interval=1, what=f"the {role} container to be ready")
+        yield handle
+    except (TimeoutError, RuntimeError) as exc:
+        pytest.fail(f"{exc}\n{container.logs()[-3000:]}")
+    finally:
+        container.remove()
+
+
 @pytest.fixture(scope="module")
 def chart() -> list[dict]:
     return helm_template()
 
 
 @pytest.fixture(scope="module")
-def predictor(chart: list[dict]) -> Iterator[Predictor]:
-    """The predictor image serving models/ as the chart's InferenceService container, ready."""
-    predictor_spec = by_kind(chart, "InferenceService")[0]["spec"]["predictor"]
-    spec = predictor_spec["containers"][0]
-    http_port, grpc_port = free_port(), free_port()
-    args = replace_flag(replace_flag(spec["args"], "--http_port", str(http_port)), "--grpc_port", str(grpc_port))
-    container = run_container("predictor", spec, predictor_spec.get("securityContext", {}), args,
-                              {"KCP_API_KEY": API_KEY}, ["--volume", f"{REPO / 'models'}:/mnt/models:ro"],
-                              predictor_spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
-    handle = Predictor(container, http_port, grpc_port)
-    try:
-        wait_for(lambda: container.running() and httpx.get(f"{handle.url}/v2/health/ready", timeout=2).json()
-                 == {"ready": True}, timeout=300, interval=1, what="the predictor container to be ready")
-        yield handle
-    except (TimeoutError, RuntimeError) as exc:
-        pytest.fail(f"{exc}\n{container.logs()[-3000:]}")
-    finally:
-        container.remove()
+def predictor() -> Iterator[Predictor]:
+    """The predictor image serving all of models/ as the chart's katonic runtime does (its image serves every
+    framework: a storageUri holding a directory of packages), ready."""
+    katonic = helm_template(set_values={"models[0].name": "iris", "models[0].format": "katonic",
+                                        "models[0].storageUri": "pvc://kserve-classifiers-models/models",
+                                        "models[0].minReplicas": "1", "models[0].maxReplicas": "1"})
+    yield from start_predictor("predictor", katonic, "iris", ["--volume", f"{REPO / 'models'}:/mnt/models:ro"])
 
 
 def bridge_container(chart: list[dict], *, bootstrap: str, topics: dict[str, str], grpc_target: str,
