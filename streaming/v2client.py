@@ -381,7 +381,7 @@ class PerModelTransport:
         self.settings = settings
         self._transports: OrderedDict[str, GrpcTransport | RestTransport] = OrderedDict()
         self._unroutable: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], GrpcTransport | RestTransport] = {}
 
     def _check_name(self, model: str) -> None:
         if not MODEL_NAME.fullmatch(model):
@@ -415,8 +415,8 @@ class PerModelTransport:
             task = asyncio.get_running_loop().create_task(later())
         except RuntimeError:  # no loop: it never opened a channel, which happens only inside one
             return
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = transport
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def host(self, model: str) -> tuple[str, int] | None:
         """The host and port ``model`` routes to, or None when the address names no host to look up."""
@@ -479,10 +479,11 @@ class PerModelTransport:
         return await (await self._route(model)).metadata(model, version)
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        retiring = dict(self._retiring)
+        for task in retiring:
             task.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
-        for transport in self._transports.values():
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for transport in [*retiring.values(), *self._transports.values()]:
             await transport.close()
         self._transports.clear()
 
