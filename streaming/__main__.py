@@ -58,8 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-size", type=int, help="requests per V2 call, 1 disables batching")
     b.add_argument("--max-batch-delay-ms", type=float, help="how long a batch may wait to fill")
     b.add_argument("--max-pending", type=int, help="consumed-but-unacknowledged limit before pausing")
-    b.add_argument("--max-pending-bytes", type=int, help="the same limit in bytes of record values "
+    b.add_argument("--max-pending-bytes", type=int, help="the same limit in bytes those messages keep alive, decoded "
                                                          "(env KCP_BRIDGE_MAX_PENDING_BYTES, default 64 MiB)")
+    b.add_argument("--message-deadline", type=float, dest="message_deadline_s",
+                   help="seconds after which a message still unanswered is dead-lettered "
+                        "(env KCP_BRIDGE_MESSAGE_DEADLINE_S, default 600)")
+    b.add_argument("--max-batch-rows", type=int, help="rows of one merged V2 call when the model's metadata "
+                                                      "publishes no max_batch_size (env KCP_V2_MAX_BATCH_ROWS, "
+                                                      "default 256)")
     b.add_argument("--max-call-bytes", type=int, help="payload cap of one merged V2 call (env KCP_V2_MAX_CALL_BYTES, "
                                                       "default 8 MiB - 64 KiB: the server's gRPC receive limit)")
     b.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish work on SIGTERM")
@@ -141,13 +147,13 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     kafka = KafkaSettings(**_given(bootstrap_servers=args.bootstrap_servers,
                                    session_timeout_ms=args.session_timeout_ms))
     v2 = V2ClientSettings(**_given(protocol=args.protocol, grpc_target=args.grpc_target, rest_url=args.rest_url,
-                                   max_call_bytes=args.max_call_bytes))
+                                   max_call_bytes=args.max_call_bytes, max_batch_rows=args.max_batch_rows))
     settings = BridgeSettings(**_given(
         backend=args.backend, request_topic=args.request_topic, result_topic=args.result_topic,
         dead_letter_topic=args.dead_letter_topic, group=args.group, max_in_flight=args.max_in_flight,
         max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         max_pending=args.max_pending, max_pending_bytes=args.max_pending_bytes,
-        drain_timeout_s=args.drain_timeout_s, health_host=args.health_host,
+        message_deadline_s=args.message_deadline_s, drain_timeout_s=args.drain_timeout_s, health_host=args.health_host,
         health_port=args.health_port), kafka=kafka, pubsub=_pubsub(args), v2=v2)
     run_bridge(settings)
     return 0

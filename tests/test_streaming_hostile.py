@@ -145,7 +145,7 @@ CASES = [
     Case("overall message deadline",
          lambda site: [("stuck", json.dumps({"id": "stuck", "model_name": "mnist", "inputs": [
              {"name": "input-0", "datatype": "BYTES", "shape": [1], "data": [f"{site}/digit.png"]}]}).encode(), {})],
-         {"stuck": ("deadline", "504")}, env={"KCP_BRIDGE_MESSAGE_DEADLINE_S": "3"}),
+         {"stuck": ("deadline", "504")}, args=["--message-deadline", "3"]),
     Case("arbitrary model strings as metric labels",
          lambda site: [row(f"label-{n}", model=f"m-{uuid.uuid4().hex}-" + "x" * n) for n in (10, 300, 3000)],
          {f"label-{n}": ("rejected", "404") for n in (10, 300, 3000)}, check=_labels_bounded),
