@@ -115,6 +115,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     per_model: bool = False
+    protocol: str = "grpc"
     bound_s: float = 20.0
     check: Callable[[dict[str, float], list[Message], str], None] | None = None
 
@@ -142,6 +143,9 @@ CASES = [
     Case("unroutable model under per-model routing",
          lambda site: [row("nowhere", model="no-such-model-kcp")], {"nowhere": ("rejected", "404")},
          good=[row("after-1", model="localhost")], per_model=True),
+    Case("unroutable model under per-model routing over REST",
+         lambda site: [row("nowhere", model="no-such-model-kcp")], {"nowhere": ("rejected", "404")},
+         good=[row("after-1", model="localhost")], per_model=True, protocol="rest"),
     Case("overall message deadline",
          lambda site: [("stuck", json.dumps({"id": "stuck", "model_name": "mnist", "inputs": [
              {"name": "input-0", "datatype": "BYTES", "shape": [1], "data": [f"{site}/digit.png"]}]}).encode(), {})],
@@ -157,9 +161,12 @@ def test_hostile_message_is_dead_lettered_in_bounded_time_and_service_continues(
         case: Case, kafka_broker: KafkaBroker, kafka_topics: Callable[..., dict[str, str]], bridges: Any,
         server: ServerHandle, slow_site: str) -> None:
     t = kafka_topics(requests=1, results=1, dlq=1)
-    target = f"{{model}}:{server.grpc_port}" if case.per_model else server.grpc_target
-    bridge = bridges(t, group=f"hostile-{uuid.uuid4().hex[:6]}", grpc_target=target, env=case.env,
-                     extra_args=case.args)
+    if case.protocol == "rest":
+        address = {"rest_url": f"http://{{model}}:{server.http_port}" if case.per_model else server.http_url}
+    else:
+        address = {"grpc_target": f"{{model}}:{server.grpc_port}" if case.per_model else server.grpc_target}
+    bridge = bridges(t, group=f"hostile-{uuid.uuid4().hex[:6]}", protocol=case.protocol, env=case.env,
+                     extra_args=case.args, **address)
     settings = kafka_broker.messenger_settings(max_request_size=4 * 1024 * 1024)
     hostile = case.hostile(slow_site)
     started = time.monotonic()
