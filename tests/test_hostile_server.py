@@ -356,6 +356,16 @@ ROWS: dict[str, Row] = {
     "image URLs adding up over the request's bytes": Row(
         "mnist", [images(["{site}/one-mib.png"] * 4)],
         rest=(400, "add up to more than"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "add up to more than")),
+    # item 19: IPv4 inside IPv6 that the guard did not unwrap, and local-use NAT64
+    "IPv4-compatible loopback URL": Row(
+        "mnist", [images(["http://[::7f00:1]/x.png"])],
+        rest=(400, "not a public address"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "not a public address")),
+    "IPv4-translated metadata-service URL": Row(
+        "mnist", [images(["http://[::ffff:0:a9fe:a9fe]/x.png"])],
+        rest=(400, "not a public address"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "not a public address")),
+    "local-use NAT64 URL": Row(
+        "mnist", [images(["http://[64:ff9b:1::a9fe:a9fe]/x.png"])],
+        rest=(400, "not a public address"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "not a public address")),
     "a failed fetch next to a slow one": Row(
         "mnist", [images(["{site}/drip.png", "{site}/missing.png"])],
         rest=(400, "HTTP 404"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "HTTP 404"), check=_siblings_stopped),
@@ -467,8 +477,18 @@ def iris_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+NON_ASCII_KEY = "s3cret-clé"
+
+
 def test_requests_without_the_key_add_no_metric_series(iris_only, tmp_path):
-    with start_model_server(iris_only, tmp_path, api_key="s3cret") as keyed, keyed.client() as client:
+    """And a key outside ASCII works over REST (sent as UTF-8, as the key file holds it)."""
+    with start_model_server(iris_only, tmp_path, api_key=NON_ASCII_KEY) as keyed, \
+            httpx.Client(base_url=keyed.http_url, timeout=30.0,
+                         headers={"X-API-Key": NON_ASCII_KEY.encode()}) as client:
+        body = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4], "data": SETOSA}]}
+        assert client.post("/v2/models/iris/infer", json=body).status_code == 200
+        bearer = {"Authorization": b"Bearer " + NON_ASCII_KEY.encode()}
+        assert httpx.post(f"{keyed.http_url}/v2/models/iris/infer", json=body, headers=bearer).status_code == 200
         names = [f"guess-{i}" for i in range(40)]
         anonymous = httpx.Client(base_url=keyed.http_url, timeout=30.0)
         with anonymous, grpc.insecure_channel(keyed.grpc_target) as channel:
@@ -510,3 +530,15 @@ def test_serving_without_a_key_beyond_loopback_warns(iris_only, tmp_path):
     (tmp_path / "loopback").mkdir()
     with start_model_server(iris_only, tmp_path / "loopback") as handle:
         assert "without an API key" not in handle.log()
+
+
+def test_prediction_ids_cannot_be_guessed_from_one_another(clients):
+    """Feedback names a prediction by its id: knowing one's own must not tell the next one."""
+    client, _ = clients
+    body = {"id": "same-request-id", "outputs": [{"name": "prediction_id"}],
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4], "data": SETOSA}]}
+    first, second = (client.post("/v2/models/iris/infer", json=body).json()["outputs"][0]["data"][0]
+                     for _ in range(2))
+    server_parts = [pid.removeprefix("same-request-id:") for pid in (first, second)]
+    assert all(len(part) >= 12 + 1 + 16 for part in server_parts), server_parts
+    assert server_parts[0][-16:] != server_parts[1][-16:]

@@ -5,7 +5,8 @@ cloud metadata service, the Kubernetes API or anything on the pod network. So ev
 URL is resolved first and refused if any address it resolves to is not globally routable
 (:attr:`ipaddress.IPv4Address.is_global`: loopback, link-local, private, shared address space
 100.64.0.0/10, documentation and benchmark ranges, multicast, reserved; IPv4 embedded in IPv6
-as mapped, 6to4, NAT64 or Teredo addresses is checked as IPv4), unless the address falls in an
+as mapped, compatible, translated, 6to4, NAT64 or Teredo addresses is checked as IPv4; local-use NAT64 is
+never public), unless the address falls in an
 explicitly allowed network. The connection is then pinned to a checked address (no second DNS
 lookup an attacker could rebind); the resolved addresses are tried in turn, IPv4 first unless
 configured otherwise (a dual-stack host whose IPv6 route is broken still answers), each checked
@@ -35,7 +36,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """``(host, port) -> addresses``; the default asks the system resolver (``getaddrinfo``)."""
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOW_32_BITS = (
+    ipaddress.ip_network("64:ff9b::/96"),  # NAT64, the well-known prefix (RFC 6052)
+    ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated, still routed by some stacks)
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, RFC 2765)
+)
+"""IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at."""
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+"""NAT64 for local use (RFC 8215): translated inside the operator's own network, never public."""
 
 
 def _env(name: str, default: str) -> str:
@@ -76,7 +84,7 @@ def _embedded_ipv4(addr: IPAddress) -> list[ipaddress.IPv4Address]:
     if isinstance(addr, ipaddress.IPv4Address):
         return []
     found = [a for a in (addr.ipv4_mapped, addr.sixtofour) if a is not None]
-    if addr in _NAT64:
+    if any(addr in net for net in _LOW_32_BITS):
         found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
     if addr.teredo is not None:
         found.extend(addr.teredo)
@@ -84,6 +92,8 @@ def _embedded_ipv4(addr: IPAddress) -> list[ipaddress.IPv4Address]:
 
 
 def _public(addr: IPAddress) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr in _LOCAL_NAT64:
+        return False
     return all(a.is_global and not a.is_multicast for a in (addr, *_embedded_ipv4(addr)))
 
 

@@ -30,12 +30,15 @@ def uuid7() -> str:
 
 
 class UniqueSuffixes:
-    """Server-made id parts no other prediction shares: a random per-process prefix and a counter.
+    """Server-made id parts no other prediction shares and no client can guess: a random per-process
+    prefix, a counter, and 64 random bits.
 
     Clients reuse request ids (retries, fixed ids, two clients picking the same one), so the
     request id alone cannot name a prediction. 48 random bits per process keep replicas and
     workers apart; the counter keeps one process's predictions apart. A forked worker draws a
-    new prefix.
+    new prefix. The random tail is what makes the id a secret of the client that got it: with
+    prefix and counter alone, one's own prediction id tells the next ones, and feedback filed
+    first under a guessed id would lock out the true label.
     """
 
     def __init__(self) -> None:
@@ -47,4 +50,4 @@ class UniqueSuffixes:
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        return f"{self._prefix}{next(self._counter):x}{secrets.token_hex(8)}"

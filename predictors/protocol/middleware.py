@@ -98,10 +98,10 @@ class ServingMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 length = value
-            elif name == b"x-api-key":
-                x_api_key = value.decode("latin-1")
+            elif name == b"x-api-key":  # as UTF-8, the key's own encoding: latin-1 would never match a non-ASCII key
+                x_api_key = value.decode("utf-8", "surrogateescape")
             elif name == b"authorization":
-                authorization = value.decode("latin-1")
+                authorization = value.decode("utf-8", "surrogateescape")
         limit = self.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             await send_error(send, 413, f"request body of {int(length)} bytes exceeds the {limit}-byte limit")
