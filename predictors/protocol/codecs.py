@@ -46,6 +46,9 @@ def to_numpy(tensor: Tensor) -> np.ndarray:
             _check_outer_length(tensor.data, name, shape, count)
             array = _from_json(_flatten(tensor.data), name, dtype_name, dtype)
         elif tensor.data is not None:  # gRPC typed contents: protobuf has typed every element already
+            if not isinstance(tensor.data, np.ndarray) and len(tensor.data) != count:  # known before converting
+                raise BadInput(f"input '{name}': {len(tensor.data)} elements do not match shape {shape} "
+                               f"({count} elements)")
             array = _from_typed(tensor.data, name, dtype_name, dtype)
         else:
             raise BadInput(f"input '{name}' has no data")
