@@ -228,3 +228,16 @@ def test_the_browser_page_offers_one_field_per_column(ui_page, served, churn):
     page.get_by_label("age", exact=True).fill("6.5")
     page.get_by_role("button", name="Classify", exact=True).click()
     expect(page.locator("#result-error")).to_contain_text("whole number for age")
+
+
+def test_both_protocols_publish_how_the_model_is_served(served):
+    """The metadata's properties (runtime, execution, row limit) over REST, and over gRPC in the protocol's own
+    ``properties`` map, which the bridge reads to cap merged calls."""
+    with served.client() as client:
+        rest = client.get("/v2/models/churn").json()["properties"]
+    channel = grpc.insecure_channel(served.grpc_target)
+    stub = raw_stub(channel)
+    reply = stub.ModelMetadata(stub.messages["ModelMetadataRequest"](name="churn"))
+    channel.close()
+    assert dict(reply.properties) == rest
+    assert rest["max_batch_size"] == "256" and rest["runtime"] == "onnxruntime"

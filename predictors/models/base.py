@@ -150,7 +150,8 @@ class PackageModel(Model):
     def properties(self) -> dict[str, str]:
         """How this model is served, for the model metadata: runtime, execution, and why."""
         props = {"runtime": self.runtime, "runtime_reason": self.runtime_reason,
-                 "execution": self.execution.mode, "execution_basis": self.execution.basis}
+                 "execution": self.execution.mode, "execution_basis": self.execution.basis,
+                 "max_batch_size": str(self.config.max_batch_size)}
         if self.batcher is not None:
             props["batching"] = f"max_batch_size {self.batcher.max_batch_size}"
         return props

@@ -88,7 +88,7 @@ class ClassifierServicer(InferenceServicer):
         response = await super().ModelMetadata(request, context)
         metadata = await self._data_plane.model_metadata(request.name)
         response.versions.extend(metadata.get("versions") or [])
-        return response
+        return with_properties(response, metadata.get("properties") or {})
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         start = time.perf_counter()
@@ -144,3 +144,29 @@ class GRPCEndpoint:
         """Stop accepting; calls in flight get ``grace_period`` seconds to finish."""
         if self._server is not None:
             await self._server.stop(grace=self._grace_period)
+
+
+def with_properties(response: pb.ModelMetadataResponse, properties: dict[str, str]) -> pb.ModelMetadataResponse:
+    """The response with the Open Inference Protocol's ``properties`` map (field 6), which KServe's generated
+    message lacks: the entries are appended in protobuf's wire format, kept as fields the message does not
+    know, and sent to the client as they are."""
+    if not properties:
+        return response
+    encoded = bytearray(response.SerializeToString())
+    for key, value in properties.items():
+        entry = _length_delimited(1, key.encode()) + _length_delimited(2, str(value).encode())
+        encoded += _length_delimited(6, entry)
+    return pb.ModelMetadataResponse.FromString(bytes(encoded))
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
