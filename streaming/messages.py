@@ -7,7 +7,9 @@ Accepted forms (the record value, optionally wrapped as a CloudEvent in binary o
   field; the version by ``kcp-model-version`` or ``model_version``.
 * **row** -- one tabular row (the Iris design): ``{"sepal_length": 5.1, ..., "label": 0}`` with the
   feature columns named as in the training CSV (``"sepal length (cm)"`` works too), or
-  ``{"features": [5.1, 3.5, 1.4, 0.2]}``, or a bare JSON list. Model defaults to ``iris``.
+  ``{"features": [5.1, 3.5, 1.4, 0.2]}``, or a bare JSON list. Model defaults to ``iris``. A model that
+  takes one tensor per column (a data frame) gets ``{"model": "churn", "features": {"age": 52, "city":
+  "paris"}}`` (or a list of such objects): one tensor per column, numbers FP64 and strings BYTES.
 * **image** -- ``{"image_id": "...", "image_b64": "<base64 PNG/JPEG>", "true_label"?: 3}`` (the image
   design), or raw PNG/JPEG bytes with an ``image/*`` content type. Model defaults to ``fashion-mnist``.
 
@@ -240,9 +242,37 @@ def _named_features(doc: dict[str, Any], options: DecodeOptions) -> list[float] 
     return [by_name[f] for f in wanted]
 
 
+def _columns(features: Any) -> list[Tensor] | None:
+    """``{"column": value, ...}`` (one row) or a list of such objects (rows) as one V2 tensor per column:
+    numbers as FP64, strings as BYTES; None when ``features`` is not in this form."""
+    rows = [features] if isinstance(features, dict) else features
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return None
+    names = list(rows[0])
+    if not names or any(list(r) != names for r in rows):
+        raise BadMessage("invalid-request", "every row of 'features' must name the same columns in the same order")
+    tensors = []
+    for name in names:
+        values = [r[name] for r in rows]
+        if all(isinstance(v, str) for v in values):
+            tensors.append(Tensor(name, "BYTES", [len(rows)], [v.encode("utf-8") for v in values]))
+        elif all(type(v) in (int, float) for v in values):
+            tensors.append(Tensor(name, "FP64", [len(rows)], [float(v) for v in values]))
+        else:
+            raise BadMessage("invalid-request", f"column '{name}' must hold only numbers or only strings")
+    return tensors
+
+
 def _row(message: Message, headers: Mapping[str, bytes], event: CloudEvent | None, options: DecodeOptions,
          doc: Any) -> DecodedRequest:
     meta: dict[str, Any] = doc if isinstance(doc, dict) else {}
+    columns = _columns(meta.get("features"))
+    if columns is not None:
+        model, version = _model(headers, meta, options.default_row_model)
+        decoded = _finish(message, headers, event, options, InferRequest(model, columns, model_version=version),
+                          "row", meta, meta.get("id"))
+        _add_ids(columns, options, decoded.request_id, columns[0].shape[0])
+        return decoded
     values = doc if isinstance(doc, list) else (doc["features"] if "features" in doc
                                                 else _named_features(doc, options))
     if not isinstance(values, list) or not values:
@@ -267,11 +297,14 @@ def _row(message: Message, headers: Mapping[str, bytes], event: CloudEvent | Non
     inputs = [Tensor(options.input_name, "FP32", [rows, width], data)]
     decoded = _finish(message, headers, event, options, InferRequest(model, inputs, model_version=version), "row",
                       meta, meta.get("id"))
+    _add_ids(inputs, options, decoded.request_id, rows)
+    return decoded
+
+
+def _add_ids(inputs: list[Tensor], options: DecodeOptions, rid: str, rows: int) -> None:
     if options.ids_input:
-        rid = decoded.request_id
         ids = [rid.encode("utf-8")] if rows == 1 else [f"{rid}/{i}".encode() for i in range(rows)]
         inputs.append(Tensor(options.ids_input, "BYTES", [rows], ids))
-    return decoded
 
 
 def _b64(text: str) -> bytes:

@@ -241,3 +241,25 @@ def test_both_protocols_publish_how_the_model_is_served(served):
     channel.close()
     assert dict(reply.properties) == rest
     assert rest["max_batch_size"] == "256" and rest["runtime"] == "onnxruntime"
+
+
+def test_column_rows_through_kafka(served, churn, kafka_broker, kafka_topics, bridges):
+    """The Kafka ``features`` form for a data-frame model: one object per row, through the real broker and
+    bridge; a row missing a column is dead-lettered as the server's 400 and the next row still gets its result."""
+    from streaming.messenger import Messenger
+    from tests.fixtures.broker import collect
+
+    _, estimator, frame = churn
+    topics = kafka_topics(requests=1, results=1, dlq=1)
+    bridges(topics, group="columns", grpc_target=served.grpc_target)
+    rows = frame.head(3)
+    with Messenger(topics["requests"], settings=kafka_broker.messenger_settings()) as messenger:
+        messenger.send({"id": "one", "model": "churn", "features": rows.iloc[0].to_dict()}, key="one")
+        messenger.send({"id": "bad", "model": "churn", "features": {"age": 30, "city": "rome"}}, key="bad")
+        messenger.send({"id": "two", "model": "churn", "features": rows.iloc[1:3].to_dict("records")}, key="two")
+    results = {m.key_str: m.json() for m in collect(kafka_broker, topics["results"],
+                                                    until=lambda got: {"one", "two"} <= {m.key_str for m in got})}
+    names = {key: next(o["data"] for o in doc["outputs"] if o["name"] == "label_name") for key, doc in results.items()}
+    assert names["one"] + names["two"] == list(estimator.predict(rows))
+    dead = collect(kafka_broker, topics["dlq"], until=lambda got: len(got) >= 1)
+    assert dead[0].key_str == "bad" and dead[0].header_str("kcp-dlq-status") == "400"

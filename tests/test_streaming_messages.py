@@ -109,3 +109,19 @@ def test_structured_cloudevent_carries_the_request_in_data() -> None:
              "data": {"features": [1, 2, 3, 4], "true_label": 1}}
     d = decode(msg(event, [("content-type", b"application/cloudevents+json")]))
     assert d.request_id == "evt-5" and d.true_label == 1 and d.cloudevent is not None
+
+
+def test_a_row_of_named_columns_becomes_one_tensor_per_column() -> None:
+    d = decode(msg({"id": "c-1", "model": "churn", "features": [{"age": 52, "city": "paris"},
+                                                                 {"age": 23.5, "city": "rome"}]}))
+    assert d.request.model_name == "churn"
+    age, city = d.request.inputs[:2]
+    assert (age.name, age.datatype, age.shape, age.data) == ("age", "FP64", [2], [52.0, 23.5])
+    assert (city.name, city.datatype, city.shape, city.data) == ("city", "BYTES", [2], [b"paris", b"rome"])
+
+
+@pytest.mark.parametrize("features", [[{"city": "a"}, {"city": 3}], {"age": True}, [{"age": 1}, {"city": "x"}], {}])
+def test_columns_that_mix_types_or_names_are_refused(features) -> None:
+    with pytest.raises(BadMessage) as err:
+        decode(msg({"model": "churn", "features": features}))
+    assert err.value.kind == "invalid-request"
