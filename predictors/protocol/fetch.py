@@ -214,7 +214,7 @@ class ImageFetcher:
 
         Only unencoded bodies are taken (``Accept-Encoding: identity``; any other ``Content-Encoding`` is
         refused) and the limits count the bytes as they come off the wire: a decoder in between would turn a
-        few hundred bytes of stacked gzip into tens of megabytes in one chunk, before any limit could look.
+        small body of stacked gzip into a huge one in a single chunk, before any limit could look.
         Image formats are compressed already, so an encoding gains nothing.
         """
         s = self.settings

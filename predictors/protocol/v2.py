@@ -54,8 +54,8 @@ MAX_REQUESTED_OUTPUTS = 64
 _JSON_LENGTH = re.compile(r"[0-9]{1,19}")
 MAX_JSON_VALUES = 1024 * 1024
 """Default bound on the values a REST body's JSON may hold (``KCP_MAX_JSON_VALUES``). A parsed value costs
-8-64 bytes of Python objects for 2-3 bytes of JSON (``[],`` is an empty list), so the byte limit alone lets
-one body take twenty times its size in memory and seconds of CPU on the event loop."""
+many times its JSON text in Python objects (``[],`` becomes a list object), so the byte limit alone lets one
+body take many times its size in memory and hold the event loop while it is built."""
 
 
 def check_id(value: str, what: str) -> str:
@@ -204,7 +204,7 @@ def json_value_bound(json_part: bytes) -> int:
 def _loads(json_part: bytes) -> Any:
     """``orjson.loads`` with the cyclic garbage collector paused: a body of many small arrays or objects
     creates as many containers, and each allocation threshold crossed on the way would start a collection
-    that walks all of them again (ten times the parse itself). Plain JSON cannot form cycles."""
+    that walks all of them again, costing far more than the parse itself. Plain JSON cannot form cycles."""
     enabled = gc.isenabled()
     gc.disable()
     try:
