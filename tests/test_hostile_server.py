@@ -284,29 +284,29 @@ def _siblings_stopped(server: ServerHandle, request_id: str) -> None:
 
 
 ROWS: dict[str, Row] = {
-    # item 5: every requested output is a copy in the answer
+    # every requested output is a copy in the answer
     "outputs repeated 5,000 times": Row(
         "iris", [iris()], outputs=["probabilities"] * 5000,
         rest=(400, "at most 64"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "at most 64")),
     "an output requested twice": Row(
         "iris", [iris()], outputs=["probabilities", "label", "probabilities"],
         rest=(400, "requested twice"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "requested twice")),
-    # item 15: refused before the prediction is logged
+    # refused before the prediction is logged
     "output ids without input ids": Row(
         "iris", [iris()], outputs=["label", "ids"], request_id="hostile-ids-probe",
         rest=(400, "needs input 'ids'"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "needs input 'ids'"),
         check=_not_logged),
-    # item 3 at the protocol: ids are stored, logged and echoed
+    # ids are stored, logged and echoed: no control characters
     "request id with a NUL byte": Row(
         "iris", [iris()], request_id="abc\x00def",
         rest=(400, "control characters"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "control characters")),
     "ids input with a newline": Row(
         "iris", [iris(), In("ids", "BYTES", [1], ["row\n1"])],
         rest=(400, "control characters"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "control characters")),
-    # item 15: no silent wrap (gRPC's int64_contents cannot carry 2**63)
+    # no silent wrap (gRPC's int64_contents cannot carry 2**63)
     "INT64 of 2**63": Row(
         "iris", [iris([[2**63, 1, 1, 1]], datatype="INT64")], rest=(400, "out of range for INT64")),
-    # item 12
+    # binary tensor data that ends early
     "truncated raw BYTES tensor": Row(
         "iris-katonic", [In("data", "BYTES", [1], [])],
         send_rest=binary_rest({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
@@ -318,28 +318,28 @@ ROWS: dict[str, Row] = {
         "iris-katonic", [In("data", "BYTES", [1], [])],
         raw_grpc=[raw_bytes_tensor(b'{"a": 1}', b'{"b": 2}')],
         grpc=(grpc.StatusCode.INVALID_ARGUMENT, "more than the 1 BYTES elements")),
-    # item 13
+    # the binary extension's length header
     "non-ASCII digit in inference-header-content-length": Row(
         "iris", send_rest=binary_rest({"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
                                                    "data": SETOSA}]}, b"", header=b"\xb2"),
         rest=(400, "not a length")),
-    # item 14 (Katonic rows)
+    # JSON documents in Katonic rows
     "Katonic row nested 5,000 deep": Row(
         "iris-katonic", [katonic("[" * 5000 + "]" * 5000)],
         rest=(400, "element 0"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "element 0")),
     "Katonic row nested 100 deep": Row(
         "iris-katonic", [katonic('{"sepal_length": ' + "[" * 100 + "]" * 100 + "}")],
         rest=(400, "nests deeper"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "nests deeper")),
-    # item 15: a server fault is named, not described
+    # a server fault is named, not described
     "user code failing with a database URL in its message": Row(
         "leaky", [katonic('{"sepal_length": 42, "sepal_width": 3, "petal_length": 1, "petal_width": 0.2}')],
         rest=(500, "internal server error"), grpc=(grpc.StatusCode.INTERNAL, "Internal server error")),
-    # item 11
+    # a body without a Content-Length
     "chunked /infer body over the limit": Row("iris", send_rest=chunked("/v2/models/{model}/infer", MAX_BODY + 1),
                                               rest=(413, "limit")),
-    # item 8
+    # the work of parsing a body
     "JSON body of empty arrays": Row("iris", send_rest=too_many_values("iris"), rest=(413, "values")),
-    # item 9
+    # decoding images
     "one image over the pixel limit": Row(
         "mnist", [images([_png(28), _png(1100)])],
         rest=(400, f"the limit is {IMAGE_MAX_PIXELS}"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "pixels")),
@@ -349,14 +349,14 @@ ROWS: dict[str, Row] = {
     "images over the pixels of a request": Row(
         "mnist", [images([_png(950)] * 4)],
         rest=(413, "pixels together"), grpc=(grpc.StatusCode.RESOURCE_EXHAUSTED, "pixels together")),
-    # item 7
+    # fetching image URLs
     "stacked gzip image URL": Row(
         "mnist", [images(["{site}/stacked-gzip.png"])],
         rest=(400, "Content-Encoding"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "Content-Encoding")),
     "image URLs adding up over the request's bytes": Row(
         "mnist", [images(["{site}/one-mib.png"] * 4)],
         rest=(400, "add up to more than"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "add up to more than")),
-    # item 19: IPv4 inside IPv6 that the guard did not unwrap, and local-use NAT64
+    # IPv4 inside IPv6, and local-use NAT64
     "IPv4-compatible loopback URL": Row(
         "mnist", [images(["http://[::7f00:1]/x.png"])],
         rest=(400, "not a public address"), grpc=(grpc.StatusCode.INVALID_ARGUMENT, "not a public address")),
