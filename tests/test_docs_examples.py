@@ -105,10 +105,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the examples run, as from the repository root: ``models/`` (a link to the committed packages) and
+    """Where the examples run, as from the repository root: ``models/`` (the committed packages), ``helm/``,
+    ``tests/`` and ``manifests/`` (links into the repository), and
     digit.png, a real MNIST test 7, dark ink on light paper, 4× its size."""
     work = tmp_path_factory.mktemp("docs-work")
     (work / "models").symlink_to(TRAINED_MODELS.resolve(), target_is_directory=True)
+    for name in ("helm", "tests", "manifests"):  # read by the deployment examples
+        (work / name).symlink_to(REPO / name, target_is_directory=True)
     digits, labels = load_test_digits(1)
     seven = digits[list(labels).index(7)]
     Image.fromarray(255 - seven).resize((112, 112), Image.Resampling.BICUBIC).save(work / "digit.png")
@@ -124,7 +127,8 @@ def localize(body: str, server: ServerHandle) -> str:
 
 def run_block(block: Block, server: ServerHandle, workdir: Path) -> subprocess.CompletedProcess:
     body = localize(block.body, server)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OPENBLAS_NUM_THREADS": "1",
+    path = f"{Path(sys.executable).parent}:{REPO / '.tools' / 'bin'}:{os.environ['PATH']}"  # python, helm as make has
+    env = {**os.environ, "PATH": path, "OPENBLAS_NUM_THREADS": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
     env.pop("KCP_API_KEY", None)
     command = ["bash", "-euo", "pipefail", "-c", body] if block.language == "bash" else [sys.executable, "-c", body]
