@@ -13,6 +13,10 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from predictors.settings import ServerSettings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -20,16 +24,26 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 logger = logging.getLogger("predictors")
 
 
-def _serve(args: argparse.Namespace) -> None:
-    from predictors.settings import ServerSettings
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """The server's settings: the environment's, with the ``serve`` flags given on the command line winning."""
+    from predictors.settings import ServerSettings, flag_of
 
-    settings = ServerSettings.from_env(host=args.host, max_batch_size=args.max_batch_size,
-                                       max_latency_ms=args.max_latency_ms, metrics_auth=args.metrics_auth,
-                                       access_log=args.access_log)
+    flags = [name for name, field in ServerSettings.model_fields.items() if flag_of(field)]
+    return ServerSettings.from_env(**{name: getattr(args, name, None) for name in flags})
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    try:
+        settings = server_settings(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"python -m predictors serve: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
     if args.workers > 1 and args.worker_fds is None:
         from predictors.runtime.workers import supervise
 
-        sys.exit(supervise(args.argv, args.workers, host=args.host, http_port=args.http_port,
+        sys.exit(supervise(args.argv, args.workers, host=settings.host, http_port=args.http_port,
                            grpc_port=args.grpc_port if args.enable_grpc else None,
                            configure_logs=args.configure_logging, log_config_file=args.log_config_file))
     server_kwargs = dict(
@@ -81,30 +95,62 @@ def _package(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(report), indent=2))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m predictors", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+KSERVE_FLAGS_USED = frozenset({
+    "http_port", "grpc_port", "workers", "max_threads", "max_asyncio_workers", "enable_grpc", "enable_docs_url",
+    "configure_logging", "log_config_file", "access_log_format", "event_loop", "timeout_keep_alive",
+    "grpc_max_send_message_length", "grpc_max_receive_message_length", "ssl_certfile", "ssl_keyfile",
+})
+"""KServe's server flags that this server honours (:mod:`predictors.runtime.server`, :mod:`.workers`).
+
+The others are for KServe's transformers (``--predictor_host``, ``--model_name``, ...) or act only on
+KServe's own model path (``--enable_latency_logging``); they are still accepted, so an
+InferenceService that passes them starts, but ``--help`` does not offer them.
+"""
+
+
+def _kserve_flags() -> argparse.ArgumentParser:
+    """KServe's server flags, those this server does not use hidden from ``--help``.
+
+    Copies of KServe's actions, so its module-level parser (which KServe parses ``sys.argv`` with
+    at import) is left as it is.
+    """
+    import copy
 
     from kserve.model_server import parser as kserve_parser
 
-    serve = sub.add_parser("serve", parents=[kserve_parser], help="serve model packages over V2 REST and gRPC",
+    flags = argparse.ArgumentParser(add_help=False)
+    for action in kserve_parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        mine = copy.copy(action)
+        if mine.dest not in KSERVE_FLAGS_USED:
+            mine.help = argparse.SUPPRESS
+        elif mine.dest == "workers":  # KServe's text says uvicorn workers; here they are whole server processes
+            mine.help = "server processes sharing the REST and gRPC ports (predictors.runtime.workers)"
+        flags._add_action(mine)
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m predictors", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve model packages, check them, make them from a fitted model, deploy them to Kubernetes.\n"
+                    "'serve --help' lists the server's flags; every setting and its KCP_* variable is in "
+                    "docs/settings.md.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from predictors.settings import add_flags
+
+    serve = sub.add_parser("serve", parents=[_kserve_flags()], help="serve model packages over V2 REST and gRPC",
+                           description="Serve model packages over V2 REST and gRPC. Every flag below also has a "
+                                       "KCP_* environment variable or is KServe's; see docs/settings.md.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     serve.add_argument("--model_dir", default="/mnt/models",
                        help="a directory of model packages, or one package directory")
-    serve.add_argument("--host", default=os.environ.get("KCP_HOST", "0.0.0.0"), help="bind address for REST and gRPC")
-    serve.add_argument("--max_batch_size", type=int, default=None,
-                       help="adaptive batching: most rows per model call (overrides package configs; 1 = off)")
-    serve.add_argument("--max_latency_ms", type=float, default=None,
-                       help="adaptive batching: longest wait for a batch to fill (overrides package configs)")
-    serve.add_argument("--metrics-auth", dest="metrics_auth", action="store_true", default=None,
-                       help="require the API key for /metrics and /openapi.json too (default: open, for Prometheus; "
-                            "env KCP_METRICS_AUTH)")
-    serve.add_argument("--access-log", dest="access_log", action="store_true", default=None,
-                       help="log one line per HTTP request (default: off; env KCP_ACCESS_LOG)")
+    add_flags(serve)
     # Set by predictors.runtime.workers on the worker processes of --workers N: their inherited sockets.
     serve.add_argument("--kcp-worker-fds", dest="worker_fds", default=None, help=argparse.SUPPRESS)
-    # KServe logs a latency line per request by default; like the access log, that is opt-in here.
+    # KServe logs a latency line per request from its own model path, which requests here do not take.
     serve.set_defaults(func=_serve, enable_latency_logging=False)
 
     validate = sub.add_parser("validate", help="check packages load (config, labels, artifact)")

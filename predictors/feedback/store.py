@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -93,13 +92,14 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 """How long a SQLite writer waits for the write lock before failing; long enough that it never does."""
 
 CONNECT_TIMEOUT_S = 3.0
-"""Default PostgreSQL connect timeout (env ``KCP_FEEDBACK_DB_CONNECT_TIMEOUT_S``); libpq's minimum is 2 s."""
+"""Default PostgreSQL connect timeout (the server passes ``KCP_FEEDBACK_DB_CONNECT_TIMEOUT_S``); libpq rounds
+up to 2 s."""
 
 STATEMENT_TIMEOUT_S = 10.0
-"""Default PostgreSQL ``statement_timeout`` (env ``KCP_FEEDBACK_DB_STATEMENT_TIMEOUT_S``)."""
+"""Default PostgreSQL ``statement_timeout`` (the server passes ``KCP_FEEDBACK_DB_STATEMENT_TIMEOUT_S``)."""
 
 RETRY_AFTER_S = 5.0
-"""Default time a store stays *down* after a failed call (env ``KCP_FEEDBACK_DB_RETRY_S``)."""
+"""Default time a store stays *down* after a failed call (the server passes ``KCP_FEEDBACK_DB_RETRY_S``)."""
 
 PRUNE_BATCH = 1000
 """Rows deleted per transaction by the retention prune: each write lock is held only briefly."""
@@ -301,17 +301,6 @@ def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]
         yield items[start:start + size]
 
 
-def _env_seconds(name: str, default: float) -> float:
-    """A positive number of seconds from ``KCP_<name>``, else ``default``; a bad value stops start-up."""
-    raw = os.environ.get(f"KCP_{name}")
-    if raw is None or not raw.strip():
-        return default
-    value = float(raw)
-    if not 0 < value < 86400:
-        raise ValueError(f"KCP_{name} must be a number of seconds in (0, 86400), got {raw!r}")
-    return value
-
-
 def _first_line(exc: Exception) -> str:
     """``Type: first line of the message`` of the driver's error (SQLAlchemy's wrapper adds SQL and a URL).
 
@@ -382,7 +371,8 @@ class FeedbackStore:
     URL, as many operators and secrets spell it, means the same: psycopg 3 is the driver installed).
     Tables are created by the first call that reaches the database (idempotent, safe when several
     replicas start at once); construction itself never connects, so it succeeds while the database
-    is down. Timeouts default to the ``KCP_FEEDBACK_DB_*`` environment variables (module constants).
+    is down. Timeouts not given take the module's defaults; the server passes its ``KCP_FEEDBACK_DB_*``
+    settings (:class:`predictors.settings.ServerSettings`).
     """
 
     def __init__(self, url: str, *, connect_timeout_s: float | None = None,
@@ -391,10 +381,9 @@ class FeedbackStore:
             if url.startswith(plain):
                 url = "postgresql+psycopg://" + url.removeprefix(plain)
         self.url = url
-        self.connect_timeout_s = connect_timeout_s or _env_seconds("FEEDBACK_DB_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S)
-        self.statement_timeout_s = statement_timeout_s or _env_seconds("FEEDBACK_DB_STATEMENT_TIMEOUT_S",
-                                                                       STATEMENT_TIMEOUT_S)
-        self.retry_after_s = retry_after_s or _env_seconds("FEEDBACK_DB_RETRY_S", RETRY_AFTER_S)
+        self.connect_timeout_s = connect_timeout_s or CONNECT_TIMEOUT_S
+        self.statement_timeout_s = statement_timeout_s or STATEMENT_TIMEOUT_S
+        self.retry_after_s = retry_after_s or RETRY_AFTER_S
         self.engine: Engine = self._make_engine(url)
         self._is_sqlite = self.engine.dialect.name == "sqlite"
         self._schema_ready = False

@@ -35,9 +35,8 @@ OPEN_REST_PATHS = re.compile(
 )
 log = logging.getLogger(__name__)
 
-KEY_FILE_ENV = "KCP_API_KEY_FILE"
-OVERLAP_ENV = "KCP_API_KEY_OVERLAP_S"
 DEFAULT_OVERLAP_S = 300.0
+"""Default of ``KCP_API_KEY_OVERLAP_S`` (:class:`predictors.settings.ServerSettings`)."""
 RECHECK_S = 1.0
 """Least time between two looks at the key file (a ``stat`` on the request path, no read unless changed)."""
 
@@ -51,20 +50,19 @@ OPEN_GRPC_METHODS = frozenset({
 class APIKey:
     """A configured key and the constant-time check against what a client presented.
 
-    ``key_file`` (default: ``$KCP_API_KEY_FILE``) is watched for rotation as described in the
-    module docstring; ``overlap_s`` (default: ``$KCP_API_KEY_OVERLAP_S`` or 300) is how long the
-    replaced key is still accepted.
+    ``key_file`` (the server passes ``KCP_API_KEY_FILE``; None: the key never changes) is watched for
+    rotation as described in the module docstring; ``overlap_s`` (``KCP_API_KEY_OVERLAP_S``) is how
+    long the replaced key is still accepted.
     """
 
-    def __init__(self, key: str, key_file: str | Path | None = None, overlap_s: float | None = None) -> None:
+    def __init__(self, key: str, key_file: str | Path | None = None, overlap_s: float = DEFAULT_OVERLAP_S) -> None:
         self._key = key.encode("utf-8")
         self._previous: bytes | None = None
         self._previous_until = 0.0
-        file = key_file or os.environ.get(KEY_FILE_ENV)
-        self._file = Path(file) if file else None
-        self._overlap_s = float(overlap_s if overlap_s is not None else os.environ.get(OVERLAP_ENV, DEFAULT_OVERLAP_S))
+        self._file = Path(key_file) if key_file else None
+        self._overlap_s = float(overlap_s)
         if self._overlap_s < 0:
-            raise ValueError(f"{OVERLAP_ENV} must be 0 or more seconds, got {self._overlap_s}")
+            raise ValueError(f"the key overlap must be 0 or more seconds, got {self._overlap_s}")
         self._seen = self._stamp()
         self._next_look = time.monotonic() + RECHECK_S
         self._lock = threading.Lock()

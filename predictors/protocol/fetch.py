@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, Field
 
 from predictors.protocol.errors import DisallowedURL, FetchFailed
+from predictors.settings import FetchSettings
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -44,34 +42,6 @@ _LOW_32_BITS = (
 """IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at."""
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 """NAT64 for local use (RFC 8215): translated inside the operator's own network, never public."""
-
-
-def _env(name: str, default: str) -> str:
-    """``KCP_<name>``: read here, as the default of a field, because predictors.settings maps only
-    the older ``KCP_URL_*`` variables explicitly."""
-    return os.environ.get(f"KCP_{name}") or default
-
-
-class FetchSettings(BaseModel):
-    """Limits for image URL fetching (env ``KCP_URL_*``, see predictors.settings)."""
-
-    enabled: bool = True
-    timeout_s: float = Field(default=5.0, gt=0, description="per connect / read")
-    deadline_s: float = Field(default_factory=lambda: float(_env("URL_DEADLINE_S", "15")), gt=0,
-                              description="the whole fetch, redirects included (KCP_URL_DEADLINE_S)")
-    address_order: Literal["ipv4_first", "ipv6_first"] = Field(
-        default_factory=lambda: _env("URL_ADDRESS_ORDER", "ipv4_first"),
-        description="which family of a host's addresses is tried first (KCP_URL_ADDRESS_ORDER)")
-    max_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="one image, as sent on the wire")
-    max_request_bytes: int = Field(
-        default_factory=lambda: int(_env("URL_MAX_REQUEST_BYTES", str(32 * 1024 * 1024))), gt=0,
-        description="all images one request fetches together (KCP_URL_MAX_REQUEST_BYTES)")
-    max_redirects: int = Field(default=3, ge=0)
-    allowed_networks: list[str] = Field(default_factory=list, description="CIDRs exempt from the private-address ban")
-    allowed_content_types: tuple[str, ...] = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
-
-    def networks(self) -> list[IPNetwork]:
-        return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
 
 
 def is_url(value: bytes | str) -> bool:

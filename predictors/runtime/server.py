@@ -158,7 +158,8 @@ class ClassifierServer(kserve.ModelServer):
         _log_like_kserve()
         self.dataplane = ClassifierDataPlane(model_registry=self.repository)
         self.model_repository_extension = PackageRepositoryExtension(model_registry=self.repository)
-        self.api_key = APIKey(settings.api_key) if settings.api_key else None
+        self.api_key = (APIKey(settings.api_key, key_file=settings.api_key_file, overlap_s=settings.api_key_overlap_s)
+                        if settings.api_key else None)
         if self.api_key is None and not _is_loopback(settings.host):
             logger.warning("serving on %s without an API key: anyone who can reach this address can call every "
                            "model and the repository API; set KCP_API_KEY or KCP_API_KEY_FILE", settings.host)
@@ -312,7 +313,9 @@ def _open_feedback_store(settings: ServerSettings):
     except ImportError:
         logger.warning("predictors.feedback is not available; feedback API disabled")
         return None
-    return FeedbackStore(settings.feedback_db_url)
+    return FeedbackStore(settings.feedback_db_url, connect_timeout_s=settings.feedback_db_connect_timeout_s,
+                         statement_timeout_s=settings.feedback_db_statement_timeout_s,
+                         retry_after_s=settings.feedback_db_retry_s)
 
 
 def serve(model_dir: str | Path, settings: ServerSettings, *,
