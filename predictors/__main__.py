@@ -83,12 +83,12 @@ def _package(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from predictors.package import PackageError
-    from predictors.packaging import PackagingError, package_estimator
+    from predictors.packaging import PackagingError, package_model
 
     try:
-        report = package_estimator(Path(args.model), Path(args.out), name=args.name, version=args.version,
-                                   label_names=args.labels, data=Path(args.data) if args.data else None,
-                                   description=args.description, force=args.force)
+        report = package_model(Path(args.model), Path(args.out), name=args.name, version=args.version,
+                               label_names=args.labels, data=Path(args.data) if args.data else None,
+                               description=args.description, force=args.force, pixel_divisor=args.pixel_divisor)
     except (PackagingError, PackageError) as exc:
         print(f"python -m predictors package: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("packages", nargs="+")
     validate.set_defaults(func=_validate)
 
-    package = sub.add_parser("package", help="turn a fitted scikit-learn classifier (.joblib/.pkl) into a checked "
-                                             "model package")
-    package.add_argument("model", help="the fitted estimator, saved with joblib.dump or pickle")
+    package = sub.add_parser("package", help="turn a fitted scikit-learn classifier (.joblib/.pkl) or a Keras image "
+                                             "classifier (.keras) into a checked model package")
+    package.add_argument("model", help="the fitted estimator (joblib.dump or pickle) or Keras model (.keras)")
     package.add_argument("--name", required=True, help="model name (a DNS label: lower-case letters, digits, '-')")
     package.add_argument("--out", required=True, help="package directory to write")
     package.add_argument("--version", default="1", help="model version")
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "rows the compiled model is checked on come from it")
     package.add_argument("--description", default="")
     package.add_argument("--force", action="store_true", help="replace --out if it exists")
+    package.add_argument("--pixel-divisor", dest="pixel_divisor", type=float, default=255.0,
+                         help="Keras models: pixels 0..255 are divided by this before the model (1 if the model "
+                              "scales its own input)")
     package.set_defaults(func=_package)
 
     try:

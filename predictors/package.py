@@ -148,10 +148,23 @@ class CenterOfMassStep(_Strict):
 
 
 class ResizeStep(_Strict):
-    """Plain resize to ``size``×``size`` (for data sets such as Fashion-MNIST that are not centred by mass)."""
+    """Plain resize to ``height``×``width`` (``size``×``size`` when not given), for data sets such as
+    Fashion-MNIST that are not centred by mass, and for colour photos."""
 
     op: Literal["resize"] = "resize"
     size: int = Field(default=28, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    width: int | None = Field(default=None, gt=0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height or self.size, self.width or self.size)
+
+
+class RGBStep(_Strict):
+    """Three colour channels (red, green, blue); transparency composites on white."""
+
+    op: Literal["rgb"] = "rgb"
 
 
 class ScaleStep(_Strict):
@@ -162,7 +175,8 @@ class ScaleStep(_Strict):
 
 
 PreprocessStep = Annotated[
-    DecodeStep | GrayscaleStep | AutoInvertStep | CropToInkStep | FitStep | CenterOfMassStep | ResizeStep | ScaleStep,
+    DecodeStep | GrayscaleStep | RGBStep | AutoInvertStep | CropToInkStep | FitStep | CenterOfMassStep | ResizeStep
+    | ScaleStep,
     Field(discriminator="op"),
 ]
 
@@ -244,7 +258,23 @@ class PackageConfig(_Strict):
                 raise ValueError(f"feature_names has {len(self.feature_names)} names for {n} input features")
         elif len(self.inputs) > 1:
             raise ValueError("an image model takes one input")
+        elif self.task == "image_classification" and self.framework != "katonic":
+            self._check_image()
         return self
+
+    def _check_image(self) -> None:
+        """An image input is ``[-1, H, W]`` (grayscale) or ``[-1, H, W, C]`` with 1 or 3 channels; colour
+        images take only the steps that work on any number of channels."""
+        shape = self.inputs[0].shape
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+            raise ValueError(f"an image input has shape [-1, H, W] or [-1, H, W, C] with C 1 or 3, got {shape}")
+        if self.channels == 3:
+            grayscale_only = sorted({s.op for s in self.preprocessing} & {"grayscale", "auto_invert", "crop_to_ink",
+                                                                         "fit", "center_of_mass"})
+            if grayscale_only:
+                raise ValueError(f"steps {grayscale_only} work on one channel; this model takes 3")
+            if self.preprocessing and not any(s.op == "rgb" for s in self.preprocessing):
+                raise ValueError("a 3-channel model's preprocessing needs an 'rgb' step after 'decode'")
 
     def _check_columns(self) -> None:
         """Several inputs are the columns of a table: one 1-D tensor each, uniquely named, no 'ids'."""
@@ -265,10 +295,22 @@ class PackageConfig(_Strict):
 
     @property
     def image_size(self) -> int | None:
-        """Side of the square image the model takes (None for tabular models)."""
+        """Height of the image the model takes (its side, when square); None for tabular models."""
         if self.task != "image_classification":
             return None
         return self.inputs[0].shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        """``(H, W)`` for a grayscale input declared ``[-1, H, W]``, else ``(H, W, C)``; None for tabular."""
+        if self.task != "image_classification" or len(self.inputs[0].shape) < 3:
+            return None
+        return tuple(self.inputs[0].shape[1:])
+
+    @property
+    def channels(self) -> int:
+        shape = self.inputs[0].shape
+        return shape[3] if len(shape) == 4 else 1
 
 
 class LabelsFile(_Strict):

@@ -1,10 +1,12 @@
-"""``python -m predictors package``: a user's fitted scikit-learn classifier in, a checked model package out.
+"""``python -m predictors package``: a user's fitted classifier in, a checked model package out.
 
-It reads what the estimator knows about itself (``n_features_in_``, ``feature_names_in_``,
-``classes_``, the columns a ``ColumnTransformer`` routes to encoders), writes ``config.json`` and
-``labels_file.json``, stores probe rows (from the user's data when given, else synthesised), compiles
-the model to ONNX where it answers as the estimator, and finally loads the package as the server
-would and predicts the probe rows. What cannot be served as a classifier is refused with the reason.
+For a scikit-learn estimator (joblib or pickle) it reads what the estimator knows about itself
+(``n_features_in_``, ``feature_names_in_``, ``classes_``, the columns a ``ColumnTransformer`` routes to
+encoders), writes ``config.json`` and ``labels_file.json``, stores probe rows (from the user's data when given,
+else synthesised), compiles the model to ONNX where it answers as the estimator, and finally loads the package
+as the server would and predicts the probe rows. For a Keras model (``.keras``) it reads the image shape
+(height, width and 1 or 3 channels) and the number of classes, and writes the preprocessing that turns an
+encoded image into that input. What cannot be served as a classifier is refused with the reason.
 """
 
 from __future__ import annotations
@@ -52,6 +54,63 @@ class PackageReport:
     runtime: str
     runtime_reason: str
     smoke: list[str] = field(default_factory=list)
+
+
+def package_model(model_file: Path, out: Path, *, name: str, version: str = "1",
+                  label_names: list[str] | None = None, data: Path | None = None, description: str = "",
+                  force: bool = False, pixel_divisor: float = 255.0) -> PackageReport:
+    """A package for a scikit-learn estimator or a Keras model, by the file's kind."""
+    if model_file.suffix == ".keras":
+        if data is not None:
+            raise PackagingError("--data is for scikit-learn models (their columns and probe rows)")
+        return package_keras(model_file, out, name=name, version=version, label_names=label_names,
+                             description=description, force=force, pixel_divisor=pixel_divisor)
+    return package_estimator(model_file, out, name=name, version=version, label_names=label_names, data=data,
+                             description=description, force=force)
+
+
+def package_keras(model_file: Path, out: Path, *, name: str, version: str = "1", label_names: list[str] | None = None,
+                  description: str = "", force: bool = False, pixel_divisor: float = 255.0) -> PackageReport:
+    """Write a package for the Keras image classifier in ``model_file``: input ``[-1, H, W]`` or
+    ``[-1, H, W, C]`` from the model, decode → grayscale or rgb → resize → scale by ``pixel_divisor``."""
+    from predictors.models.image import import_keras
+    from predictors.package import DecodeStep, GrayscaleStep, ResizeStep, RGBStep, ScaleStep
+
+    if not model_file.is_file():
+        raise PackagingError(f"{model_file}: no such file")
+    keras, _ = import_keras()
+    try:
+        model = keras.models.load_model(model_file, compile=False)
+    except Exception as exc:  # Keras raises many kinds for a file that is not a model
+        raise PackagingError(f"{model_file}: cannot be loaded by Keras: {type(exc).__name__}: {exc}") from exc
+    shape = list(model.input_shape)
+    if len(shape) not in (3, 4) or any(d is None for d in shape[1:]) or (len(shape) == 4 and shape[3] not in (1, 3)):
+        raise PackagingError(f"model input {shape}: expected images [N, H, W] or [N, H, W, C] with C 1 or 3 "
+                             f"and fixed H and W")
+    outputs = list(model.output_shape)
+    if len(outputs) != 2 or outputs[1] is None or outputs[1] < 2:
+        raise PackagingError(f"model output {outputs}: expected class scores [N, K] with K >= 2")
+    k = int(outputs[1])
+    height, width = int(shape[1]), int(shape[2])
+    channels = int(shape[3]) if len(shape) == 4 else 1
+    if label_names is not None and len(label_names) != k:
+        raise PackagingError(f"--labels gives {len(label_names)} names for {k} classes")
+    if out.exists():
+        if not force:
+            raise PackagingError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copyfile(model_file, out / "model.keras")
+    config = PackageConfig(
+        format_version=FORMAT_VERSION, name=name, version=version, framework="keras", task="image_classification",
+        artifact="model.keras", description=description,
+        inputs=[TensorSpec(name=MATRIX_INPUT, datatype="FP32",
+                           shape=[-1, height, width] if channels == 1 else [-1, height, width, channels])],
+        preprocessing=[DecodeStep(), GrayscaleStep() if channels == 1 else RGBStep(),
+                       ResizeStep(size=max(height, width), height=height, width=width),
+                       ScaleStep(divisor=pixel_divisor)])
+    package = save_package(out, config, LabelsFile(labels=list(range(k)), names=label_names))
+    return _smoke(package, None, "none: image models are checked by predicting a blank image")
 
 
 def package_estimator(model_file: Path, out: Path, *, name: str, version: str = "1",

@@ -1,8 +1,9 @@
 """tf.keras image classifiers whose input handling is driven by the package's config.
 
-Accepted for the main input, in one request:
+The package declares the image ``[-1, H, W]`` (grayscale) or ``[-1, H, W, C]`` (C = 1 or 3). Accepted for
+the main input, in one request:
 
-* FP32/FP64 ``[N, S, S]`` or ``[N, S, S, 1]`` already in the model's [0, 1] scale;
+* FP32/FP64 ``[N, H, W, C]`` (``[N, H, W]`` when C is 1) already in the model's [0, 1] scale;
 * UINT8 of the same shapes in 0..255 (scaled by the package's ``scale`` step);
 * BYTES ``[N]`` (or ``[N, 1]``) holding encoded PNG/JPEG images — raw bytes over gRPC
   and binary REST, base64 strings in REST JSON — or ``http(s)`` URLs, fetched behind the
@@ -36,7 +37,7 @@ with them the Fashion-MNIST CNN took 113-131 instead of 158-187 µs of CPU per i
 (batches of 16-64, bench/RESULTS.md, the run on f688cfe)."""
 
 
-def _import_keras():
+def import_keras():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", ONEDNN_OPTS)  # read once, when TensorFlow loads
     import keras
@@ -60,7 +61,7 @@ class ImageModel(PackageModel):
     inline_candidate = False
 
     def load_artifact(self) -> None:
-        keras, tf = _import_keras()
+        keras, tf = import_keras()
         model = keras.models.load_model(self.package.artifact_path, compile=False)
         self.package.check_artifact(model)
         self.keras_model = model
@@ -71,8 +72,12 @@ class ImageModel(PackageModel):
         concrete = tf.function(lambda x: model(x, training=False), input_signature=[signature]).get_concrete_function()
         self._to_tensor = tf.convert_to_tensor
         self._serve = concrete
-        self.size = self.config.image_size or self.model_input_shape[0]
-        self.predict_array(np.zeros((1, self.size, self.size), dtype=np.float32))  # warm up
+        shape = self.config.image_shape or self.model_input_shape
+        self.image_shape = shape[:2] if len(shape) == 3 and shape[2] == 1 else tuple(shape)
+        self.predict_array(np.zeros((1, *self.image_shape), dtype=np.float32))  # warm up
+
+    def sample_features(self) -> np.ndarray:
+        return np.zeros((1, *self.image_shape), dtype=np.float32)
 
     def predict_array(self, features: np.ndarray) -> np.ndarray:
         x = features.reshape((len(features), *self.model_input_shape)).astype(np.float32, copy=False)
@@ -85,12 +90,13 @@ class ImageModel(PackageModel):
             raise BadInput(f"input '{tensor.name}' must be FP32, UINT8 or BYTES (encoded images or URLs), "
                            f"got {tensor.datatype}")
         array = to_numpy(tensor)
-        s = self.size
-        if array.ndim == 4 and array.shape[-1] == 1:
+        shape = self.image_shape
+        if len(shape) == 2 and array.ndim == 4 and array.shape[-1] == 1:
             array = array[..., 0]
-        if array.ndim != 3 or array.shape[1:] != (s, s):
-            raise BadInput(f"input '{tensor.name}' must have shape [N, {s}, {s}] or [N, {s}, {s}, 1], "
-                           f"got {list(tensor.shape)}")
+        if array.ndim != len(shape) + 1 or array.shape[1:] != shape:
+            wanted = [f"[N, {', '.join(map(str, shape))}]"] + ([f"[N, {shape[0]}, {shape[1]}, 1]"] if len(shape) == 2
+                                                                else [])
+            raise BadInput(f"input '{tensor.name}' must have shape {' or '.join(wanted)}, got {list(tensor.shape)}")
         if tensor.datatype == "UINT8":
             return array.astype(np.float32) / np.float32(pixel_divisor(self.config.preprocessing))
         # Two reductions check both rules: min and max propagate NaN, and NaN or ±inf fail the range test.
@@ -117,15 +123,15 @@ class ImageModel(PackageModel):
 
         def decode_all() -> np.ndarray:
             budget = DecodeBudget(limits.max_pixels, limits.max_total_pixels, limits.decode_deadline_s)
-            out = np.empty((len(images), self.size, self.size), dtype=np.float32)
+            out = np.empty((len(images), *self.image_shape), dtype=np.float32)
             for i, data in enumerate(images):
                 try:
                     pixels = run_image_pipeline(data, steps, budget)
                 except (InvalidImage, PayloadTooLarge) as exc:
                     raise type(exc)(f"input '{tensor.name}' element {i}: {exc.reason}") from exc
-                if pixels.shape != (self.size, self.size):
+                if pixels.shape != self.image_shape:
                     raise InvalidImage(f"input '{tensor.name}' element {i}: the package pipeline produced "
-                                       f"{list(pixels.shape)}, the model takes [{self.size}, {self.size}]")
+                                       f"{list(pixels.shape)}, the model takes {list(self.image_shape)}")
                 out[i] = pixels
             return out
 

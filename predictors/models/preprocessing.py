@@ -28,6 +28,7 @@ from predictors.package import (
     GrayscaleStep,
     PreprocessStep,
     ResizeStep,
+    RGBStep,
     ScaleStep,
 )
 from predictors.protocol.errors import InvalidImage, PayloadTooLarge
@@ -97,14 +98,26 @@ def grayscale(image: Image.Image | np.ndarray, _: GrayscaleStep | None = None) -
     """One luminance channel as float32; transparent pixels are composited on white (paper)."""
     if isinstance(image, np.ndarray):
         return image.astype(np.float32)
+    return np.asarray(ImageOps.grayscale(_on_white(image)), dtype=np.float32)
+
+
+def rgb(image: Image.Image | np.ndarray, _: RGBStep | None = None) -> np.ndarray:
+    """Three channels ``[H, W, 3]`` as float32; transparent pixels are composited on white."""
+    if isinstance(image, np.ndarray):
+        return np.repeat(image[..., None], 3, axis=-1).astype(np.float32) if image.ndim == 2 else image
+    return np.asarray(_on_white(image), dtype=np.float32)
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """The image in RGB, transparency composited on white paper."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Pasting through the alpha mask gives what Image.alpha_composite gives on opaque paper, pixel for
         # pixel, without holding the GIL for the whole image (the event loop shares the process).
         rgba = image.convert("RGBA")
         paper = Image.new("RGB", rgba.size, (255, 255, 255))
         paper.paste(rgba, mask=rgba.getchannel("A"))
-        image = paper
-    return np.asarray(ImageOps.grayscale(image.convert("RGB")), dtype=np.float32)
+        return paper
+    return image.convert("RGB")
 
 
 def auto_invert(pixels: np.ndarray, step: AutoInvertStep) -> np.ndarray:
@@ -198,9 +211,13 @@ def center_of_mass(pixels: np.ndarray, step: CenterOfMassStep) -> np.ndarray:
 
 
 def resize(pixels: np.ndarray, step: ResizeStep) -> np.ndarray:
-    """Plain resize to a square (for data sets not centred by mass, like Fashion-MNIST)."""
+    """Plain resize to the step's height × width, channel by channel (for data sets not centred by mass,
+    like Fashion-MNIST, and colour photos)."""
+    height, width = step.shape
+    if pixels.ndim == 3:
+        return np.stack([resize(pixels[..., c], step) for c in range(pixels.shape[2])], axis=-1)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.float32), mode="F")
-    return np.asarray(image.resize((step.size, step.size), Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
+    return np.asarray(image.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 255)
 
 
 def scale(pixels: np.ndarray, step: ScaleStep) -> np.ndarray:
@@ -219,7 +236,8 @@ _ARRAY_STEPS: dict[str, Callable[[np.ndarray, object], np.ndarray]] = {
 
 def run_image_pipeline(data: bytes, steps: Sequence[PreprocessStep],
                        budget: DecodeBudget | None = None) -> np.ndarray:
-    """Encoded image bytes → the model's 2-D float32 input, by the package's steps in order, within
+    """Encoded image bytes → the model's float32 input (``[H, W]``, or ``[H, W, 3]`` after ``rgb``), by the
+    package's steps in order, within
     ``budget`` when given (the request's pixels and deadline)."""
     value: Image.Image | np.ndarray = data  # type: ignore[assignment]
     started = False
@@ -231,6 +249,8 @@ def run_image_pipeline(data: bytes, steps: Sequence[PreprocessStep],
             started = True
         elif step.op == "grayscale":
             value = grayscale(value)
+        elif step.op == "rgb":
+            value = rgb(value)
         else:
             if not started:
                 raise InvalidImage("package pipeline must decode before array steps")
@@ -263,6 +283,7 @@ __all__ = [
     "grayscale",
     "pixel_divisor",
     "resize",
+    "rgb",
     "run_image_pipeline",
     "scale",
 ]

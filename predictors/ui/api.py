@@ -89,6 +89,7 @@ def describe(model: Any) -> dict[str, Any]:
         "description": config.description,
         "input": config.input.model_dump(),
         "image_size": config.image_size,
+        "image_shape": [*config.image_shape, config.channels][:3] if config.image_shape else None,
         "feature_names": config.feature_names,
         "labels": [{"label": label, "name": labels.name_of(label)} for label in labels.labels],
         "top_k": min(config.postprocessing.top_k, len(labels.labels)),
@@ -106,7 +107,8 @@ def build_ui_router(lookup: ModelLookup) -> APIRouter:
 
     @router.post("/v2/models/{model_name}/preprocess")
     async def preprocess(model_name: str, request: Request) -> Response:
-        """The model's input after its own preprocessing: FP32 [N, S, S] in [0, 1] (image models)."""
+        """The model's input after its own preprocessing: FP32 [N, H, W] or [N, H, W, C] in [0, 1] (image
+        models)."""
         model = _ready_model(lookup, model_name)
         config = getattr(model, "config", None)
         if config is None or config.task != "image_classification":

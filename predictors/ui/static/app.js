@@ -272,10 +272,11 @@
     $("image-input").hidden = !isImage;
     $("tabular-form").hidden = isImage;
     if (isImage) {
-      $("preview-caption").textContent =
-        `The model saw (${card.image_size}×${card.image_size}, after preprocessing)`;
+      const [height, width, channels] = card.image_shape;
+      const colour = channels === 3 ? "colour" : "grayscale";
+      $("preview-caption").textContent = `The model saw (${width}×${height} ${colour}, after preprocessing)`;
       $("preview-canvas").setAttribute("aria-label",
-        `The ${card.image_size} by ${card.image_size} input the model saw after preprocessing`);
+        `The ${width} by ${height} ${colour} input the model saw after preprocessing`);
     } else {
       renderTabularFields(card);
     }
@@ -513,9 +514,13 @@
     canvas.height = height;
     const ctx = canvas.getContext("2d");
     const image = ctx.createImageData(width, height);
+    const channels = tensor.shape.length === 4 ? tensor.shape[3] : 1;
+    const level = (x) => Math.round(Math.max(0, Math.min(1, Number(x))) * 255);
     for (let i = 0; i < width * height; i += 1) {
-      const v = Math.round(Math.max(0, Math.min(1, Number(tensor.data[i]))) * 255);
-      image.data.set([v, v, v, 255], i * 4);
+      const at = i * channels;
+      const [r, g, b] = channels === 3 ? [tensor.data[at], tensor.data[at + 1], tensor.data[at + 2]]
+        : [tensor.data[at], tensor.data[at], tensor.data[at]];
+      image.data.set([level(r), level(g), level(b), 255], i * 4);
     }
     ctx.putImageData(image, 0, 0);
     $("preview-figure").hidden = false;
