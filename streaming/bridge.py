@@ -210,6 +210,7 @@ class Bridge:
         log.info("bridge consuming %s (group %s) -> %s, dead letters -> %s, model server via %s",
                  s.request_topic, s.group, s.result_topic, s.dead_letter_topic, s.v2.protocol)
         failures = 0
+        receive = self.metrics.measuring_lag(self.source)  # source.receive, also measuring the lag
         while not self._stop.is_set():
             room = s.max_pending_bytes - self._pending_bytes
             capacity = max(0, min(s.max_pending - self._pending, 500)) if room > 0 else 0
@@ -223,7 +224,7 @@ class Bridge:
                 capacity = 0  # still full: a paused poll keeps the group membership and serves rebalances
             try:
                 # room counts decoded size: the raw bytes handed out may grow DECODED_EXPANSION times
-                messages = await self._in_consumer(self.source.receive, s.poll_timeout_ms / 1000, capacity,
+                messages = await self._in_consumer(receive, s.poll_timeout_ms / 1000, capacity,
                                                    max(1, room // DECODED_EXPANSION))
             except Exception as exc:  # broker trouble: nothing was handed out, so nothing is lost by waiting
                 failures += 1

@@ -6,6 +6,10 @@ bridge's real state: ``/healthz`` (liveness: the loop is turning), ``/readyz`` (
 starting, draining, or failing, which means polls keep failing or a message could be neither
 answered nor dead-lettered) and ``/metrics`` (Prometheus text format). Each bridge has its own
 registry, so tests can run several in one process.
+
+Names follow the server's convention (:mod:`predictors.protocol.observability`): ``kcp_bridge_``
+prefix, ``*_seconds`` histograms, ``*_total`` counters, and the same label names (``model``;
+``topic``/``partition`` for the consumer lag).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 2.0
+"""How often the lag is measured: often enough for a 1 s scrape to follow it, rarely enough that the broker
+round trip it may take (when no fetch has reported an end offset yet) stays out of the consume loop's way."""
 
 
 class BridgeMetrics:
@@ -46,11 +55,70 @@ class BridgeMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.pending = Gauge("kcp_bridge_pending", "Messages consumed but not yet acknowledged", registry=r)
         self.in_flight = Gauge("kcp_bridge_in_flight_calls", "Model server calls in progress", registry=r)
+        self.consumer_lag = Gauge("kcp_bridge_consumer_lag", "Records of an assigned request partition not fetched "
+                                  "yet: the broker's end offset minus the consumer's position",
+                                  ["topic", "partition"], registry=r)
         self.stranded = Gauge("kcp_bridge_stranded", "Messages whose dead letter the broker refused too: left "
                                                      "unacknowledged until a restart", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def measuring_lag(self, source: Any, interval_s: float = LAG_INTERVAL_S) -> Callable[..., Any]:
+        """``source.receive``, which also refreshes ``kcp_bridge_consumer_lag`` at most every ``interval_s``.
+
+        It runs where ``receive`` runs, on the consumer thread: kafka-python's consumer is not thread-safe, so the
+        lag cannot be read from the metrics endpoint. A source without a Kafka consumer (Pub/Sub) exports no lag.
+        """
+        receive = source.receive
+        lag = ConsumerLag(self.consumer_lag)
+
+        def receive_measuring(*args: Any, **kwargs: Any) -> Any:
+            messages = receive(*args, **kwargs)
+            now = time.monotonic()
+            if now >= lag.next_at:
+                lag.next_at = now + interval_s
+                lag.update(kafka_consumer(source))
+            return messages
+
+        return receive_measuring
+
+
+def kafka_consumer(source: Any) -> Any:
+    """The kafka-python consumer behind a :class:`~streaming.messenger.Messenger`, or None (another backend, or not
+    subscribed yet)."""
+    return getattr(getattr(source, "_client", None), "_consumer", None)
+
+
+class ConsumerLag:
+    """Sets the lag gauge from one consumer: per assigned partition, the end offset (the highwater mark the last
+    fetch reported, else asked of the broker) minus the position, never below zero. Partitions no longer
+    assigned lose their series, so a rebalance does not leave stale lag behind."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.gauge = gauge
+        self.next_at = 0.0
+        self._series: set[tuple[str, str]] = set()
+
+    def update(self, consumer: Any) -> None:
+        if consumer is None:
+            return
+        try:
+            assigned = list(consumer.assignment())
+            ends = {tp: consumer.highwater(tp) for tp in assigned}
+            unknown = [tp for tp, end in ends.items() if end is None]
+            if unknown:
+                ends.update(consumer.end_offsets(unknown))
+            lags = {(tp.topic, str(tp.partition)): max(0, int(ends[tp]) - int(consumer.position(tp, timeout_ms=1000)))
+                    for tp in assigned if ends.get(tp) is not None}
+        except Exception as exc:  # a metric must never fail the consume loop; the next attempt may succeed
+            log.debug("measuring the consumer lag failed: %s", exc)
+            return
+        for gone in self._series - lags.keys():
+            self.gauge.remove(*gone)
+        for key, value in lags.items():
+            self.gauge.labels(*key).set(value)
+        self._series = set(lags)
 
 
 class HealthServer:

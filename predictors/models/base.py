@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput, PayloadTooLarge
 from predictors.protocol.fetch import ImageFetcher
 from predictors.protocol.ids import UniqueSuffixes, uuid7
+from predictors.protocol.observability import step_series
 from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, check_id, from_kserve
 from predictors.runtime.batching import Batcher
 from predictors.settings import ServerSettings
@@ -314,8 +316,21 @@ class PackageModel(Model):
         return _as_kserve(response, request) if result.stock else response
 
     async def infer(self, request: V2Request) -> V2Response:
-        """The direct path (:mod:`predictors.protocol.v2`): the three hooks, without KServe's data plane around them."""
-        return await self.postprocess(await self.predict(await self.preprocess(request)))
+        """The direct path (:mod:`predictors.protocol.v2`): the three hooks, without KServe's data plane around them,
+        each timed into ``classifier_request_*_seconds{model,version}`` (KServe's data plane would have timed them
+        into its own histograms); a failed step records nothing, the request counters count the failure."""
+        pre, pred, post = step_series(self.name, self.config.version)
+        t0 = time.perf_counter()
+        prepared = await self.preprocess(request)
+        t1 = time.perf_counter()
+        result = await self.predict(prepared)
+        t2 = time.perf_counter()
+        response = await self.postprocess(result)
+        t3 = time.perf_counter()
+        pre.observe(t1 - t0)
+        pred.observe(t2 - t1)
+        post.observe(t3 - t2)
+        return response
 
     def _output(self, name: str, binary: bool, probs: np.ndarray, labels: np.ndarray, prediction_ids: list[str],
                 ids: list[str] | None, top: tuple[np.ndarray, np.ndarray] | None) -> Output:

@@ -1,14 +1,25 @@
-"""Request metrics for Prometheus: counts by model, protocol and status, and latency histograms.
+"""Request metrics for Prometheus, and the optional JSON log format.
 
-KServe already exports per-step histograms (``request_preprocess_seconds`` ...); these add
-what an operator alerts on: how many requests each model got and how many failed, over
-both protocols, including the ones rejected before reaching the model.
+Names follow one convention across the server and the bridge: the server's metrics start with
+``classifier_``, the bridge's with ``kcp_bridge_``; times are ``*_seconds`` histograms, counts
+``*_total``; labels are ``model``, ``version``, ``protocol`` (``rest``/``grpc``) and ``status``
+(the HTTP status or gRPC code name), as KServe's own ``request_*_seconds`` are per model.
+
+* ``classifier_requests_total`` / ``classifier_request_duration_seconds``: what an operator alerts
+  on, how many requests each model got and how many failed, over both protocols, including the ones
+  rejected before reaching the model (unknown models and missing keys get fixed labels).
+* ``classifier_request_{preprocess,predict,postprocess}_seconds{model,version}``: the steps of a
+  request on the direct path (``/infer`` and ``ModelInfer`` call :meth:`Classifier.infer`, not
+  KServe's data plane, so KServe's own per-step histograms stay empty there).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import re
+import time
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -17,6 +28,15 @@ REQUESTS = Counter("classifier_requests_total", "Inference requests by model, pr
                    ["model", "protocol", "status"])
 LATENCY = Histogram("classifier_request_duration_seconds", "Inference request latency", ["model", "protocol"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+
+STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Finer at the low end than the request buckets: a step of a small tabular model takes well under a millisecond."""
+PREPROCESS = Histogram("classifier_request_preprocess_seconds", "Preprocess step of an inference request",
+                       ["model", "version"], buckets=STEP_BUCKETS)
+PREDICT = Histogram("classifier_request_predict_seconds", "Predict step of an inference request",
+                    ["model", "version"], buckets=STEP_BUCKETS)
+POSTPROCESS = Histogram("classifier_request_postprocess_seconds", "Postprocess step of an inference request",
+                        ["model", "version"], buckets=STEP_BUCKETS)
 
 INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 MAX_MODEL_LABEL = 64
@@ -57,3 +77,48 @@ def observe_grpc(model: str, code: str, seconds: float) -> None:
     latency, count = _children(model, "grpc", code)
     latency.observe(seconds)
     count.inc()
+
+
+@functools.lru_cache(maxsize=256)
+def step_series(model: str, version: str) -> tuple[Any, Any, Any]:
+    """The preprocess, predict and postprocess histograms of one served model version (looked up once, then
+    cached: a request pays a cache hit and the three observations). Only served models call it."""
+    return PREPROCESS.labels(model, version), PREDICT.labels(model, version), POSTPROCESS.labels(model, version)
+
+
+# --- JSON logs ---------------------------------------------------------------------------------------------
+
+LOG_FORMAT_ENV = "KCP_LOG_FORMAT"
+"""``json`` turns on one JSON object per log line (for log shippers); anything else keeps the text format."""
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the exception if any, and every ``extra``
+    field the caller passed (``traceparent``, ``model``, ...), so log queries can filter on them.
+
+    The bridge keeps a copy of this class (:mod:`streaming.logs`): its image does not contain ``predictors``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and not key.startswith("_"):
+                out[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def use_json_logs(value: str | None) -> bool:
+    """Whether ``value`` (``KCP_LOG_FORMAT``) asks for JSON logs, and if so put :class:`JsonFormatter` on every
+    handler of the root logger (and a stderr handler when there is none)."""
+    if (value or "").strip().lower() != "json":
+        return False
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(JsonFormatter())
+    return True
