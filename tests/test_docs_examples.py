@@ -7,10 +7,12 @@ cannot give it here (a cluster, a broker, a long training run, a server of its o
 ``<!-- not-run: <reason> -->``; the reason must be there and must not be empty. Other blocks (``json``,
 ``yaml``, ``text``, ``promql``...) show answers and configuration and are not run.
 
-Blocks of one page run in page order in one shell environment each (a block may use what an earlier one
-sent, e.g. feedback for a version before the comparison of versions), from a working directory that holds
-``models/`` and ``digit.png``, a real MNIST test digit drawn dark on light as a photo would show it. A block passes when it
-exits 0 and prints no JSON error answer (``"error": "..."``).
+Blocks run in page order, README.md first, each in a shell of its own (``bash -euo pipefail``; a ``python``
+block in the test's interpreter), against one server, so a block may use what an earlier one sent (feedback
+for a version before the comparison of versions). They run from a directory that holds ``models/``, links to
+``helm/``, ``tests/``, ``manifests/`` and ``pyproject.toml``, and ``digit.png``, a real MNIST test digit drawn
+dark on light as a photo would show it. A block passes when it exits 0 and prints no JSON error answer
+(``"error": "..."``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ README_MAX_LINES = 300
 BLOCK_TIMEOUT_S = 120
 ERROR_ANSWER = re.compile(r'"error"\s*:\s*"')
 
-FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
-NOT_RUN = re.compile(r"<!--\s*not-run:(?P<reason>.*?)-->\s*\Z", re.S)
+FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.M | re.DOTALL)
+NOT_RUN = re.compile(r"<!--\s*not-run:(?P<reason>.*?)-->\s*\Z", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def test_every_block_that_is_not_run_says_why(page: Path) -> None:
             assert block.not_run, f"{block.where()}: a not-run marker without a reason"
             assert block.language in RUNNABLE, (f"{block.where()}: a not-run marker on a {block.language!r} block, "
                                                 f"which is never run anyway")
-    markers = len(re.findall(r"<!--\s*not-run:", text))
+    markers = len(re.findall(r"^<!--\s*not-run:", text, flags=re.M))
     marked = sum(b.not_run is not None for b in blocks(page))
     assert markers == marked, f"{page.name}: a not-run marker that does not stand right before a code block"
     assert text.count("```") % 2 == 0, f"{page.name}: an unclosed code fence"
@@ -106,12 +108,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the examples run, as from the repository root: ``models/`` (the committed packages), ``helm/``,
-    ``tests/`` and ``manifests/`` (links into the repository), and
+    ``tests/``, ``manifests/`` and ``pyproject.toml`` (links into the repository), and
     digit.png, a real MNIST test 7, dark ink on light paper, 4× its size."""
     work = tmp_path_factory.mktemp("docs-work")
     (work / "models").symlink_to(TRAINED_MODELS.resolve(), target_is_directory=True)
-    for name in ("helm", "tests", "manifests"):  # read by the deployment examples
-        (work / name).symlink_to(REPO / name, target_is_directory=True)
+    for name in ("helm", "tests", "manifests", "pyproject.toml"):  # read by the deployment and lint examples
+        (work / name).symlink_to(REPO / name)
     digits, labels = load_test_digits(1)
     seven = digits[list(labels).index(7)]
     Image.fromarray(255 - seven).resize((112, 112), Image.Resampling.BICUBIC).save(work / "digit.png")
