@@ -61,14 +61,20 @@ class DeployError(RuntimeError):
 
 def helm_binary() -> str:
     """$KCP_HELM, the project's pinned helm (.tools/bin, ``make tools``), or helm on PATH."""
-    for candidate in (os.environ.get("KCP_HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
+    from predictors.settings import ToolSettings
+
+    configured = ToolSettings().helm
+    pinned = str(REPO / ".tools" / "bin" / "helm")
+    for candidate in (str(configured) if configured else None, pinned, shutil.which("helm")):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise DeployError("helm not found: run make tools (installs it into .tools/bin), put helm on PATH or set KCP_HELM")
 
 
 def chart_dir(chart: str | Path | None = None) -> Path:
-    path = Path(chart or os.environ.get("KCP_CHART") or CHART)
+    from predictors.settings import ToolSettings
+
+    path = Path(chart or ToolSettings().chart or CHART)
     if not (path / "Chart.yaml").is_file():
         raise DeployError(f"no Helm chart at {path}: pass --chart or set KCP_CHART to helm/kserve-classifiers")
     return path

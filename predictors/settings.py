@@ -29,9 +29,11 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from predictors.protocol.v2 import MAX_JSON_VALUES
-
 ENV_PREFIX = "KCP_"
+MAX_JSON_VALUES = 1024 * 1024
+"""Default bound on the values a REST body's JSON may hold (``KCP_MAX_JSON_VALUES``). A parsed value costs
+many times its JSON text in Python objects (``[],`` becomes a list object), so the byte limit alone lets one
+body take many times its size in memory and hold the event loop while it is built."""
 DAY_S = 86400.0
 """Upper bound of the database timeouts: a larger value is a unit mistake, not a wish."""
 
@@ -164,6 +166,9 @@ class ServerSettings(_Settings):
     model_threads: int = Field(default=1, ge=1, le=256,
                                description="threads one model call may use (onnxruntime, scikit-learn's OpenMP and "
                                            "BLAS); 1 leaves the other cores to concurrent requests and workers")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per log line, for log shippers "
+                                    "(predictors.protocol.observability.use_json_logs)")
     execution_cache: Path | None = Field(
         default_factory=_default_execution_cache,
         description="where each model's timed execution choice is kept, so a restart on the same machine makes "
@@ -173,6 +178,11 @@ class ServerSettings(_Settings):
     @classmethod
     def _strip_key(cls, v: str | None) -> str | None:
         return v.strip() or None if v is not None else None
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("execution_cache", mode="before")
     @classmethod
@@ -197,6 +207,30 @@ class ServerSettings(_Settings):
     def from_env(cls, **overrides: object) -> ServerSettings:
         """The environment's settings; ``overrides`` that are not None (flags given on the command line) win."""
         return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+class ToolSettings(_Settings):
+    """What the client commands read: ``python -m predictors deploy`` and ``python -m predictors.feedback``.
+
+    Not the server's: they run on a workstation or in CI, against a server or a cluster elsewhere.
+    """
+
+    server_url: str = Field(default="http://127.0.0.1:8080", description="the model server's REST address "
+                                                                         "(python -m predictors.feedback)",
+                            json_schema_extra={"flag": "--url"})
+    api_key: str | None = Field(default=None, repr=False,
+                                description="the key python -m predictors.feedback presents (the server's own "
+                                            "KCP_API_KEY, when both run in one shell)",
+                                json_schema_extra={"flag": "--api-key"})
+    helm: Path | None = Field(default=None, description="the helm binary deploy runs (unset: the project's pinned "
+                                                        "one in .tools/bin, else helm on PATH)")
+    chart: Path | None = Field(default=None, description="the chart deploy renders (unset: helm/kserve-classifiers)",
+                               json_schema_extra={"flag": "--chart"})
+
+    @field_validator("api_key")
+    @classmethod
+    def _strip_key(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
 
 
 def env_name(model: type[BaseSettings], name: str, field: FieldInfo) -> str:
@@ -242,4 +276,5 @@ def _value_type(annotation: Any) -> Any:
     return annotation if annotation in (bool, int, float) else str
 
 
-__all__ = ["ENV_PREFIX", "FetchSettings", "ImageLimits", "ServerSettings", "add_flags", "env_name", "flag_of"]
+__all__ = ["ENV_PREFIX", "MAX_JSON_VALUES", "FetchSettings", "ImageLimits", "ServerSettings", "ToolSettings",
+           "add_flags", "env_name", "flag_of"]

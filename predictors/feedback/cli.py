@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 from urllib.parse import quote
@@ -94,11 +93,14 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m predictors.feedback", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from predictors.settings import ToolSettings
+
+    tool = ToolSettings()
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=os.environ.get("KCP_SERVER_URL", "http://127.0.0.1:8080"),
+    common.add_argument("--url", default=tool.server_url,
                         help="the model server's REST address (env KCP_SERVER_URL)")
     common.add_argument("--model", required=True, help="the model's name")
-    common.add_argument("--api-key", default=os.environ.get("KCP_API_KEY"), help="API key (env KCP_API_KEY)")
+    common.add_argument("--api-key", default=tool.api_key, help="API key (env KCP_API_KEY)")
     common.add_argument("--source", default=None, help="count only these sources (comma-separated: api, ui)")
     common.add_argument("--exclude-source", default=None, help="leave these sources out (e.g. ui)")
     common.add_argument("--json", action="store_true", help="print the server's JSON answer instead of a table")

@@ -35,6 +35,7 @@ from kserve.protocol.infer_type import InferRequest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from predictors.protocol.errors import BadInput, PayloadTooLarge
+from predictors.settings import MAX_JSON_VALUES
 
 BINARY_HEADER = "inference-header-content-length"
 """The binary tensor extension's header: the length of the JSON part of a body."""
@@ -52,10 +53,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_REQUESTED_OUTPUTS = 64
 """More ``outputs`` entries than any model produces; each one is a copy of an output in the answer."""
 _JSON_LENGTH = re.compile(r"[0-9]{1,19}")
-MAX_JSON_VALUES = 1024 * 1024
-"""Default bound on the values a REST body's JSON may hold (``KCP_MAX_JSON_VALUES``). A parsed value costs
-many times its JSON text in Python objects (``[],`` becomes a list object), so the byte limit alone lets one
-body take many times its size in memory and hold the event loop while it is built."""
 
 
 def check_id(value: str, what: str) -> str:
