@@ -50,7 +50,7 @@ serve: venv ## serve every package in models/ over V2 REST and gRPC
 	$(PY) -m predictors serve --model_dir $(MODEL_DIR) --host $(HOST) --http_port $(HTTP_PORT) --grpc_port $(GRPC_PORT)
 
 demo: apt venv ## end to end on embedded defaults: broker, server, bridge, producers, results, feedback report
-	$(PY) -m streaming demo --model-dir $(MODEL_DIR)
+	$(PY) -m devtools demo --model-dir $(MODEL_DIR)
 
 test: setup ## the test suite (real servers, broker, databases, helm)
 	$(PY) -m pytest -q

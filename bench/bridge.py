@@ -1,6 +1,6 @@
 """Kafka bridge end to end: produce N Iris requests, wait for all N results; the bridge vs the reference loop.
 
-Everything runs on loopback: the embedded tansu broker (``python -m streaming broker run``), our
+Everything runs on loopback: the embedded tansu broker (``python -m devtools broker run``), our
 model server (Iris), the bridge (``python -m streaming bridge``, shipped defaults, gRPC to the
 server) and the load process (:mod:`bench.streamload`). The baseline is the reference
 design's loop (:mod:`bench.reference_loop`: consume one message, call REST synchronously,
@@ -105,11 +105,11 @@ def fresh_broker(tag: str) -> Iterator[tuple[str, Service]]:
     """
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
-    broker_cmd = [PYTHON, "-m", "streaming", "broker", "run", "--host", "127.0.0.1", "--port", str(port),
+    broker_cmd = [PYTHON, "-m", "devtools", "broker", "run", "--host", "127.0.0.1", "--port", str(port),
                   "--topics", f"{REQUESTS}:{PARTITIONS},{RESULTS}:{PARTITIONS},{DEAD}:1"]
 
     def broker_ready() -> bool:
-        from streaming.broker import create_topics
+        from streaming.topics import create_topics
 
         create_topics(bootstrap, {REQUESTS: PARTITIONS, RESULTS: PARTITIONS, DEAD: 1})
         return True

@@ -1,14 +1,14 @@
-"""``python -m streaming {bridge,produce,results,broker,demo}``: the streaming command line.
+"""``python -m streaming {bridge,produce,results,create-topics}``: the streaming command line.
 
 Flags override the ``KCP_*`` environment (see :mod:`streaming.settings`); anything not given on
 the command line comes from the environment, then from the defaults. Exit status is 0 on success,
-1 on a handled failure (message printed), 2 on a usage error (argparse).
+1 on a handled failure (message printed), 2 on a usage error (argparse). The embedded broker, the
+demo and the test-image producer are development tools: ``python -m devtools``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,8 +18,8 @@ from typing import Any
 from streaming.settings import BridgeSettings, KafkaSettings, MessengerSettings, PubSubSettings, V2ClientSettings
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["kafka", "pubsub"], help="message broker (env KCP_MESSENGER_BACKEND)")
+def _common(p: argparse.ArgumentParser, backend_env: str = "KCP_MESSENGER_BACKEND") -> None:
+    p.add_argument("--backend", choices=["kafka", "pubsub"], help=f"message broker (env {backend_env}, default kafka)")
     p.add_argument("--bootstrap-servers", help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--pubsub-project", help="Pub/Sub project (env KCP_PUBSUB_PROJECT)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -41,12 +41,15 @@ def _messenger(args: argparse.Namespace) -> MessengerSettings:
     return MessengerSettings(**_given(backend=args.backend), kafka=_kafka(args), pubsub=_pubsub(args))
 
 
+DEFAULT_TOPICS = "kcp-requests:3,kcp-results:3,kcp-dead-letters:1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m streaming", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bridge", help="consume requests, call the V2 model server, publish results")
-    _common(b)
+    _common(b, "KCP_BRIDGE_BACKEND")
     b.add_argument("--request-topic", help="env KCP_BRIDGE_REQUEST_TOPIC (default kcp-requests)")
     b.add_argument("--result-topic", help="env KCP_BRIDGE_RESULT_TOPIC (default kcp-results)")
     b.add_argument("--dead-letter-topic", help="env KCP_BRIDGE_DEAD_LETTER_TOPIC (default kcp-dead-letters)")
@@ -54,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--protocol", choices=["grpc", "rest"], help="V2 transport (env KCP_V2_PROTOCOL, default grpc)")
     b.add_argument("--grpc-target", help="host:port of V2 gRPC (env KCP_V2_GRPC_TARGET)")
     b.add_argument("--rest-url", help="base URL of V2 REST (env KCP_V2_REST_URL)")
-    b.add_argument("--max-in-flight", type=int, help="concurrent V2 calls (env KCP_BRIDGE_MAX_IN_FLIGHT)")
-    b.add_argument("--max-batch-size", type=int, help="requests per V2 call, 1 disables batching")
-    b.add_argument("--max-batch-delay-ms", type=float, help="how long a batch may wait to fill")
-    b.add_argument("--max-pending", type=int, help="consumed-but-unacknowledged limit before pausing")
+    b.add_argument("--max-in-flight", type=int, help="concurrent V2 calls (env KCP_BRIDGE_MAX_IN_FLIGHT, default 8)")
+    b.add_argument("--max-batch-size", type=int,
+                   help="requests per V2 call, 1 disables batching (env KCP_BRIDGE_MAX_BATCH_SIZE, default 64)")
+    b.add_argument("--max-batch-delay-ms", type=float,
+                   help="how long a batch may wait to fill (env KCP_BRIDGE_MAX_BATCH_DELAY_MS, default 5)")
+    b.add_argument("--max-pending", type=int, help="consumed-but-unacknowledged limit before pausing "
+                                                   "(env KCP_BRIDGE_MAX_PENDING, default 512)")
     b.add_argument("--max-pending-bytes", type=int, help="the same limit in bytes those messages keep alive, decoded "
                                                          "(env KCP_BRIDGE_MAX_PENDING_BYTES, default 64 MiB)")
     b.add_argument("--message-deadline", type=float, dest="message_deadline_s",
@@ -68,12 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "default 256)")
     b.add_argument("--max-call-bytes", type=int, help="payload cap of one merged V2 call (env KCP_V2_MAX_CALL_BYTES, "
                                                       "default 8 MiB - 64 KiB: the server's gRPC receive limit)")
-    b.add_argument("--drain-timeout", type=float, dest="drain_timeout_s", help="seconds to finish work on SIGTERM")
-    b.add_argument("--health-host", help="bind address of /healthz /readyz /metrics")
-    b.add_argument("--health-port", type=int, help="port of /healthz /readyz /metrics (0 = any free)")
-    b.add_argument("--session-timeout-ms", type=int, help="Kafka group session timeout")
+    b.add_argument("--drain-timeout", type=float, dest="drain_timeout_s",
+                   help="seconds to finish work on SIGTERM (env KCP_BRIDGE_DRAIN_TIMEOUT_S, default 30)")
+    b.add_argument("--health-host", help="bind address of /healthz /readyz /metrics "
+                                         "(env KCP_BRIDGE_HEALTH_HOST, default 127.0.0.1)")
+    b.add_argument("--health-port", type=int, help="port of /healthz /readyz /metrics, 0 = any free "
+                                                   "(env KCP_BRIDGE_HEALTH_PORT, default 8090)")
+    b.add_argument("--session-timeout-ms", type=int,
+                   help="Kafka group session timeout (env KCP_KAFKA_SESSION_TIMEOUT_MS, default 10000)")
 
-    p = sub.add_parser("produce", help="send requests (Iris rows or test images)")
+    p = sub.add_parser("produce", help="send requests (tabular rows from a CSV; test images: python -m devtools)")
     psub = p.add_subparsers(dest="what", required=True)
     pi = psub.add_parser("iris", help="stream the Iris test split row by row")
     _common(pi)
@@ -85,16 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--repeat", type=int, default=1, help="send the split this many times")
     pi.add_argument("--topic", default="kcp-requests")
     pi.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
-    pm = psub.add_parser("images", help="send random Fashion-MNIST / MNIST test images as base64 PNG")
-    _common(pm)
-    pm.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
-    pm.add_argument("--model", help="model name (default: the dataset name)")
-    pm.add_argument("--count", type=int, default=20)
-    pm.add_argument("--seed", type=int)
-    pm.add_argument("--with-labels", action="store_true", help="include the true label for feedback")
-    pm.add_argument("--delay", type=float, default=0.0, help="seconds between images")
-    pm.add_argument("--topic", default="kcp-requests")
-    pm.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
 
     r = sub.add_parser("results", help="print results; --feedback scores them on the model server")
     _common(r)
@@ -107,34 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--api-key", help="model server API key (default env KCP_API_KEY)")
     r.add_argument("--quiet", action="store_true", help="print only the report")
 
-    k = sub.add_parser("broker", help="the embedded tansu Kafka broker, and topic creation")
-    ksub = k.add_subparsers(dest="action", required=True)
-    ks = ksub.add_parser("start", help="start in the background, create topics, write a pid file")
-    ks.add_argument("--port", type=int, default=9092)
-    ks.add_argument("--host", default="127.0.0.1")
-    ks.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1",
-                    help="name[:partitions],...")
-    ks.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
-    ks.add_argument("--logfile", type=Path, default=Path(".demo/broker.log"))
-    kr = ksub.add_parser("run", help="run in the foreground until SIGTERM/Ctrl-C")
-    kr.add_argument("--port", type=int, default=9092)
-    kr.add_argument("--host", default="127.0.0.1")
-    kr.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1")
-    kt = ksub.add_parser("stop", help="stop the broker named by a pid file")
-    kt.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
-    kc = ksub.add_parser("create-topics", help="create topics on any Kafka cluster")
-    kc.add_argument("--bootstrap-servers", help="env KCP_KAFKA_BOOTSTRAP_SERVERS")
-    kc.add_argument("--topics", default="kcp-requests:3,kcp-results:3,kcp-dead-letters:1")
-    kc.add_argument("--replication-factor", type=int, default=1)
-    for q in (ks, kr, kt, kc):
-        q.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-    d = sub.add_parser("demo", help="end to end on embedded defaults: broker, server, bridge, data, feedback report")
-    d.add_argument("--model-dir", type=Path, default=Path("models"), help="trained packages (quick ones if missing)")
-    d.add_argument("--work-dir", type=Path, default=Path(".demo"), help="logs, feedback database, quick packages")
-    d.add_argument("--iris-delay", type=float, default=0.02, help="seconds between Iris rows")
-    d.add_argument("--images", type=int, default=20, help="Fashion-MNIST images to send (half as many MNIST)")
-    d.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    t = sub.add_parser("create-topics", help="create missing topics on a Kafka cluster, with their partition counts")
+    t.add_argument("--bootstrap-servers", help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS)")
+    t.add_argument("--topics", default=DEFAULT_TOPICS, help="name[:partitions],...")
+    t.add_argument("--replication-factor", type=int, default=1)
+    t.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -161,19 +138,22 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from streaming import producers
+
+    if not args.csv.is_file():
+        print(f"{args.csv} not found: train the Iris model first (it writes the test split)", file=sys.stderr)
+        return 1
+    messages = list(producers.repeat(producers.iris_messages(args.csv, form=args.form, model=args.model,
+                                                             run_id=args.run_id), args.repeat))
+    if args.count is not None:
+        messages = messages[: args.count]
+    return send(messages, args)
+
+
+def send(messages: list[Any], args: argparse.Namespace) -> int:
+    """Send producer messages to ``args.topic`` on the messenger the common flags name."""
+    from streaming import producers
     from streaming.messenger import Messenger
 
-    if args.what == "iris":
-        if not args.csv.is_file():
-            print(f"{args.csv} not found: train the Iris model first (it writes the test split)", file=sys.stderr)
-            return 1
-        messages = list(producers.repeat(producers.iris_messages(args.csv, form=args.form, model=args.model,
-                                                                 run_id=args.run_id), args.repeat))
-    else:
-        messages = producers.image_messages(args.dataset, count=args.count, seed=args.seed,
-                                            with_labels=args.with_labels, model=args.model, run_id=args.run_id)
-    if getattr(args, "count", None) is not None:
-        messages = messages[: args.count]
     with Messenger(args.topic, settings=_messenger(args)) as messenger:
         sent = producers.produce(messenger, messages, delay_s=args.delay,
                                  on_sent=lambda m: logging.getLogger("streaming.produce").debug("sent %s", m.key))
@@ -199,51 +179,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 1 if args.count is not None and report.results < args.count else 0
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
-    from streaming import broker
+def cmd_create_topics(args: argparse.Namespace) -> int:
+    from streaming.topics import create_topics, parse_topics
 
-    if args.action == "stop":
-        stopped = broker.stop_from_pidfile(args.pidfile)
-        print("broker stopped" if stopped else f"no running broker in {args.pidfile}", flush=True)
-        return 0
-    if args.action == "create-topics":
-        bootstrap = args.bootstrap_servers or KafkaSettings().bootstrap_servers
-        created = broker.create_topics(bootstrap, broker.parse_topics(args.topics),
-                                       replication_factor=args.replication_factor)
-        print(f"created {created or 'nothing (all exist)'} on {bootstrap}", flush=True)
-        return 0
-    topics = broker.parse_topics(args.topics)
-    if args.action == "start":
-        if args.pidfile.exists():
-            broker.stop_from_pidfile(args.pidfile)
-        args.logfile.parent.mkdir(parents=True, exist_ok=True)
-        b = broker.EmbeddedBroker(args.host, args.port, log_path=args.logfile).start(detach=True)
-        try:
-            b.create_topics(topics)
-        except Exception:
-            b.stop()
-            raise
-        assert b.process is not None
-        broker.write_pidfile(args.pidfile, b.process.pid, broker.tansu_binary(), b.bootstrap_servers)
-        print(f"broker on {b.bootstrap_servers} (pid {b.process.pid}), topics {topics}", flush=True)
-        return 0
-    import signal
-    import threading
-
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with broker.EmbeddedBroker(args.host, args.port) as b:
-        b.create_topics(topics)
-        print(f"broker on {b.bootstrap_servers}, topics {topics}; Ctrl-C to stop", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+    bootstrap = args.bootstrap_servers or KafkaSettings().bootstrap_servers
+    created = create_topics(bootstrap, parse_topics(args.topics), replication_factor=args.replication_factor)
+    print(f"created {created or 'nothing (all exist)'} on {bootstrap}", flush=True)
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from streaming.demo import run_demo
-
-    return run_demo(args.model_dir, args.work_dir, iris_delay=args.iris_delay, images=args.images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # kafka-python's own IO loop warns "blocking the event loop" when the CPU is busy; that is its
     # internal thread, not the bridge's asyncio loop, so the warning only misleads here.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results, "broker": cmd_broker,
-                "demo": cmd_demo}
+    commands = {"bridge": cmd_bridge, "produce": cmd_produce, "results": cmd_results,
+                "create-topics": cmd_create_topics}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -1,11 +1,10 @@
-"""Request producers of the two reference designs: Iris rows and test images.
+"""Request producers: tabular rows from a CSV, and the sending loop every producer shares.
 
-* ``produce iris`` streams the saved Iris test split (``models/iris/test.csv``, written by
-  training) row by row with a delay, as the Iris design did, or at full speed for a replay. The
-  feature columns are whatever the CSV header says; every column except ``label``/``label_name``
-  (and an optional ``id``) is a feature, in file order.
-* ``produce images`` sends random Fashion-MNIST (or MNIST) *test* images as base64 PNG with an
-  image id, optionally with the true label so ``results --feedback`` can score them.
+``produce iris`` streams a saved test split (``models/iris/test.csv``, written by training) row by
+row with a delay, or at full speed for a replay. The feature columns are whatever the CSV header
+says; every column except ``label``/``label_name`` (and an optional ``id``) is a feature, in file
+order. Test images are a development tool (``python -m devtools produce-images``,
+:mod:`devtools.images`): their datasets and PNG encoder are not part of the bridge.
 
 Every message is a CloudEvent in Kafka binary mode (``ce_*`` headers), with the request id as
 record key, CloudEvent id and ``id`` field -- so any consumer can correlate it with its result.
@@ -14,16 +13,12 @@ Ids are ``<run>-<n>``; the run id defaults to a timestamp so repeated runs never
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from streaming.cloudevents import CloudEvent, now, to_kafka_headers
 from streaming.messenger import Messenger
@@ -31,7 +26,6 @@ from streaming.messenger import Messenger
 REQUEST_TYPE = "org.kcp.inference.request"
 LABEL_COLUMNS = ("label", "label_name", "id")
 DEFAULT_IRIS_CSV = Path("models/iris/test.csv")
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 RowForm = Literal["row", "features", "v2"]
 
@@ -92,52 +86,6 @@ def iris_messages(csv_path: Path = DEFAULT_IRIS_CSV, *, form: RowForm = "row", m
                      "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, len(values)], "data": values}],
                      **({"true_label": labels["label"]} if "label" in labels else {})}
         out.append(Outgoing(rid, value, cloudevent_headers(rid, "/kcp/streaming/producer/iris", model, form)))
-    return out
-
-
-# --- images ----------------------------------------------------------------------------------
-
-
-def load_test_images(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Test images ``(N, 28, 28) uint8`` and labels: Fashion-MNIST t10k, or the MNIST 5k test split."""
-    from training import datasets  # the project's offline loaders; nothing is downloaded
-
-    if dataset == "fashion-mnist":
-        images = datasets.read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-        labels = datasets.read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
-        return images, labels
-    if dataset == "mnist":
-        x, y = datasets.read_mnist_5k()
-        _, test = datasets.split_per_class(y)
-        return x[test], y[test]
-    raise ValueError(f"unknown dataset {dataset!r} (fashion-mnist or mnist)")
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def image_messages(dataset: str = "fashion-mnist", *, count: int = 20, seed: int | None = None,
-                   with_labels: bool = False, model: str | None = None, run_id: str | None = None,
-                   images: tuple[np.ndarray, np.ndarray] | None = None) -> list[Outgoing]:
-    """``count`` random test images as ``{"image_id", "image_b64", "model", "true_label"?}`` messages."""
-    x, y = images if images is not None else load_test_images(dataset)
-    model = model or dataset
-    run_id = run_id or default_run_id()
-    rng = np.random.default_rng(seed)
-    out = []
-    for n, idx in enumerate(rng.integers(0, len(x), size=count)):
-        rid = f"{run_id}-{dataset}-{n}"
-        value: dict[str, Any] = {"id": rid, "image_id": f"{dataset}-test-{int(idx)}", "model": model,
-                                 "image_b64": base64.b64encode(png_bytes(x[idx])).decode("ascii")}
-        if with_labels:
-            value["true_label"] = int(y[idx])
-        out.append(Outgoing(rid, value, cloudevent_headers(rid, f"/kcp/streaming/producer/{dataset}", model,
-                                                           "image")))
     return out
 
 

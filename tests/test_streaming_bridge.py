@@ -19,8 +19,9 @@ import pytest
 from cloudevents.http import CloudEvent as SdkEvent
 from cloudevents.kafka import KafkaMessage, from_binary, to_binary
 
+from devtools.images import image_messages, load_test_images, png_bytes
 from streaming.messenger import CORRELATION_HEADER, Message, Messenger
-from streaming.producers import Outgoing, image_messages, load_test_images, png_bytes, produce
+from streaming.producers import Outgoing, produce
 from tests.fixtures.broker import REPO, BridgeProcess, KafkaBroker, collect, launch_bridge
 from tests.fixtures.server import TRAINED_MODELS, ServerHandle
 
@@ -111,7 +112,7 @@ def test_every_input_form_gets_a_result(bridge, sender, kafka_broker, topics, mo
 
 
 def test_producer_and_results_commands_with_feedback(kafka_broker, kafka_topics, bridges, model_server) -> None:
-    """The commands `make demo` runs, on their own topics: produce iris + images, results --feedback."""
+    """The commands `make demo` runs, on their own topics: produce iris, produce-images, results --feedback."""
     csv = TRAINED_MODELS / "iris" / "test.csv"
     assert csv.is_file(), f"{csv} is missing: training writes the Iris test split next to the package"
     topics = kafka_topics(requests=2, results=2, dlq=1)
@@ -119,8 +120,8 @@ def test_producer_and_results_commands_with_feedback(kafka_broker, kafka_topics,
     run = f"cli{uuid.uuid4().hex[:6]}"
     env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("KCP_")}, **kafka_broker.env()}
 
-    def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "streaming", *args], env=env, cwd=REPO, capture_output=True,
+    def cli(*args: str, module: str = "streaming") -> str:
+        done = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
@@ -128,8 +129,8 @@ def test_producer_and_results_commands_with_feedback(kafka_broker, kafka_topics,
     rows = len(csv.read_text().strip().splitlines()) - 1
     assert f"sent {rows} iris" in cli("produce", "iris", "--csv", str(csv), "--delay", "0", "--topic",
                                       topics["requests"], "--run-id", run)
-    assert "sent 6 images" in cli("produce", "images", "--count", "6", "--with-labels", "--seed", "1", "--topic",
-                                  topics["requests"], "--run-id", run)
+    assert "sent 6 images" in cli("produce-images", "--count", "6", "--with-labels", "--seed", "1", "--topic",
+                                  topics["requests"], "--run-id", run, module="devtools")
     wait_results(kafka_broker, topics["results"], {f"{run}-iris-{i}" for i in range(rows)}
                  | {f"{run}-fashion-mnist-{i}" for i in range(6)})
     report = cli("results", "--topic", topics["results"], "--count", str(rows + 6), "--idle-timeout", "30",
@@ -266,11 +267,18 @@ def test_bridge_over_pubsub(pubsub_emulator, bridges, model_server) -> None:
 
 
 def test_cli_help_for_every_command() -> None:
-    """``python -m streaming {bridge,produce,results,broker} --help`` needs no broker or server."""
-    for command in ("bridge", "produce", "results", "broker"):
-        done = subprocess.run([sys.executable, "-m", "streaming", command, "--help"], capture_output=True, text=True,
+    """``python -m streaming {bridge,produce,results,create-topics} --help`` (and ``python -m devtools``'s) need
+    no broker or server, and name the variables the commands really read."""
+    commands = [("streaming", c) for c in ("bridge", "produce", "results", "create-topics")]
+    commands += [("devtools", c) for c in ("broker", "demo", "produce-images")]
+    helps = {}
+    for module, command in commands:
+        done = subprocess.run([sys.executable, "-m", module, command, "--help"], capture_output=True, text=True,
                               cwd=REPO, timeout=60)
-        assert done.returncode == 0 and "usage:" in done.stdout
+        assert done.returncode == 0 and "usage:" in done.stdout and not done.stderr, (module, command, done.stderr)
+        helps[command] = " ".join(done.stdout.split())
+    assert "KCP_BRIDGE_BACKEND" in helps["bridge"] and "KCP_MESSENGER_BACKEND" not in helps["bridge"]
+    assert "KCP_MESSENGER_BACKEND" in helps["results"]
 
 
 def test_per_model_target_routes_by_model_name():

@@ -29,9 +29,9 @@ import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from devtools.broker import EmbeddedBroker, tansu_binary
+from devtools.broker import free_port as broker_port
 from streaming.bridge import Bridge
-from streaming.broker import EmbeddedBroker, tansu_binary
-from streaming.broker import free_port as broker_port
 from streaming.messenger import Message, Messenger
 from streaming.settings import BridgeSettings, KafkaSettings, MessengerSettings, V2ClientSettings
 from streaming.tensors import InferRequest, Tensor

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from devtools.images import png_bytes
 from streaming.messages import BadMessage, DecodeOptions, decode, normalise_name
 from streaming.messenger import CORRELATION_HEADER, Message
-from streaming.producers import png_bytes
 
 PNG = png_bytes(__import__("numpy").zeros((28, 28), dtype="uint8"))
 

