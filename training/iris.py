@@ -135,10 +135,10 @@ def package_config(data: Tabular, version: str = "1") -> PackageConfig:
                     "tuned with GridSearchCV.",
         inputs=[TensorSpec(name="input-0", datatype="FP32", shape=[-1, n])],
         feature_names=list(data.feature_names),
-        # Batching off: an Iris row is microseconds of work (8 µs in closed form), so merging concurrent
-        # requests saves less than the batcher's hand-offs cost. Against a 2 ms window, off served 1.06× /
-        # 1.12× the requests over gRPC at 1 / 16 clients and 1.02× / 1.02× over REST, at the same or less CPU
-        # (bench/RESULTS.md, "Batching defaults"). The streaming bridge merges its requests into multi-row calls itself.
+        # Batching off: an Iris row is microseconds of work, so merging concurrent requests saves less than
+        # the batcher's hand-offs cost; without a window the server answers as many requests or more, at the
+        # same or less CPU, over gRPC and REST alike. The streaming bridge merges its requests into
+        # multi-row calls itself.
         batching=Batching(max_batch_size=1),
     )
 

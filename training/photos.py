@@ -2,8 +2,8 @@
 
 The clean test split measures the model on MNIST's own normalisation; users send photos. This
 module turns each held-out digit into several encoded images the way paper and cameras do —
-dark ink on light paper (sometimes light on dark), 0.3×–4× the MNIST size, anywhere in a larger
-frame, thicker or thinner strokes, mild blur, uneven lighting, sensor noise, JPEG at quality
+dark ink on light paper (sometimes light on dark), from a third of the MNIST size to four times it,
+anywhere in a larger frame, thicker or thinner strokes, mild blur, uneven lighting, sensor noise, JPEG at quality
 30–90 or PNG, grey, RGB or RGBA (transparent or opaque) — and scores a model on them through the
 package's own preprocessing, the function the server runs on every encoded image.
 

@@ -4,7 +4,7 @@ Every answered request records its prediction ids so feedback can refer to them 
 Committing before answering made the log the largest single cost of serving a small model,
 and a database that stopped answering stalled every prediction. :class:`WriteBehindLog` instead
 puts rows in a bounded in-memory queue that one writer task flushes every
-``flush_interval_s`` (50 ms) or ``flush_rows`` rows, whichever comes first, one
+``flush_interval_s`` (``KCP_PREDICTION_LOG_FLUSH_MS``) or ``flush_rows`` rows, whichever comes first, one
 ``record_predictions`` call (one transaction) per model version in the flush.
 
 What it guarantees, and how:

@@ -2,8 +2,8 @@
 
 Every prediction id is logged under a unique index (``model, prediction_id``) so feedback can name
 it. Random ids (UUID version 4) land anywhere in that index, so each flush of the prediction log
-dirtied pages all over it: on SQLite that cost 42–54 µs of CPU per logged row once the log held
-60,000 rows or more, against 14–15 µs for ids that start with the time (bench/RESULTS.md). Server-made
+dirties pages all over it, and once the log outgrows the page cache every logged row costs several
+times the CPU of an id that starts with the time (appended at the index's end). Server-made
 request ids are therefore UUID version 7 (RFC 9562): a millisecond timestamp, then 74 random bits,
 so new ids sort after old ones and keep the same unguessability within a millisecond.
 """

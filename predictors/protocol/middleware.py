@@ -1,8 +1,8 @@
 """The one ASGI middleware in front of every REST route: body limit, API key, request metrics.
 
-These were three middlewares (plus KServe's timing middleware), each another coroutine layer,
-``receive``/``send`` wrapper and header scan per request; on a 100 µs model that overhead is
-the request. One pass over the headers here serves all three concerns:
+Three separate middlewares would each add a coroutine layer, a ``receive``/``send`` wrapper and
+a header scan to every request; for a model that answers in microseconds that overhead is most
+of the request. One pass over the headers here serves all three concerns:
 
 * **body limit**: bodies over ``max_body_bytes`` get 413, by ``Content-Length`` up front or
   while streaming (a chunked body is counted as it arrives, and read whole before the app runs);

@@ -2,8 +2,8 @@
 
 KServe's data plane turns every request into an ``InferRequest`` and every answer into an
 ``InferResponse``, then converts that to a dict (REST) or a protobuf (gRPC), copying each
-tensor through Python lists on the way; for a 100 µs model that is most of the request.
-Here a request is parsed once into :class:`V2Request` (JSON with orjson, binary tensor data
+tensor through Python lists on the way; for a model that answers in microseconds that is most of
+the request. Here a request is parsed once into :class:`V2Request` (JSON with orjson, binary tensor data
 and ``raw_input_contents`` kept as bytes for ``np.frombuffer``), the package model's
 ``preprocess`` / ``predict`` / ``postprocess`` run on it, and the :class:`V2Response` they
 return (numpy outputs) is written straight to the response body or message.

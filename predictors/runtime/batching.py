@@ -26,10 +26,9 @@ Why it is *adaptive* and not a fixed timer:
   seconds — the offered concurrency — and waits only while that peak exceeds what is
   already waiting here; a window that runs out first resets the peak to what showed up. A
   single client sending one request at a time therefore never waits for a batch-mate that
-  cannot come (its next request follows this answer), while 16 or 64 concurrent clients
-  fill batches. (On 2026-11-23, before this rule, a fixed 2 ms
-  wait on Fashion-MNIST cost 20 % of throughput at concurrency 1; bench/RESULTS.md has the
-  current figures.)
+  cannot come (its next request follows this answer), while many concurrent clients fill
+  batches. A fixed wait would instead charge every lone request the whole window, which for
+  a fast model is a large share of its time.
 
 Correctness rules the tests pin down:
 

@@ -1,11 +1,10 @@
 """Keep the cyclic garbage collector's full collections off the serving path.
 
-A server with TensorFlow and Keras loaded holds about half a million Python objects, nearly
+A server with TensorFlow and Keras loaded holds hundreds of thousands of Python objects, nearly
 all of them alive for as long as its models are. Python's full collection walks every one of
-them, holding the GIL: on the 2-core bench machine one took about 0.4 s, paused the event loop
-(every request in flight waited) and came every few thousand Fashion-MNIST requests: with the
-young and middle collections, 82 µs of CPU per request at 64 clients, and the pauses in the p99
-(bench/RESULTS.md).
+them, holding the GIL, so each one pauses the event loop (every request in flight waits) for far
+longer than a request takes, and under load they come often: the pauses show in the tail latency,
+and the young and middle collections add CPU to every request.
 
 So once the models are loaded, what is alive is moved out of the collector's reach
 (``gc.freeze``): reference counting still frees those objects, the collector no longer scans
@@ -25,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 YOUNG_THRESHOLD = 10_000
 """Net allocations between young-generation collections (Python's default: 700). A request in flight
-holds a few dozen containers across its awaits; with 64 in flight, collecting every 700 allocations
-found them alive, promoted them and walked them again one generation up: 328 young collections
-cost the Fashion-MNIST server 20 µs per request at 64 clients, 5 did at this threshold."""
+holds a few dozen containers across its awaits; with many requests in flight, collecting at Python's
+default finds them alive, promotes them and walks them again one generation up, over and over; at this
+threshold most of them are answered and freed before a collection looks at them."""
 
 
 def freeze_loaded_heap() -> None:

@@ -114,8 +114,8 @@ class BoundRESTServer(RESTServer):
     The timing middleware logs per-request timings to ``kserve.trace``; :class:`ServingMiddleware`
     already measures every inference request as a Prometheus histogram, and each ASGI layer costs
     time on every request. In front of FastAPI rather than inside it, ``/infer`` skips FastAPI's and
-    Starlette's own layers (error, telemetry and body-limit wrappers: 5-8 % of the CPU of a one-client
-    Iris request); every other route still goes through the whole app. uvicorn's access log is one
+    Starlette's own layers (error, telemetry and body-limit wrappers, a noticeable share of the CPU of a
+    small model's request); every other route still goes through the whole app. uvicorn's access log is one
     more log line per request: off unless asked for.
     """
 
@@ -251,7 +251,8 @@ class ClassifierServer(kserve.ModelServer):
             runner.run(self._serve_then_drain())
 
     def _loop_factory(self) -> Any:
-        """uvloop only for ``--event-loop uvloop``: in A/B runs it did not measure faster here (bench/RESULTS.md)."""
+        """uvloop only when asked for (``--event-loop uvloop``): it did not serve these models faster than
+        asyncio's own loop, so ``auto`` keeps the standard one."""
         if self.event_loop == "uvloop":
             import uvloop
 
