@@ -21,7 +21,11 @@ HAND_READ = re.compile(r"""(os\.environ(\.get)?\s*[\[(]\s*f?["']KCP_|os\.getenv\
 
 
 def _sources() -> list[Path]:
-    return sorted(p for top in ("predictors", "streaming") for p in (REPO / top).rglob("*.py"))
+    """The code, the chart and the images: a variable set anywhere there must be one the table explains."""
+    code = [p for top in ("predictors", "streaming") for p in (REPO / top).rglob("*.py")]
+    deployment = [p for top in ("helm", "docker") for p in (REPO / top).rglob("*") if p.is_file()
+                  and p.suffix in {".yaml", ".yml", ".tpl", ".json", ""}]
+    return sorted(code + deployment)
 
 
 def test_docs_settings_md_is_current() -> None:
@@ -31,11 +35,11 @@ def test_docs_settings_md_is_current() -> None:
                                   "run: .venv/bin/python scripts/settings-table.py")
 
 
-def test_every_variable_the_code_names_is_in_the_table() -> None:
+def test_every_variable_the_code_or_the_chart_names_is_in_the_table() -> None:
     documented = set(VARIABLE.findall(DOC.read_text(encoding="utf-8")))
     named: dict[str, str] = {}
     for path in _sources():
-        for name in VARIABLE.findall(path.read_text(encoding="utf-8")):
+        for name in VARIABLE.findall(path.read_text(encoding="utf-8", errors="replace")):
             if not NOT_SETTINGS.match(name):
                 named.setdefault(name, str(path.relative_to(REPO)))
     missing = {name: where for name, where in named.items() if name not in documented}
