@@ -35,10 +35,15 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 def _serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
+    from predictors.settings import explain
+
     try:
         settings = server_settings(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"python -m predictors serve: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"python -m predictors serve: invalid settings:\n{explain(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # KCP_API_KEY_FILE names a file that cannot be read
+        print(f"python -m predictors serve: {exc}", file=sys.stderr)
         sys.exit(2)
     if args.workers > 1 and args.worker_fds is None:
         from predictors.runtime.workers import supervise

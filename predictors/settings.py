@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -233,6 +233,25 @@ class ToolSettings(_Settings):
         return v.strip() or None if v is not None else None
 
 
+def explain(exc: ValidationError) -> str:
+    """A settings error in the operator's words: the variable, the value given and what is wrong, one per line.
+
+    pydantic names the field and the model; whoever set the environment knows the variable.
+    """
+    models: dict[str, type[BaseSettings]] = {m.__name__: m for m in (ServerSettings, FetchSettings, ImageLimits,
+                                                                      ToolSettings)}
+    model = models.get(exc.title)
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else None
+        if model is not None and field in model.model_fields:
+            where = f"{env_name(model, field, model.model_fields[field])}={error.get('input')!r}: "
+        else:
+            where = ""
+        lines.append(where + error["msg"].removeprefix("Value error, "))
+    return "\n".join(lines)
+
+
 def env_name(model: type[BaseSettings], name: str, field: FieldInfo) -> str:
     """The environment variable that sets ``field`` of ``model``: its ``KCP_*`` alias, else prefix + name."""
     alias = field.validation_alias
@@ -277,4 +296,4 @@ def _value_type(annotation: Any) -> Any:
 
 
 __all__ = ["ENV_PREFIX", "MAX_JSON_VALUES", "FetchSettings", "ImageLimits", "ServerSettings", "ToolSettings",
-           "add_flags", "env_name", "flag_of"]
+           "add_flags", "env_name", "explain", "flag_of"]

@@ -206,3 +206,16 @@ def test_help_runs_without_tensorflow_and_shows_only_flags_that_work() -> None:
 @pytest.mark.parametrize("command", ["validate", "package"])
 def test_other_commands_help_runs_without_tensorflow(command: str) -> None:
     assert "usage:" in _help(command)
+
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"KCP_MODEL_THREADS": "0"}, "KCP_MODEL_THREADS='0': Input should be greater than or equal to 1"),
+    ({"KCP_IMAGE_MAX_PIXELS": "lots"}, "KCP_IMAGE_MAX_PIXELS='lots'"),
+])
+def test_serve_names_the_bad_variable_and_exits_2(env: dict[str, str], said: str, tmp_path: Path) -> None:
+    """The operator set a variable, not a pydantic field: the start-up error says which, before any model loads."""
+    done = subprocess.run([sys.executable, "-m", "predictors", "serve", "--model_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("KCP_")}, **env})
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
