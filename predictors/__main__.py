@@ -67,6 +67,10 @@ def _serve(args: argparse.Namespace) -> None:
         serve(args.model_dir, settings, **server_kwargs)
 
 
+TRUST_NOTE = ("a package is code that runs with the server's rights (unpickling model.joblib, loading "
+              "model.keras, importing launch.py): serve only packages from sources you trust")
+
+
 def _validate(args: argparse.Namespace) -> None:
     from predictors.models import ServingContext, model_for
     from predictors.package import PackageError, load_package
@@ -75,8 +79,10 @@ def _validate(args: argparse.Namespace) -> None:
     for path in args.packages:
         try:
             package = load_package(path)
-            model_for(package, ServingContext()).load()
-            print(json.dumps({"package": str(path), "name": package.name, "version": package.version, "ok": True}))
+            model = model_for(package, ServingContext())
+            model.load()
+            print(json.dumps({"package": str(path), "name": package.name, "version": package.version, "ok": True,
+                              **model.properties(), "trust": TRUST_NOTE}))
         except PackageError as exc:
             ok = False
             print(json.dumps({"package": str(path), "ok": False, "error": str(exc)}))

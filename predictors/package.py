@@ -215,10 +215,10 @@ class PackageConfig(_Strict):
         default=None, description="run predict on the event loop (true) or in a worker thread (false); "
                                   "unset: the server decides by timing a one-row call at load")
     max_batch_size: int = Field(default=256, ge=1, description="largest N accepted in one request")
-    runtime: Literal["auto", "onnx", "sklearn"] = Field(
-        default="auto", description="scikit-learn models: 'auto' serves the model compiled to ONNX when it answers "
-                                    "as the estimator on the probe rows, else scikit-learn; 'onnx' requires the "
-                                    "compiled model; 'sklearn' never compiles")
+    runtime: Literal["auto", "onnx", "sklearn", "keras"] = Field(
+        default="auto", description="'auto' serves the model compiled to ONNX when it answers as the original on "
+                                    "probe inputs, else the framework's own runtime; 'onnx' requires the compiled "
+                                    "model; 'sklearn' or 'keras' (the package's framework) never compiles")
 
     @field_validator("format_version")
     @classmethod
@@ -247,6 +247,10 @@ class PackageConfig(_Strict):
         if self.task not in spec.tasks:
             raise ValueError(f"framework '{self.framework}' cannot serve task '{self.task}'; it serves "
                              f"{', '.join(sorted(spec.tasks))}")
+        if self.runtime in ("sklearn", "keras") and self.runtime != self.framework:
+            raise ValueError(f"runtime '{self.runtime}' is not this package's framework ('{self.framework}')")
+        if self.runtime == "onnx" and self.framework == "katonic":
+            raise ValueError("a Katonic package runs its own code: runtime 'onnx' does not apply")
         expected = spec.artifact
         if self.artifact != expected:
             raise ValueError(f"framework '{self.framework}' expects artifact '{expected}', got '{self.artifact}'")

@@ -110,7 +110,11 @@ def package_keras(model_file: Path, out: Path, *, name: str, version: str = "1",
                        ResizeStep(size=max(height, width), height=height, width=width),
                        ScaleStep(divisor=pixel_divisor)])
     package = save_package(out, config, LabelsFile(labels=list(range(k)), names=label_names))
-    return _smoke(package, None, "none: image models are checked by predicting a blank image")
+    report, served = _smoke(package, None, "synthesised images (checked at every load)")
+    onnx_bytes = getattr(served, "onnx_bytes", None)
+    if onnx_bytes is not None:  # the server then loads the checked graph instead of exporting it again
+        (out / ONNX_FILE).write_bytes(onnx_bytes)
+    return report
 
 
 def package_estimator(model_file: Path, out: Path, *, name: str, version: str = "1",
@@ -139,7 +143,7 @@ def package_estimator(model_file: Path, out: Path, *, name: str, version: str = 
         if compilation.model is not None:
             (out / ONNX_FILE).write_bytes(compilation.model.model_bytes)
     package = save_package(out, config, labels)
-    return _smoke(package, probes, probe_source)
+    return _smoke(package, probes, probe_source)[0]
 
 
 def infer_inputs(estimator: Any, frame: Any | None) -> tuple[list[TensorSpec], list[str] | None]:
@@ -247,8 +251,8 @@ def _probes(estimator: Any, schema: TabularSchema, frame: Any | None,
         return None, f"none: {exc}"
 
 
-def _smoke(package: ModelPackage, probes: Features | None, probe_source: str) -> PackageReport:
-    """Load the package as the server does and predict a few probe rows."""
+def _smoke(package: ModelPackage, probes: Features | None, probe_source: str) -> tuple[PackageReport, Any]:
+    """Load the package as the server does and predict a few probe rows; the report and the loaded model."""
     from predictors.models import ServingContext, model_for
     from predictors.settings import ServerSettings
 
@@ -262,4 +266,4 @@ def _smoke(package: ModelPackage, probes: Features | None, probe_source: str) ->
         inputs=[spec.model_dump() for spec in package.config.inputs],
         labels=[package.labels.name_of(i) for i in package.labels.labels], probes=probe_source,
         runtime=model.runtime, runtime_reason=model.runtime_reason,
-        smoke=[package.labels.name_of(int(i)) for i in labels])
+        smoke=[package.labels.name_of(int(i)) for i in labels]), model

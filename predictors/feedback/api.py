@@ -5,8 +5,8 @@ Routes (all under the router's ``dependencies``, e.g. the server's API-key check
 ``POST /v2/models/{model_name}/feedback``
     Either the Katonic form ``{"predicted_label": [...], "true_label": [...]}`` (equal-length,
     non-empty lists of encoded labels) or the id form ``{"items": [{"id": "<prediction id>",
-    "true_label": 2}, ...]}``, where each id is the id of an earlier prediction of this model (the
-    response id of a single-row request, ``<response id>/<row index>`` for rows of a batch); the
+    "true_label": 2}, ...]}``, where each id is an earlier prediction's ``prediction_id`` output of this
+    model (``<request id>:<server part>``, with ``/<row index>`` for the rows of a batch); the
     server then pairs the ground truth with what it really predicted. Answers the metrics of this
     submission (``batch``) and the ``cumulative`` metrics. Either form may carry a client
     ``"submission_id"``: resending the same submission under it answers the first submission

@@ -35,9 +35,11 @@ class CompileError(Exception):
 
 
 class OnnxClassifier:
-    """A classifier's ONNX graph in an onnxruntime session: features in, class probabilities ``[N, K]`` out."""
+    """A classifier's ONNX graph in an onnxruntime session: features in, class probabilities ``[N, K]`` out.
 
-    def __init__(self, model_bytes: bytes, schema: TabularSchema, threads: int = 1) -> None:
+    ``schema`` None means one input tensor (an image batch), fed as it comes."""
+
+    def __init__(self, model_bytes: bytes, schema: TabularSchema | None = None, threads: int = 1) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -48,12 +50,12 @@ class OnnxClassifier:
         try:
             self._session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise CompileError(f"onnxruntime cannot load the graph: {_first_line(exc)}") from exc
+            raise CompileError(f"onnxruntime cannot load the graph: {first_line(exc)}") from exc
         self.model_bytes = model_bytes
         self.schema = schema
         inputs = self._session.get_inputs()
         self._input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in inputs}
-        self._matrix_name = inputs[0].name if schema.matrix else None
+        self._matrix_name = inputs[0].name if schema is None or schema.matrix else None
         outputs = [o.name for o in self._session.get_outputs()]
         self._outputs = ["probabilities" if "probabilities" in outputs else outputs[-1]]
         self.precision = "double" if np.float64 in self._input_types.values() else "float"
@@ -91,18 +93,23 @@ def convert(estimator: Any, schema: TabularSchema, precision: str) -> bytes:
         graph = to_onnx(estimator, initial_types=types, options={id(estimator): {"zipmap": False}},
                         target_opset=OPSETS)
     except Exception as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShapeCalculator, ...
-        raise CompileError(f"skl2onnx cannot convert {type(estimator).__name__}: {_first_line(exc)}") from exc
+        raise CompileError(f"skl2onnx cannot convert {type(estimator).__name__}: {first_line(exc)}") from exc
     return graph.SerializeToString()
 
 
 def check(model: OnnxClassifier, estimator: Any, probes: Features) -> str | None:
     """None if ``model`` gives the estimator's labels and probabilities on ``probes``, else what differs."""
     sklearn_input = probes.to_frame() if isinstance(probes, ColumnBatch) else probes
-    expected = np.asarray(estimator.predict_proba(sklearn_input), dtype=np.float64)
+    return agreement(model, probes, np.asarray(estimator.predict_proba(sklearn_input), dtype=np.float64))
+
+
+def agreement(model: OnnxClassifier, probes: Features, expected: np.ndarray) -> str | None:
+    """None if ``model`` gives ``expected`` (the original's probabilities) on ``probes``: the same label for
+    every row and every probability within :data:`TOLERANCE`; else what differs."""
     try:
         got = np.asarray(model(probes), dtype=np.float64)
     except Exception as exc:  # a graph that loads may still fail on real rows
-        return f"onnxruntime failed on the probe rows: {_first_line(exc)}"
+        return f"onnxruntime failed on the probe rows: {first_line(exc)}"
     if got.shape != expected.shape:
         return f"probabilities of shape {list(got.shape)}, the estimator gives {list(expected.shape)}"
     labels = (got.argmax(axis=1) != expected.argmax(axis=1)).sum()
@@ -156,6 +163,6 @@ def _cast_before_last_step(pipeline: Any) -> Any:
     return Pipeline([*pipeline.steps[:-1], ("float32", cast), pipeline.steps[-1]])
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__

@@ -13,31 +13,36 @@ the main input, in one request:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from predictors.models.base import PackageModel
+from predictors.models.keras_compiled import compile_keras
 from predictors.models.preprocessing import DecodeBudget, pixel_divisor, run_image_pipeline
+from predictors.package import ONNX_FILE, PackageError
 from predictors.protocol.codecs import bytes_element, element_count, require_finite, to_numpy
 from predictors.protocol.errors import BadInput, InvalidImage, PayloadTooLarge
 from predictors.protocol.v2 import Tensor
 
+logger = logging.getLogger(__name__)
+
 MAX_CONCURRENT_FETCHES = 8
 TF_THREADS = 1
 """TensorFlow's intra- and inter-op pool sizes in the server, unless ``TF_NUM_INTRAOP_THREADS`` /
-``TF_NUM_INTEROP_THREADS`` are set. One thread each: a served model gets small batches, where a
-second compute thread costs more CPU in hand-offs and spinning than it saves (on the 2-core bench
-machine a 1-image call took 0.63 against 1.27 ms of CPU, 8 images 0.19 against 0.29 ms per image),
-and the other cores are busy with the event loop, gRPC and the clients."""
+``TF_NUM_INTEROP_THREADS`` are set. One thread each: a served model gets small batches, where a second
+compute thread costs more CPU in hand-offs and spinning than it saves, and the other cores are busy with
+the event loop, gRPC and the clients."""
 ONEDNN_OPTS = "1"
 """``TF_ENABLE_ONEDNN_OPTS`` unless set: this TensorFlow build leaves oneDNN's kernels off by default, and
-with them the Fashion-MNIST CNN took 113-131 instead of 158-187 µs of CPU per image on one thread
-(batches of 16-64, bench/RESULTS.md, the run on f688cfe)."""
+the image models need less CPU per image with them (bench/images.py measures it)."""
 
 
-def import_keras():
+def import_keras() -> tuple[Any, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", ONEDNN_OPTS)  # read once, when TensorFlow loads
     import keras
@@ -70,18 +75,43 @@ class ImageModel(PackageModel):
         # One concrete function for every batch size (the batch dimension is None): no retracing, and a
         # call skips the polymorphic function's argument binding and trace lookup.
         concrete = tf.function(lambda x: model(x, training=False), input_signature=[signature]).get_concrete_function()
-        self._to_tensor = tf.convert_to_tensor
-        self._serve = concrete
+        to_tensor = tf.convert_to_tensor
+
+        def through_tensorflow(x: np.ndarray) -> np.ndarray:
+            return concrete(to_tensor(x)).numpy()
+
+        self._serve: Callable[[np.ndarray], np.ndarray] = through_tensorflow
         shape = self.config.image_shape or self.model_input_shape
         self.image_shape = shape[:2] if len(shape) == 3 and shape[2] == 1 else tuple(shape)
+        self.runtime, self.runtime_reason = "keras", "runtime: keras in config.json"
+        if self.config.runtime != "keras":
+            self._compile(model, through_tensorflow)
         self.predict_array(np.zeros((1, *self.image_shape), dtype=np.float32))  # warm up
+
+    def _compile(self, model: Any, through_tensorflow: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Serve the model compiled to ONNX when it answers as TensorFlow does (:mod:`.keras_compiled`)."""
+        model(np.zeros((1, *self.model_input_shape), dtype=np.float32))  # Keras exports only a model that ran
+        stored = self.package.path / ONNX_FILE
+        compilation = compile_keras(model, through_tensorflow, self.model_input_shape,
+                                    threads=self.context.settings.model_threads,
+                                    model_bytes=stored.read_bytes() if stored.is_file() else None)
+        if compilation.model is not None:
+            self._serve = compilation.model
+            self.onnx_bytes = compilation.model.model_bytes
+            self.runtime, self.runtime_reason = "onnxruntime", compilation.reason
+        elif self.config.runtime == "onnx":
+            raise PackageError(self.package.path, "config.json", "runtime",
+                               f"runtime 'onnx' asked for, but the model does not compile: {compilation.reason}")
+        else:
+            self.runtime_reason = f"served by TensorFlow: {compilation.reason}"
+            logger.warning("model %s: not compiled, %s", self.name, self.runtime_reason)
 
     def sample_features(self) -> np.ndarray:
         return np.zeros((1, *self.image_shape), dtype=np.float32)
 
     def predict_array(self, features: np.ndarray) -> np.ndarray:
         x = features.reshape((len(features), *self.model_input_shape)).astype(np.float32, copy=False)
-        return self._serve(self._to_tensor(x)).numpy()
+        return self._serve(x)
 
     async def decode_features(self, tensor: Tensor) -> np.ndarray:
         if tensor.datatype == "BYTES":

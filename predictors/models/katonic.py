@@ -30,6 +30,7 @@ from kserve.errors import InferenceError
 from pydantic import BaseModel, ValidationError
 
 from predictors.models.base import PackageModel, Prepared
+from predictors.models.execution import ExecutionChoice
 from predictors.package import PackageError
 from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput
@@ -98,6 +99,8 @@ class KatonicModel(PackageModel):
 
     def load(self) -> bool:
         self.load_artifact()
+        self.execution = ExecutionChoice("thread_pool", "user code may block: always in the thread pool")
+        self.runtime_reason = "the package's own launch.py"
         self.ready = True  # user code takes lists of dicts, not arrays: no adaptive batching
         return self.ready
 
