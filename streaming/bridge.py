@@ -70,6 +70,7 @@ import orjson
 
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import SPEC_VERSION, now
+from streaming.logs import TRACEPARENT, TRACEPARENT_HEADER, traceparent
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
 from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
 from streaming.metrics import BridgeMetrics, HealthServer
@@ -133,7 +134,7 @@ class Bridge:
     def __init__(self, settings: BridgeSettings | None = None, *, source: Messenger | None = None,
                  sink: Messenger | None = None, client: V2Client | None = None) -> None:
         self.settings = s = settings or BridgeSettings()
-        self.metrics = BridgeMetrics()
+        self.metrics = BridgeMetrics(s.v2.protocol)
         self.source = source or Messenger(s.request_topic, group=s.group, settings=s.messenger())
         self.sink = sink or Messenger(s.result_topic, settings=s.messenger())
         self.client = client or V2Client(s.v2, on_retry=self._on_v2_retry)
@@ -356,6 +357,9 @@ class Bridge:
         self.metrics.in_flight.inc()
         started = time.monotonic()
         outcomes: list[InferResponse | V2Error] = []
+        # the trace context the model call carries (streaming.logs): the first message's that has one
+        TRACEPARENT.set(next((t for w in works if (t := traceparent(w.message.header(TRACEPARENT_HEADER)))),
+                             None))
         try:
             outcomes = await self._infer(requests, min(w.deadline for w in works))
             return outcomes
@@ -368,7 +372,8 @@ class Bridge:
             self.metrics.in_flight.dec()
             if any(isinstance(o, InferResponse) for o in outcomes):
                 self._learn_model(model)
-            self.metrics.v2_latency.labels(self._model_label(model)).observe(time.monotonic() - started)
+            self.metrics.v2_latency.labels(self._model_label(model), self.metrics.protocol).observe(
+                time.monotonic() - started)
 
     def _learn_model(self, model: str) -> None:
         """A model that answered becomes a label value (up to ``max_model_labels`` of them)."""

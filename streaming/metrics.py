@@ -25,6 +25,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from streaming.logs import use_json_logs
+
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 2.0
@@ -35,7 +37,8 @@ round trip it may take (when no fetch has reported an end offset yet) stays out 
 class BridgeMetrics:
     """Counters and histograms the bridge updates; names are ``kcp_bridge_*``."""
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = "grpc") -> None:
+        self.protocol = protocol  # how the bridge calls the model server: the server's ``protocol`` label values
         self.registry = CollectorRegistry()
         r = self.registry
         self.consumed = Counter("kcp_bridge_consumed", "Request messages consumed", registry=r)
@@ -50,7 +53,7 @@ class BridgeMetrics:
                                  registry=r)
         # model: one that answered at least once, else "other" (message strings must not create series)
         self.v2_latency = Histogram("kcp_bridge_v2_call_seconds", "Model server call time (with retries)",
-                                    ["model"], registry=r)
+                                    ["model", "protocol"], registry=r)
         self.batch_size = Histogram("kcp_bridge_batch_size", "Requests merged per model server call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.pending = Gauge("kcp_bridge_pending", "Messages consumed but not yet acknowledged", registry=r)
@@ -134,6 +137,7 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
+        use_json_logs()  # KCP_LOG_FORMAT: logging is configured by now, whatever imported this module first
         self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port

@@ -53,6 +53,7 @@ import grpc
 import httpx
 import numpy as np
 
+from streaming.logs import TRACEPARENT, TRACEPARENT_HEADER
 from streaming.settings import V2ClientSettings
 from streaming.tensors import DATATYPES, InferRequest, InferResponse, Tensor, flatten
 from streaming.v2_grpc import pb2, pb2_grpc
@@ -294,9 +295,11 @@ class GrpcTransport:
 
     async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         message = to_grpc(request)
+        trace = TRACEPARENT.get()  # the consumed message's trace context
+        metadata = self._metadata if trace is None else (*(self._metadata or ()), (TRACEPARENT_HEADER, trace))
         try:
             reply = await self._ensure().ModelInfer(message, timeout=timeout_s or self.settings.timeout_s,
-                                                    metadata=self._metadata)
+                                                    metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise grpc_error(exc) from exc
         return from_grpc(reply)
@@ -353,6 +356,9 @@ class RestTransport:
 
     async def infer(self, request: InferRequest, timeout_s: float | None = None) -> InferResponse:
         body, headers = to_rest(request)
+        trace = TRACEPARENT.get()  # the consumed message's trace context
+        if trace is not None:
+            headers[TRACEPARENT_HEADER] = trace
         doc = await self._call("POST", self._path(request.model_name, request.model_version) + "/infer",
                                content=body, headers=headers, timeout=timeout_s or self.settings.timeout_s)
         return from_rest(doc)

@@ -9,13 +9,16 @@ recording rules loaded (rendered from tests/helm-values/canary.yaml, windows sho
 traffic (REST requests, a request for an unknown model, feedback with a rejected item, Kafka requests and a
 dead letter), every dashboard query (Grafana variables replaced by values) and every rule expression (alerts
 with their comparisons stripped, so the inner query is judged, not whether it fires) is evaluated through
-Prometheus's HTTP API. The test fails naming each panel or rule whose query returns nothing.
+Prometheus's HTTP API. The test fails naming each panel or rule whose query returns nothing. The servers and
+the bridge run with ``KCP_LOG_FORMAT=json``: their logs must be JSON lines (tests/test_prometheus_logs.py has
+the unit tests of the formatters and of the trace context).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -46,6 +49,8 @@ GRAFANA_VARS = {"$__rate_interval": "20s", "$__range": "60s", "$model": "iris"}
 HISTORY_S = 35  # the accuracy rule's trailing window ends 15 s back and is 15 s long, plus scrapes to fill it
 SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]
 COMPARISONS = {"<", ">", "<=", ">=", "==", "!="}
+JSON_LOGS = {"KCP_LOG_FORMAT": "json"}
+TEXT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3} ")  # KServe's and the bridge's text format
 
 
 def prometheus_binary() -> str:
@@ -223,10 +228,12 @@ def test_every_dashboard_and_alert_query_returns_data(kafka_broker: KafkaBroker,
     (tmp_path / "s1").mkdir()
     (tmp_path / "s2").mkdir()
     with contextlib.ExitStack() as stack:
-        primary = stack.enter_context(start_model_server(versioned_iris(tmp_path, "1"), tmp_path / "s1"))
-        canary = stack.enter_context(start_model_server(versioned_iris(tmp_path, "2"), tmp_path / "s2"))
+        primary = stack.enter_context(start_model_server(versioned_iris(tmp_path, "1"), tmp_path / "s1",
+                                                         env=JSON_LOGS))
+        canary = stack.enter_context(start_model_server(versioned_iris(tmp_path, "2"), tmp_path / "s2",
+                                                        env=JSON_LOGS))
         bridge = launch_bridge(kafka_broker.env(), topics, tmp_path, group=f"prom-{suffix}",
-                               grpc_target=primary.grpc_target)
+                               grpc_target=primary.grpc_target, env=JSON_LOGS)
         stack.callback(bridge.stop)
         prometheus = stack.enter_context(run_prometheus(tmp_path, rule_file, {
             "predictor": [f"127.0.0.1:{primary.http_port}", f"127.0.0.1:{canary.http_port}"],
@@ -249,3 +256,16 @@ def test_every_dashboard_and_alert_query_returns_data(kafka_broker: KafkaBroker,
         lag = prometheus.query("kcp_bridge_consumer_lag")
         assert {s["metric"]["topic"] for s in lag} == {topics["requests"]}
         assert all(float(s["value"][1]) >= 0 for s in lag)  # tansu's end offsets are rough: sane, not exact
+        for name, text in (("server", primary.log()), ("bridge", bridge.log())):
+            assert_json_logs(name, text)
+
+
+def assert_json_logs(name: str, text: str) -> None:
+    """Every log record is a JSON line (other output, such as a library's warning printed to stderr, may be text,
+    but nothing in the text formats of KServe or the bridge)."""
+    records = []
+    for line in text.splitlines():
+        assert not TEXT_LOG_LINE.match(line), f"{name} logged text with KCP_LOG_FORMAT=json: {line!r}"
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    assert len(records) >= 2 and all({"time", "level", "logger", "message"} <= r.keys() for r in records), text[-2000:]

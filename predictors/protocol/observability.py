@@ -15,9 +15,11 @@ Names follow one convention across the server and the bridge: the server's metri
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
+import os
 import re
 import time
 from typing import Any
@@ -90,7 +92,13 @@ def step_series(model: str, version: str) -> tuple[Any, Any, Any]:
 
 LOG_FORMAT_ENV = "KCP_LOG_FORMAT"
 """``json`` turns on one JSON object per log line (for log shippers); anything else keeps the text format."""
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+TRACEPARENT_HEADER = "traceparent"
+TRACEPARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
+"""The W3C trace context of the request being handled (the bridge sends the Kafka message's): every JSON log
+record written while it is handled carries it. Set by the protocol front ends from the header or metadata."""
+_VALID_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message"}  # uvicorn's color_message: the message again, with terminal colours
 
 
 class JsonFormatter(logging.Formatter):
@@ -103,6 +111,9 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        trace = TRACEPARENT.get()
+        if trace:
+            out["traceparent"] = trace
         for key, value in vars(record).items():
             if key not in _RECORD_FIELDS and not key.startswith("_"):
                 out[key] = value if isinstance(value, str | int | float | bool | None) else str(value)
@@ -111,14 +122,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def use_json_logs(value: str | None) -> bool:
-    """Whether ``value`` (``KCP_LOG_FORMAT``) asks for JSON logs, and if so put :class:`JsonFormatter` on every
-    handler of the root logger (and a stderr handler when there is none)."""
+def set_traceparent(value: bytes | str | None) -> None:
+    """Take a request's ``traceparent`` header for the logs of its handling; anything but the W3C form is dropped
+    (a header is untrusted input and must not put arbitrary text into the log)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    value = (value or "").strip().lower()
+    TRACEPARENT.set(value if len(value) == 55 and _VALID_TRACEPARENT.fullmatch(value) else None)
+
+
+def json_log_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a ``logging.config.dictConfig`` document with every formatter replaced by :class:`JsonFormatter`
+    (handlers, loggers and levels kept)."""
+    return {**config, "formatters": {name: {"()": JsonFormatter} for name in config.get("formatters", {})}}
+
+
+def use_json_logs(value: str | None = None) -> bool:
+    """JSON logs when ``value`` (default: ``KCP_LOG_FORMAT``) is ``json``; returns whether they are on.
+
+    KServe's default logging document becomes its JSON twin, so the server's own logging setup (KServe's
+    ``configure_logging``, run when the server is built) installs JSON handlers; handlers configured already
+    (root, KServe's, uvicorn's, ``predictors``') are switched too."""
+    if value is None:
+        value = os.environ.get(LOG_FORMAT_ENV)
     if (value or "").strip().lower() != "json":
         return False
-    root = logging.getLogger()
-    if not root.handlers:
-        root.addHandler(logging.StreamHandler())
-    for handler in root.handlers:
-        handler.setFormatter(JsonFormatter())
+    import kserve.logging
+
+    json_config = json_log_config(kserve.logging.KSERVE_LOG_CONFIG)
+    kserve.logging.KSERVE_LOG_CONFIG.clear()
+    kserve.logging.KSERVE_LOG_CONFIG.update(json_config)
+    for name in (None, "kserve", "kserve.trace", "uvicorn", "uvicorn.access", "predictors"):
+        for handler in logging.getLogger(name).handlers:
+            handler.setFormatter(JsonFormatter())
     return True
+
+
+# The REST and gRPC front ends import this module before the server is built, and so before it configures
+# logging: KCP_LOG_FORMAT=json works without the entry point knowing about formats.
+use_json_logs()
