@@ -17,48 +17,55 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streaming.__main__ import DEFAULT_TOPICS, _common, send
+from pydantic import ValidationError
 
-LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+from streaming.__main__ import DEFAULT_TOPICS, LEVELS, messenger_flags, send
+from streaming.settings import describe_error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m devtools", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools",
+        description="Development tools, outside every image: the embedded Kafka broker, the end-to-end demo and "
+                    "the test-image producer.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     k = sub.add_parser("broker", help="the embedded tansu Kafka broker")
     ksub = k.add_subparsers(dest="action", required=True)
     ks = ksub.add_parser("start", help="start in the background, create topics, write a pid file")
-    ks.add_argument("--port", type=int, default=9092)
-    ks.add_argument("--host", default="127.0.0.1")
+    ks.add_argument("--port", type=int, default=9092, help="default %(default)s")
+    ks.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     ks.add_argument("--topics", default=DEFAULT_TOPICS, help="name[:partitions],...")
     ks.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
     ks.add_argument("--logfile", type=Path, default=Path(".demo/broker.log"))
     kr = ksub.add_parser("run", help="run in the foreground until SIGTERM/Ctrl-C")
-    kr.add_argument("--port", type=int, default=9092)
-    kr.add_argument("--host", default="127.0.0.1")
+    kr.add_argument("--port", type=int, default=9092, help="default %(default)s")
+    kr.add_argument("--host", default="127.0.0.1", help="default %(default)s")
     kr.add_argument("--topics", default=DEFAULT_TOPICS, help="name[:partitions],...")
     kt = ksub.add_parser("stop", help="stop the broker named by a pid file")
     kt.add_argument("--pidfile", type=Path, default=Path(".demo/broker.pid"))
     for q in (ks, kr, kt):
-        q.add_argument("--log-level", default="INFO", choices=LEVELS)
+        q.add_argument("--log-level", default="INFO", choices=LEVELS, help="default %(default)s")
 
     d = sub.add_parser("demo", help="end to end on embedded defaults: broker, server, bridge, data, feedback report")
-    d.add_argument("--model-dir", type=Path, default=Path("models"), help="trained packages (quick ones if missing)")
-    d.add_argument("--work-dir", type=Path, default=Path(".demo"), help="logs, feedback database, quick packages")
-    d.add_argument("--iris-delay", type=float, default=0.02, help="seconds between Iris rows")
-    d.add_argument("--images", type=int, default=20, help="Fashion-MNIST images to send (half as many MNIST)")
-    d.add_argument("--log-level", default="WARNING", choices=LEVELS)
+    d.add_argument("--model-dir", type=Path, default=Path("models"),
+                   help="trained packages, quick ones if missing (default %(default)s)")
+    d.add_argument("--work-dir", type=Path, default=Path(".demo"),
+                   help="logs, feedback database, quick packages (default %(default)s)")
+    d.add_argument("--iris-delay", type=float, default=0.02, help="seconds between Iris rows (default %(default)s)")
+    d.add_argument("--images", type=int, default=20,
+                   help="Fashion-MNIST images to send, half as many MNIST (default %(default)s)")
+    d.add_argument("--log-level", default="WARNING", choices=LEVELS, help="default %(default)s")
 
     pm = sub.add_parser("produce-images", help="send random Fashion-MNIST / MNIST test images as base64 PNG")
-    _common(pm)
+    messenger_flags(pm)
     pm.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist")
     pm.add_argument("--model", help="model name (default: the dataset name)")
-    pm.add_argument("--count", type=int, default=20)
+    pm.add_argument("--count", type=int, default=20, help="default %(default)s")
     pm.add_argument("--seed", type=int)
     pm.add_argument("--with-labels", action="store_true", help="include the true label for feedback")
-    pm.add_argument("--delay", type=float, default=0.0, help="seconds between images")
-    pm.add_argument("--topic", default="kcp-requests")
+    pm.add_argument("--delay", type=float, default=0.0, help="seconds between images (default %(default)s)")
+    pm.add_argument("--topic", default="kcp-requests", help="default %(default)s")
     pm.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
     return parser
 
@@ -124,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except ValidationError as exc:  # settings from flags or KCP_* variables: name the variables
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # one line for the user, the trace at DEBUG
         logging.getLogger("devtools").debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

@@ -15,14 +15,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from streaming.settings import BridgeSettings, KafkaSettings, MessengerSettings, PubSubSettings, V2ClientSettings
+from pydantic import ValidationError
+
+from streaming.settings import (
+    BridgeSettings,
+    KafkaSettings,
+    MessengerSettings,
+    PubSubSettings,
+    V2ClientSettings,
+    describe_error,
+)
 
 
-def _common(p: argparse.ArgumentParser, backend_env: str = "KCP_MESSENGER_BACKEND") -> None:
+def messenger_flags(p: argparse.ArgumentParser, backend_env: str = "KCP_MESSENGER_BACKEND") -> None:
+    """The flags of every command that talks to a broker; ``backend_env`` names the variable its backend is read
+    from (the bridge's settings read ``KCP_BRIDGE_BACKEND``, the other commands ``KCP_MESSENGER_BACKEND``)."""
     p.add_argument("--backend", choices=["kafka", "pubsub"], help=f"message broker (env {backend_env}, default kafka)")
-    p.add_argument("--bootstrap-servers", help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS)")
-    p.add_argument("--pubsub-project", help="Pub/Sub project (env KCP_PUBSUB_PROJECT)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--bootstrap-servers",
+                   help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092)")
+    p.add_argument("--pubsub-project", help="Pub/Sub project (env KCP_PUBSUB_PROJECT, default kcp-local)")
+    p.add_argument("--log-level", default="INFO", choices=LEVELS, help="default INFO")
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -42,21 +54,30 @@ def _messenger(args: argparse.Namespace) -> MessengerSettings:
 
 
 DEFAULT_TOPICS = "kcp-requests:3,kcp-results:3,kcp-dead-letters:1"
+LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m streaming", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m streaming",
+        description="The streaming command line: the Kafka / Pub/Sub bridge to a V2 model server, a CSV row "
+                    "producer, the results reader and topic creation.",
+        epilog="Flags override KCP_* variables, which override the defaults. Variables without a flag (SASL/TLS, "
+               "API key, retries, ...) are listed in streaming/settings.py. Development tools (embedded broker, "
+               "demo, test images): python -m devtools.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bridge", help="consume requests, call the V2 model server, publish results")
-    _common(b, "KCP_BRIDGE_BACKEND")
+    messenger_flags(b, "KCP_BRIDGE_BACKEND")
     b.add_argument("--request-topic", help="env KCP_BRIDGE_REQUEST_TOPIC (default kcp-requests)")
     b.add_argument("--result-topic", help="env KCP_BRIDGE_RESULT_TOPIC (default kcp-results)")
     b.add_argument("--dead-letter-topic", help="env KCP_BRIDGE_DEAD_LETTER_TOPIC (default kcp-dead-letters)")
     b.add_argument("--group", help="consumer group (env KCP_BRIDGE_GROUP, default kcp-bridge)")
     b.add_argument("--protocol", choices=["grpc", "rest"], help="V2 transport (env KCP_V2_PROTOCOL, default grpc)")
-    b.add_argument("--grpc-target", help="host:port of V2 gRPC (env KCP_V2_GRPC_TARGET)")
-    b.add_argument("--rest-url", help="base URL of V2 REST (env KCP_V2_REST_URL)")
+    b.add_argument("--grpc-target", help="host:port of V2 gRPC; {model} in it routes per model "
+                                         "(env KCP_V2_GRPC_TARGET, default 127.0.0.1:8081)")
+    b.add_argument("--rest-url", help="base URL of V2 REST; {model} in it routes per model "
+                                      "(env KCP_V2_REST_URL, default http://127.0.0.1:8080)")
     b.add_argument("--max-in-flight", type=int, help="concurrent V2 calls (env KCP_BRIDGE_MAX_IN_FLIGHT, default 8)")
     b.add_argument("--max-batch-size", type=int,
                    help="requests per V2 call, 1 disables batching (env KCP_BRIDGE_MAX_BATCH_SIZE, default 64)")
@@ -86,32 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("produce", help="send requests (tabular rows from a CSV; test images: python -m devtools)")
     psub = p.add_subparsers(dest="what", required=True)
     pi = psub.add_parser("iris", help="stream the Iris test split row by row")
-    _common(pi)
-    pi.add_argument("--csv", type=Path, default=Path("models/iris/test.csv"), help="test split written by training")
-    pi.add_argument("--form", choices=["row", "features", "v2"], default="row", help="message form")
-    pi.add_argument("--model", default="iris")
-    pi.add_argument("--delay", type=float, default=1.0, help="seconds between rows (0 = full-speed replay)")
+    messenger_flags(pi)
+    pi.add_argument("--csv", type=Path, default=Path("models/iris/test.csv"),
+                    help="test split written by training (default %(default)s)")
+    pi.add_argument("--form", choices=["row", "features", "v2"], default="row",
+                    help="message form (default %(default)s)")
+    pi.add_argument("--model", default="iris", help="default %(default)s")
+    pi.add_argument("--delay", type=float, default=1.0,
+                    help="seconds between rows, 0 = full-speed replay (default %(default)s)")
     pi.add_argument("--count", type=int, help="stop after this many rows")
-    pi.add_argument("--repeat", type=int, default=1, help="send the split this many times")
-    pi.add_argument("--topic", default="kcp-requests")
+    pi.add_argument("--repeat", type=int, default=1, help="send the split this many times (default %(default)s)")
+    pi.add_argument("--topic", default="kcp-requests", help="default %(default)s")
     pi.add_argument("--run-id", help="prefix of request ids (default: a timestamp)")
 
     r = sub.add_parser("results", help="print results; --feedback scores them on the model server")
-    _common(r)
-    r.add_argument("--topic", default="kcp-results")
+    messenger_flags(r)
+    r.add_argument("--topic", default="kcp-results", help="default %(default)s")
     r.add_argument("--group", help="consumer group; without one, read the whole topic without committing")
     r.add_argument("--count", type=int, help="stop after this many unique results")
-    r.add_argument("--idle-timeout", type=float, default=30.0, help="stop after this long without a result")
+    r.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds without a result before stopping (default %(default)s)")
     r.add_argument("--feedback", action="store_true", help="POST predicted/true label pairs to the model server")
-    r.add_argument("--server-url", default="http://127.0.0.1:8080", help="model server REST base URL")
+    r.add_argument("--server-url", default="http://127.0.0.1:8080",
+                   help="model server REST base URL (default %(default)s)")
     r.add_argument("--api-key", help="model server API key (default env KCP_API_KEY)")
     r.add_argument("--quiet", action="store_true", help="print only the report")
 
     t = sub.add_parser("create-topics", help="create missing topics on a Kafka cluster, with their partition counts")
-    t.add_argument("--bootstrap-servers", help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS)")
-    t.add_argument("--topics", default=DEFAULT_TOPICS, help="name[:partitions],...")
-    t.add_argument("--replication-factor", type=int, default=1)
-    t.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    t.add_argument("--bootstrap-servers",
+                   help="Kafka address (env KCP_KAFKA_BOOTSTRAP_SERVERS, default 127.0.0.1:9092)")
+    t.add_argument("--topics", default=DEFAULT_TOPICS, help="name[:partitions],... (default %(default)s)")
+    t.add_argument("--replication-factor", type=int, default=1, help="default 1")
+    t.add_argument("--log-level", default="INFO", choices=LEVELS, help="default INFO")
     return parser
 
 
@@ -203,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except ValidationError as exc:  # settings from flags or KCP_* variables: name the variables
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:  # one line for the user, the trace at DEBUG
         logging.getLogger("streaming").debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

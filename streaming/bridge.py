@@ -57,7 +57,6 @@ import gc
 import hashlib
 import json
 import logging
-import random
 import signal
 import sys
 import time
@@ -67,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import SPEC_VERSION, now
@@ -74,6 +74,7 @@ from streaming.logs import TRACEPARENT, TRACEPARENT_HEADER, traceparent
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
 from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
 from streaming.metrics import BridgeMetrics, HealthServer
+from streaming.retrying import HalfJitterBackoff, retry_after
 from streaming.settings import BridgeSettings
 from streaming.tensors import BatchSplitError, InferRequest, InferResponse, merge, split
 from streaming.v2client import V2Client, V2Error
@@ -100,6 +101,11 @@ BYTES_ELEMENT_COST = 40  # list slot + bytes/str object header
 
 class SendGivenUp(Exception):
     """A record kept failing transiently until its time ran out."""
+
+
+def _broker_trouble(exc: BaseException) -> bool:
+    """A failed send worth trying again: not a refusal, not the end of its time, not a cancellation."""
+    return isinstance(exc, Exception) and not isinstance(exc, PermanentSendError | SendGivenUp)
 
 
 @dataclass
@@ -238,8 +244,8 @@ class Bridge:
             failures = self._poll_failures = 0
             if self.state == "starting":
                 # What is alive now (modules, clients, settings) lives as long as the bridge: keep it out of the
-                # cyclic GC's full collections, which scanned ~100k objects (~50 ms) and paused the loop every
-                # few thousand messages. Refcounting still frees these objects; only cycles among them would stay.
+                # cyclic GC's full collections, which would scan all of it again and pause the loop each time.
+                # Refcounting still frees these objects; only cycles among them would stay.
                 gc.freeze()
                 self.state = "running"
             self._update_state()
@@ -649,26 +655,35 @@ class Bridge:
         succeeds, we are cancelled or ``deadline`` passes (:class:`SendGivenUp`); a permanent one raises
         :class:`PermanentSendError` at once."""
         loop = asyncio.get_running_loop()
-        delay = 0.2
-        while True:
+
+        async def attempt() -> None:
             try:
                 future = await loop.run_in_executor(
                     self._producer_threads,
                     functools.partial(self.sink.send_async, value, key=key, headers=headers, topic=topic))
                 await asyncio.wrap_future(future)
-                self._sent(True)
-                return
             except (asyncio.CancelledError, PermanentSendError):
                 raise
             except Exception as exc:  # broker trouble: keep the message, try again
                 self._sent(False)
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if deadline - time.monotonic() <= 0:
                     raise SendGivenUp(f"producing to {topic} kept failing: {exc!r}") from exc
-                self.metrics.retries.labels("broker").inc()
-                log.warning("producing to %s failed (%s); retrying in %.1fs", topic, exc, delay)
-            await asyncio.sleep(min(random.uniform(delay / 2, delay), max(0.0, left)))
-            delay = min(delay * 2, 5.0)
+                raise
+            self._sent(True)
+
+        def retrying(state: RetryCallState) -> None:
+            self.metrics.retries.labels("broker").inc()
+            log.warning("producing to %s failed (%s); retrying in %.1fs", topic,
+                        state.outcome.exception() if state.outcome else None, state.upcoming_sleep)
+
+        try:
+            await attempt()
+            return
+        except Exception as exc:
+            first = exc
+        await retry_after(first, attempt, AsyncRetrying(
+            retry=retry_if_exception(_broker_trouble), before_sleep=retrying, reraise=True,
+            wait=HalfJitterBackoff(0.2, 5.0, deadline)))
 
     def _produced(self, model: str) -> Any:
         counter = self._produced_by_model.get(model)
@@ -781,11 +796,10 @@ def cut_dead_letter(message: Message, kind: str, reason: str, status: int | None
 def run_bridge(settings: BridgeSettings) -> None:
     """Blocking entry point used by ``python -m streaming bridge``."""
     # Each message allocates a few dozen container objects (kafka-python records and futures, tensors, dicts) that
-    # mostly die young, but with hundreds of messages in flight many live through a young collection. At Python's
-    # default (700) the cyclic GC ran ~1,300 young, ~120 middle and 10 full collections over a 20,500-message run,
-    # ~0.9 s in all (gc.callbacks, wall time on a busy machine): tens of µs per message. At 10,000: ~50 young
-    # collections, 0.2-0.6 s; at 50,000: one, 9 ms. Cyclic garbage (rare here) waits for at most 50,000 net
-    # allocations, a few MB. The process is the bridge's own, so the setting is made here rather than in Bridge.
+    # mostly die young, but with hundreds of messages in flight many live through a young collection, so at
+    # Python's default threshold the cyclic GC runs often and promotes them into costly older collections. A
+    # higher threshold makes collections rare; cyclic garbage (rare here) waits a little longer, a bounded amount
+    # of memory. The process is the bridge's own, so the setting is made here rather than in Bridge.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     bridge = Bridge(settings)
     asyncio.run(bridge.run(install_signal_handlers=True))

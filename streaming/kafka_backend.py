@@ -32,6 +32,7 @@ from kafka.errors import (
     RecordListTooLargeError,
 )
 from kafka.structs import OffsetAndMetadata
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from streaming.messenger import BatchDone, BatchSends, Delivery, HeaderList, Message, PermanentSendError, Record
 from streaming.offsets import OffsetTracker, PartitionTracker
@@ -330,11 +331,9 @@ def _headers(headers: list[tuple[str, bytes | None]] | None) -> HeaderList:
 
 def _partitions_for(consumer: KafkaConsumer, topic: str, timeout_s: float) -> list[int]:
     """The topic's partition ids, waiting for metadata; a missing topic is an error, not a hang."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return sorted(partitions)
-        if time.monotonic() >= deadline:
-            raise KafkaError(f"topic {topic!r} does not exist (or has no partitions)")
-        time.sleep(0.1)
+    partitions = Retrying(retry=retry_if_result(lambda found: not found), stop=stop_after_delay(timeout_s),
+                          wait=wait_fixed(0.1), retry_error_callback=lambda _: None)(consumer.partitions_for_topic,
+                                                                                     topic)
+    if not partitions:
+        raise KafkaError(f"topic {topic!r} does not exist (or has no partitions)")
+    return sorted(partitions)

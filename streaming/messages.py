@@ -46,7 +46,6 @@ MODEL_HEADERS = ("kcp-model", "ce_model")
 VERSION_HEADERS = ("kcp-model-version", "ce_modelversion")
 IMAGE_FIELDS = ("image_b64", "image", "b64")
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
-TRUE_LABEL_FIELDS = ("true_label", "label")
 _NUMBERS = (int, float)
 
 
@@ -175,7 +174,7 @@ def _finish(message: Message, headers: Mapping[str, bytes], event: CloudEvent | 
             extra: dict[str, Any] | None = None) -> DecodedRequest:
     rid = _checked_id("request id", _request_id(message, event, explicit_id), options)
     request.id = rid
-    true_label = doc["true_label"] if "true_label" in doc else doc.get("label")  # TRUE_LABEL_FIELDS, in order
+    true_label = doc["true_label"] if "true_label" in doc else doc.get("label")  # true_label first, then label
     extra = dict(extra) if extra else {}
     if "label_name" in doc:
         extra["true_label_name"] = doc["label_name"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["kafka", "pubsub"]
@@ -46,7 +46,7 @@ class KafkaSettings(BaseSettings):
     acks: Literal["all", "1", "0"] = "all"
     linger_ms: int = Field(default=5, ge=0)
     # Bytes per partition the producer packs into one record batch. kafka-python's 16 KiB default holds about a
-    # dozen results, and its sender's per-batch work then costs more CPU than the records (bench/RESULTS.md §3).
+    # dozen results, and its sender's per-batch work then costs more CPU than the records.
     # Capped at max_request_size.
     batch_size: int = Field(default=256 * 1024, ge=1024)
     # The largest record the producer sends (kafka-python's default). Keep it at or below the broker's and
@@ -54,8 +54,8 @@ class KafkaSettings(BaseSettings):
     max_request_size: int = Field(default=1_048_576, ge=4096)
     # How long the broker may hold an empty fetch. Kafka answers as soon as data arrives, but tansu holds an
     # empty fetch for the whole wait even when records arrive meanwhile, so each hop of a request/result round
-    # trip costs up to this much (Kafka's 500 ms default; 100 ms gave a p99 of 200 ms at 1,000 msg/s). 20 ms
-    # costs at most 50 empty fetches a second per idle consumer.
+    # trip costs up to this much: Kafka's default would dominate the bridge's latency. A short wait costs only
+    # a few empty fetches a second per idle consumer.
     fetch_max_wait_ms: int = Field(default=20, ge=0, le=10_000)
     max_block_ms: int = Field(default=60_000, ge=100)
 
@@ -159,9 +159,8 @@ class BridgeSettings(BaseSettings):
     dead_letter_topic: str = "kcp-dead-letters"
     group: str = "kcp-bridge"
     max_in_flight: int = Field(default=8, ge=1, description="concurrent V2 calls")
-    # 32 halved the model server's CPU per result against 16 (bench/RESULTS.md §3); 64 cut it by another third
-    # (0.053-0.056 vs 0.071-0.081 ms per result over three alternated rounds, the bridge's own CPU lower too) once
-    # the rest of the bridge got cheaper. The merged call stays under max_call_bytes whatever the size.
+    # Larger merged calls spread the model server's per-call cost over more results (its CPU per result falls
+    # as the batch grows, and the bridge's with it); the merged call stays under max_call_bytes whatever the size.
     max_batch_size: int = Field(default=64, ge=1, description="requests merged into one V2 call (1 = off)")
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
@@ -213,3 +212,37 @@ class BridgeSettings(BaseSettings):
         """The messenger settings this bridge's source and sink use."""
         return MessengerSettings(backend=self.backend, kafka=self.kafka, pubsub=self.pubsub)
 
+
+
+_MODELS: dict[str, type[BaseSettings]] = {m.__name__: m for m in (KafkaSettings, PubSubSettings, MessengerSettings,
+                                                                     V2ClientSettings, BridgeSettings)}
+_SECRET_FIELDS = frozenset({"sasl_plain_password", "ssl_password", "api_key"})
+
+
+def _variable(model: type[BaseSettings] | None, loc: tuple[int | str, ...]) -> str:
+    """The ``KCP_*`` variable a field path of ``model`` is read from (nested settings have their own prefix)."""
+    for i, part in enumerate(loc):
+        if model is None:
+            break
+        field = model.model_fields.get(str(part))
+        nested = field.annotation if field is not None else None
+        if isinstance(nested, type) and issubclass(nested, BaseSettings) and i + 1 < len(loc):
+            model = nested
+            continue
+        return f"{model.model_config.get('env_prefix', '')}{str(part).upper()}"
+    return ".".join(str(p) for p in loc) or "settings"
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A settings error as the variables to fix, one per line: a user sets ``KCP_*`` variables or flags, not
+    the field paths pydantic names. Secrets are never echoed."""
+    model = _MODELS.get(exc.title)
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        name = _variable(model, loc)
+        shown = "" if (loc and str(loc[-1]) in _SECRET_FIELDS) or isinstance(error.get("input"), dict) else \
+            f" (got {error['input']!r})" if "input" in error else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}: {message}{shown}" if loc else message)
+    return "invalid settings:\n" + "\n".join(f"  {line}" for line in lines)

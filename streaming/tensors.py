@@ -5,6 +5,10 @@ convert to and from (see :mod:`streaming.v2client`). Tensors keep their data fla
 BYTES elements are ``bytes`` (binary payloads, e.g. a PNG) or ``str`` (text from a JSON request,
 which REST passes through unchanged and gRPC sends as UTF-8).
 
+This module is the bridge's one V2 vocabulary: the datatype table, the BYTES codec (the raw
+length-prefixed encoding gRPC and REST's binary extension share, and the JSON form) and the
+tensor types; the transports in :mod:`streaming.v2client` only map them onto the wire.
+
 Merging requests into one call is what makes per-model micro-batching possible: requests with
 the same model, input names, datatypes and trailing dimensions are concatenated along the first
 (batch) dimension, and the outputs are cut back into per-request slices by row count.
@@ -17,16 +21,27 @@ import itertools
 import json
 import math
 import os
+import struct
 import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-BINARY_DATATYPES = frozenset({"BYTES"})
-DATATYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-                       "FP16", "FP32", "FP64", "BYTES"})
-ELEMENT_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "UINT32": 4, "INT32": 4,
-                 "FP32": 4}  # everything else numeric is 8 bytes wide
+import numpy as np
+
+# The V2 datatypes: the numpy element type of each numeric one (little-endian, the raw wire order) and the gRPC
+# typed-contents field a server may answer in (FP16 has none). Every other table here derives from this one.
+_DATATYPES: dict[str, tuple[Any, str | None]] = {
+    "BOOL": (np.bool_, "bool_contents"), "UINT8": (np.uint8, "uint_contents"), "UINT16": (np.uint16, "uint_contents"),
+    "UINT32": (np.uint32, "uint_contents"), "UINT64": (np.uint64, "uint64_contents"),
+    "INT8": (np.int8, "int_contents"), "INT16": (np.int16, "int_contents"), "INT32": (np.int32, "int_contents"),
+    "INT64": (np.int64, "int64_contents"), "FP16": (np.float16, None), "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"), "BYTES": (None, "bytes_contents"),
+}
+DATATYPES = frozenset(_DATATYPES)
+NUMPY: dict[str, np.dtype] = {k: np.dtype(t).newbyteorder("<") for k, (t, _) in _DATATYPES.items() if t is not None}
+CONTENTS_FIELD = {k: f for k, (_, f) in _DATATYPES.items() if f is not None}
+ELEMENT_BYTES = {k: d.itemsize for k, d in NUMPY.items()}
 TENSOR_OVERHEAD = 64  # name, datatype, shape and framing of one tensor in a call, generously
 
 
@@ -37,6 +52,38 @@ _batch_numbers = itertools.count()
 
 class BatchSplitError(ValueError):
     """A batched response cannot be cut back into per-request parts (outputs not batch-major)."""
+
+
+def bytes_elements(data: list[Any]) -> list[bytes]:
+    """BYTES elements as bytes (text as UTF-8); TypeError for anything else."""
+    out = []
+    for v in data:
+        if isinstance(v, bytes):
+            out.append(v)
+        elif isinstance(v, str):
+            out.append(v.encode("utf-8"))
+        else:
+            raise TypeError(f"BYTES element of type {type(v).__name__} (expected text or bytes)")
+    return out
+
+
+def serialize_bytes(elements: list[bytes]) -> bytes:
+    """The V2 raw encoding of a BYTES tensor: each element prefixed by its uint32 little-endian length."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """The elements of a raw BYTES tensor; ValueError when it is truncated."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise ValueError("truncated BYTES tensor")
+        (n,) = struct.unpack_from("<I", raw, i)
+        if i + 4 + n > len(raw):
+            raise ValueError("truncated BYTES tensor")
+        out.append(raw[i + 4: i + 4 + n])
+        i += 4 + n
+    return out
 
 
 @dataclass(slots=True)
@@ -115,7 +162,7 @@ class InferRequest:
             if t.datatype == "BYTES":
                 total += sum(4 + len(v) for v in t.data)  # len(str) undercounts non-ASCII; the cap keeps a margin
             else:
-                total += len(t.data) * ELEMENT_BYTES.get(t.datatype, 8)
+                total += len(t.data) * ELEMENT_BYTES.get(t.datatype, 8)  # an unknown type is refused later
         return total
 
 

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import socket
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,20 +50,24 @@ from typing import Any, Protocol
 import grpc
 import httpx
 import numpy as np
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
 from streaming.logs import TRACEPARENT, TRACEPARENT_HEADER
+from streaming.retrying import HalfJitterBackoff, retry_after
 from streaming.settings import V2ClientSettings
-from streaming.tensors import DATATYPES, InferRequest, InferResponse, Tensor, flatten
+from streaming.tensors import (
+    CONTENTS_FIELD,
+    DATATYPES,
+    NUMPY,
+    InferRequest,
+    InferResponse,
+    Tensor,
+    bytes_elements,
+    deserialize_bytes,
+    flatten,
+    serialize_bytes,
+)
 from streaming.v2_grpc import pb2, pb2_grpc
-
-NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-         "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-         "FP32": np.float32, "FP64": np.float64}
-CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
-                  "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-                  "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
-
 
 WIRE_SIZE = "binary_data_size"
 MODEL_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -129,32 +131,12 @@ class Transport(Protocol):
 # --- tensor encodings ----------------------------------------------------------------------
 
 
-def _bytes_elements(data: list[Any]) -> list[bytes]:
-    out = []
-    for v in data:
-        if isinstance(v, bytes):
-            out.append(v)
-        elif isinstance(v, str):
-            out.append(v.encode("utf-8"))
-        else:
-            raise V2Error("rejected", 400, f"BYTES element of type {type(v).__name__} (expected text or bytes)")
-    return out
-
-
-def serialize_bytes(elements: list[bytes]) -> bytes:
-    """The V2 raw encoding of a BYTES tensor: each element prefixed by its uint32 little-endian length."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
-
-
-def deserialize_bytes(raw: bytes) -> list[bytes]:
-    out, i = [], 0
-    while i < len(raw):
-        if i + 4 > len(raw):
-            raise V2Error("server-error", 500, "truncated BYTES tensor in response")
-        (n,) = struct.unpack_from("<I", raw, i)
-        out.append(raw[i + 4: i + 4 + n])
-        i += 4 + n
-    return out
+def _raw_bytes(tensor: Tensor) -> bytes:
+    """A BYTES input in the raw encoding; an element that is neither text nor bytes is the client's fault."""
+    try:
+        return serialize_bytes(bytes_elements(tensor.data))
+    except TypeError as exc:
+        raise V2Error("rejected", 400, f"input {tensor.name!r}: {exc}") from exc
 
 
 def to_array(tensor: Tensor) -> np.ndarray:
@@ -166,19 +148,22 @@ def to_array(tensor: Tensor) -> np.ndarray:
         arr = np.asarray(tensor.data)
         if arr.dtype.kind not in "biuf" or (tensor.datatype.startswith(("INT", "UINT")) and arr.dtype.kind == "f"):
             raise TypeError(f"elements of kind {arr.dtype.kind!r}")
-        return arr.astype(np.dtype(dtype).newbyteorder("<"), casting="unsafe")
+        return arr.astype(dtype, casting="unsafe")
     except (TypeError, ValueError) as exc:
         raise V2Error("rejected", 400, f"input {tensor.name!r}: data is not {tensor.datatype}: {exc}") from exc
 
 
 def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     if datatype == "BYTES":
-        data: list[Any] = list(deserialize_bytes(raw))
+        try:
+            data: list[Any] = list(deserialize_bytes(raw))
+        except ValueError as exc:
+            raise V2Error("server-error", 500, f"output {name!r}: {exc} in response") from exc
     else:
         dtype = NUMPY.get(datatype)
         if dtype is None:
             raise V2Error("server-error", 500, f"output {name!r}: unsupported datatype {datatype!r}")
-        data = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).tolist()
+        data = np.frombuffer(raw, dtype=dtype).tolist()
     return Tensor(name, datatype, shape, data)
 
 
@@ -209,7 +194,7 @@ def to_grpc(request: InferRequest) -> pb2.ModelInferRequest:
         tensor = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         for k, v in t.parameters.items():
             tensor.parameters[k].CopyFrom(_param_to_grpc(v))
-        raw = serialize_bytes(_bytes_elements(t.data)) if t.datatype == "BYTES" else to_array(t).tobytes()
+        raw = _raw_bytes(t) if t.datatype == "BYTES" else to_array(t).tobytes()
         msg.raw_input_contents.append(raw)
     for name in request.outputs or []:
         msg.outputs.add(name=name)
@@ -240,7 +225,7 @@ def to_rest(request: InferRequest) -> tuple[bytes, dict[str, str]]:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         params = dict(t.parameters)
         if t.datatype == "BYTES" and any(isinstance(v, bytes) for v in t.data):
-            raw = serialize_bytes(_bytes_elements(t.data))
+            raw = _raw_bytes(t)
             params[WIRE_SIZE] = len(raw)
             binary.append(raw)
         elif t.datatype in NUMPY:
@@ -454,18 +439,19 @@ class PerModelTransport:
         if address is None:
             return
         host, port = address
-        loop = asyncio.get_running_loop()
         checks = self.settings.route_checks
-        for attempt in range(checks):
-            try:
-                await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                return
-            except socket.gaierror as exc:
-                if exc.errno not in NO_SUCH_HOST:
-                    raise V2Error("outage", 503, f"cannot resolve {host}: {exc}") from exc
-                error = exc
-            if attempt + 1 < checks:
-                await asyncio.sleep(self.settings.retry_initial_s * 2**attempt)
+        # only "no such name" is asked again (a name being deployed may appear); other resolver trouble is an outage
+        lookups = AsyncRetrying(stop=stop_after_attempt(checks), reraise=True,
+                                wait=wait_exponential(multiplier=self.settings.retry_initial_s),
+                                retry=retry_if_exception(lambda e: isinstance(e, socket.gaierror)
+                                                         and e.errno in NO_SUCH_HOST))
+        try:
+            await lookups(asyncio.get_running_loop().getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            return
+        except socket.gaierror as exc:
+            if exc.errno not in NO_SUCH_HOST:
+                raise V2Error("outage", 503, f"cannot resolve {host}: {exc}") from exc
+            error = exc
         reason = (f"model '{model}' is not routable: its host {host} does not resolve ({error.strerror}) "
                   f"after {checks} look-up(s); no model server of that name is deployed")
         self._unroutable[model] = (time.monotonic() + self.settings.unroutable_ttl_s, reason)
@@ -518,40 +504,44 @@ class V2Client:
     async def infer(self, request: InferRequest, deadline: float | None = None) -> InferResponse:
         """Call the model server, retrying as the module docstring says; ``deadline`` (``time.monotonic()``)
         bounds the whole: each try's timeout is cut to what is left, and nothing is retried past it."""
-        delay = self.settings.retry_initial_s
-        bounded = {"server-error": self.settings.max_server_error_retries,
-                   "timeout": self.settings.max_timeout_retries}
+        s = self.settings
+        bounded = {"server-error": s.max_server_error_retries, "timeout": s.max_timeout_retries}
         failures = dict.fromkeys(bounded, 0)
-        last: V2Error | None = None
-        while True:
-            timeout = self.settings.timeout_s
+        last: list[V2Error] = []
+
+        def retriable(exc: BaseException) -> bool:
+            if not isinstance(exc, V2Error) or exc.kind in ("rejected", "too-large", "deadline"):
+                return False
+            if exc.kind in bounded:
+                failures[exc.kind] += 1
+                if failures[exc.kind] > bounded[exc.kind]:
+                    return False
+            return True
+
+        def retrying(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, V2Error):
+                last[:] = [exc]
+                if self.on_retry is not None:
+                    self.on_retry(exc)
+
+        async def attempt() -> InferResponse:
+            timeout = s.timeout_s
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise V2Error("deadline", 504, "the message's deadline passed before the model server answered"
-                                  + (f"; last error: {last}" if last else ""))
+                                  + (f"; last error: {last[0]}" if last else ""))
                 timeout = min(timeout, left)
-            try:
-                return await self.transport.infer(request, timeout)
-            except V2Error as exc:
-                if exc.kind in ("rejected", "too-large"):
-                    raise
-                if exc.kind in bounded:
-                    failures[exc.kind] += 1
-                    if failures[exc.kind] > bounded[exc.kind]:
-                        raise
-                last = exc
-                if self.on_retry is not None:
-                    self.on_retry(exc)
-            # full jitter keeps a fleet of bridges from hammering a server that is coming back
-            pause = random.uniform(delay / 2, delay)
-            if deadline is not None:
-                pause = max(0.0, min(pause, deadline - time.monotonic()))
-            await asyncio.sleep(pause)
-            delay = min(delay * 2, self.settings.retry_max_s)
+            return await self.transport.infer(request, timeout)
 
-    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        return await self.transport.metadata(model, version)
+        try:
+            return await attempt()
+        except V2Error as exc:
+            first = exc
+        return await retry_after(first, attempt, AsyncRetrying(
+            retry=retry_if_exception(retriable), before_sleep=retrying, reraise=True,
+            wait=HalfJitterBackoff(s.retry_initial_s, s.retry_max_s, deadline)))
 
     async def row_limit(self, model: str, version: str | None = None) -> tuple[int, bool]:
         """The most rows ``model`` takes in one call, and whether the server said so itself.

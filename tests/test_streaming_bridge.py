@@ -281,6 +281,22 @@ def test_cli_help_for_every_command() -> None:
     assert "KCP_MESSENGER_BACKEND" in helps["results"]
 
 
+def test_invalid_settings_name_the_variables_to_fix() -> None:
+    """A bad setting is reported as the ``KCP_*`` variable to fix, one line each."""
+    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("KCP_")},
+           "KCP_KAFKA_SESSION_TIMEOUT_MS": "soon", "KCP_BRIDGE_MAX_PENDING": "0"}
+    done = subprocess.run([sys.executable, "-m", "streaming", "bridge", "--health-port", "0", "--max-in-flight", "0"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert done.returncode == 1
+    assert "KCP_KAFKA_SESSION_TIMEOUT_MS: Input should be a valid integer" in done.stderr
+    env["KCP_KAFKA_SESSION_TIMEOUT_MS"] = "6000"
+    done = subprocess.run([sys.executable, "-m", "streaming", "bridge", "--health-port", "0", "--max-in-flight", "0"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert done.returncode == 1
+    assert "KCP_BRIDGE_MAX_IN_FLIGHT" in done.stderr and "KCP_BRIDGE_MAX_PENDING" in done.stderr
+    assert "errors.pydantic.dev" not in done.stderr
+
+
 def test_per_model_target_routes_by_model_name():
     """``{model}`` in the target gives each model its own address (one InferenceService per model)."""
     import asyncio

@@ -9,15 +9,22 @@ import pytest
 from streaming.batching import MicroBatcher
 from streaming.offsets import OffsetTracker
 from streaming.settings import V2ClientSettings
-from streaming.tensors import BatchSplitError, InferRequest, InferResponse, Tensor, merge, split
+from streaming.tensors import (
+    BatchSplitError,
+    InferRequest,
+    InferResponse,
+    Tensor,
+    deserialize_bytes,
+    merge,
+    serialize_bytes,
+    split,
+)
 from streaming.v2client import (
     V2Client,
     V2Error,
-    deserialize_bytes,
     from_grpc,
     from_rest,
     http_error_kind,
-    serialize_bytes,
     to_grpc,
     to_rest,
 )
