@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
+import predictors.feedback.prediction_log
+import predictors.feedback.prometheus
+import predictors.protocol.observability  # noqa: F401 - these three register the server's metrics
+from streaming.metrics import BridgeMetrics
 from tests.fixtures.k8s import VALUES_DIR, by_kind, helm_template, tool
 
 NS = 'namespace="classifiers"'
@@ -79,6 +84,21 @@ def test_promtool_checks_the_rules(rule_file, rules):
         for rule in group["rules"]:
             for selector in re.findall(r"\b(classifier_\w+|kcp_bridge_\w+)\{([^}]*)\}", rule["expr"]):
                 assert NS in selector[1], f"{selector[0]} in {rule.get('alert') or rule.get('record')} ignores matchers"
+
+
+def test_rules_read_only_metrics_the_code_exports(rules):
+    """A misspelt name never fires and promtool cannot tell (its tests feed whatever names they are given): every
+    metric a rule reads is one the server's or the bridge's registry exports, or a series the rules record.
+    tests/test_prometheus_live.py checks on live processes that each of them has data."""
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"]}
+    exported = {family.name + suffix for family in [*REGISTRY.collect(), *BridgeMetrics().registry.collect()]
+                for suffix in suffixes.get(family.type, [""])}
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            for name in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", rule["expr"]):
+                assert name in exported | recorded, f"{rule.get('alert') or rule.get('record')} reads {name}"
+    assert "kcp_bridge_consumer_lag" in exported
 
 
 def test_accuracy_drop_fires_against_the_trailing_window(rule_file, rules, tmp_path):
