@@ -12,8 +12,9 @@ Mapping of the Messenger's Kafka-shaped model onto Pub/Sub:
 * backpressure -> subscriber flow control (``max_outstanding``) and a byte budget per ``poll`` (a message
   over it waits in the backend for the next poll): pause/resume are no-ops;
 * limits -> a record Pub/Sub would refuse for what it is (attribute value over 1,024 bytes, more than
-  100 attributes, key over 256 bytes, data over 10 MB, attributes that are not UTF-8) fails its send
-  with :class:`~streaming.messenger.PermanentSendError`, as does the service's ``InvalidArgument``.
+  100 attributes, key over 256 bytes, data over Pub/Sub's message size limit ``MAX_MESSAGE_BYTES``,
+  attributes that are not UTF-8) fails its send with :class:`~streaming.messenger.PermanentSendError`,
+  as does the service's ``InvalidArgument``.
 
 Streaming pull delivers on the library's own threads; they only put messages on a queue, so
 ``poll`` works the same as on Kafka.
