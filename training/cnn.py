@@ -20,6 +20,7 @@ Design choices:
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -30,7 +31,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from predictors.package import ONNX_FILE
 from training.augment import AugmentStep, augment
+
+logger = logging.getLogger(__name__)
 
 ARTIFACT = "model.keras"
 
@@ -404,6 +408,25 @@ def export(model: Any, spec: CNNSpec, directory: str | Path) -> Path:
     clean.set_weights(model.get_weights())
     path = directory / ARTIFACT
     clean.save(path)
+    export_onnx(clean, spec, directory)
+    return path
+
+
+def export_onnx(model: Any, spec: CNNSpec, directory: Path) -> Path | None:
+    """Also write the model as ``model.onnx``, so the server need not convert it at every start; the server
+    still checks it against ``model.keras`` before serving it, and converts afresh if it disagrees."""
+    import warnings
+
+    path = directory / ONNX_FILE
+    model(np.zeros((1, *spec.input_shape), dtype=np.float32))  # Keras exports only a model that has run
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.export(str(path), format="onnx", verbose=False)
+    except Exception:  # an exporter without a converter for some op: the server serves with TensorFlow
+        logger.warning("could not export %s to ONNX; the server will serve it with TensorFlow", directory)
+        path.unlink(missing_ok=True)
+        return None
     return path
 
 
