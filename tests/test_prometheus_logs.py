@@ -2,8 +2,9 @@
 
 Log shippers parse one JSON object per line; a trace context on the Kafka message must reach the model-server
 call (gRPC metadata or HTTP header) and the log lines written meanwhile. The formatters are unit-tested here;
-the model-server call is checked against a gRPC server and an HTTP transport that record what they receive;
-the live servers and bridge of tests/test_prometheus_live.py run with JSON logs and their logs are parsed there.
+the model-server call is checked against a gRPC server and an HTTP transport that record what they receive,
+and end to end: a real bridge on the embedded broker calls a recording gRPC server. The live servers and bridge
+of tests/test_prometheus_live.py run with JSON logs and their logs are parsed there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import io
 import json
 import logging
 import logging.config
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -22,10 +25,13 @@ import pytest
 
 from predictors.protocol import observability
 from streaming import logs as bridge_logs
+from streaming.messenger import Messenger
 from streaming.settings import V2ClientSettings
 from streaming.tensors import InferRequest, Tensor
 from streaming.v2_grpc import pb2, pb2_grpc
 from streaming.v2client import GrpcTransport, RestTransport
+from tests.fixtures.broker import launch_bridge
+from tests.fixtures.ports import wait_for
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -178,3 +184,49 @@ def test_rest_call_carries_the_trace_context() -> None:
     traced, plain = asyncio.run(rest_calls())
     assert traced["traceparent"] == TRACE
     assert "traceparent" not in plain
+
+
+# --- through the real bridge ----------------------------------------------------------------------------
+
+
+class SyncRecorder(pb2_grpc.GRPCInferenceServiceServicer):
+    """A model server that answers label 0 and keeps the metadata of every ModelInfer call."""
+
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+
+    def ModelInfer(self, req: pb2.ModelInferRequest, context: grpc.ServicerContext) -> Any:
+        self.metadata.append({k: v for k, v in context.invocation_metadata()})
+        rows = req.inputs[0].shape[0] if req.inputs and req.inputs[0].shape else 1
+        out = pb2.ModelInferResponse.InferOutputTensor(name="label", datatype="INT64", shape=[rows])
+        out.contents.int64_contents.extend([0] * rows)
+        return pb2.ModelInferResponse(model_name=req.model_name, id=req.id, outputs=[out])
+
+
+def test_the_bridge_carries_a_messages_traceparent_to_the_model_server(kafka_broker, tmp_path) -> None:
+    recorder = SyncRecorder()
+    server = grpc.server(ThreadPoolExecutor(2))
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    suffix = uuid.uuid4().hex[:6]
+    topics = {"requests": f"trace-req-{suffix}", "results": f"trace-res-{suffix}", "dlq": f"trace-dlq-{suffix}"}
+    kafka_broker.create_topics({topics["requests"]: 1, topics["results"]: 1, topics["dlq"]: 1})
+    bridge = launch_bridge(kafka_broker.env(), topics, tmp_path, group=f"trace-{suffix}",
+                           grpc_target=f"127.0.0.1:{port}", env={"KCP_LOG_FORMAT": "json"})
+    try:
+        with Messenger(topics["requests"], settings=kafka_broker.messenger_settings()) as sender:
+            sender.send({"id": "traced", "features": [5.1, 3.5, 1.4, 0.2]}, key="traced",
+                        headers={"traceparent": TRACE})
+            sender.flush()
+            wait_for(lambda: bool(recorder.metadata), timeout=60, what="the model call")
+            sender.send({"id": "plain", "features": [5.1, 3.5, 1.4, 0.2]}, key="plain")
+            sender.flush()
+            wait_for(lambda: len(recorder.metadata) >= 2, timeout=60, what="the second model call")
+    finally:
+        bridge.stop()
+        server.stop(None)
+    traced, plain = recorder.metadata[:2]
+    assert traced.get("traceparent") == TRACE
+    assert "traceparent" not in plain, "a trace context stays with its own message"
+    assert json_lines(bridge.log())
