@@ -258,6 +258,9 @@ def test_every_dashboard_and_alert_query_returns_data(kafka_broker: KafkaBroker,
         assert all(float(s["value"][1]) >= 0 for s in lag)  # tansu's end offsets are rough: sane, not exact
         for name, text in (("server", primary.log()), ("bridge", bridge.log())):
             assert_json_logs(name, text)
+        requests = [json.loads(line) for line in primary.log().splitlines() if '"predictors.requests"' in line]
+        assert {(r["model"], r["protocol"], r["status"]) for r in requests} >= {
+            ("iris", "rest", "200"), ("_unknown", "rest", "404"), ("iris", "grpc", "OK")}, requests
 
 
 def assert_json_logs(name: str, text: str) -> None:

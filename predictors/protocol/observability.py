@@ -11,6 +11,10 @@ Names follow one convention across the server and the bridge: the server's metri
 * ``classifier_request_{preprocess,predict,postprocess}_seconds{model,version}``: the steps of a
   request on the direct path (``/infer`` and ``ModelInfer`` call :meth:`Classifier.infer`, not
   KServe's data plane, so KServe's own per-step histograms stay empty there).
+
+``KCP_LOG_FORMAT=json`` makes every log line a JSON object and adds one record per inference request
+(logger ``predictors.requests``), carrying the request's W3C ``traceparent`` once the front end has
+taken it from the header or metadata (:func:`set_traceparent`).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ def observe_rest(model: str, status: int, seconds: float) -> None:
     latency, count = _children(model, "rest", str(status))
     latency.observe(seconds)
     count.inc()
+    if _log_requests:
+        _log_request(model, "rest", str(status), seconds)
 
 
 def observe_grpc(model: str, code: str, seconds: float) -> None:
@@ -79,6 +85,18 @@ def observe_grpc(model: str, code: str, seconds: float) -> None:
     latency, count = _children(model, "grpc", code)
     latency.observe(seconds)
     count.inc()
+    if _log_requests:
+        _log_request(model, "grpc", code, seconds)
+
+
+REQUEST_LOGGER = logging.getLogger("predictors.requests")
+_log_requests = False
+"""With JSON logs, one record per inference request: what a log search joins with the trace (``traceparent``)."""
+
+
+def _log_request(model: str, protocol: str, status: str, seconds: float) -> None:
+    REQUEST_LOGGER.info("%s %s %s", protocol, model, status, extra={
+        "model": model, "protocol": protocol, "status": status, "duration_s": round(seconds, 6)})
 
 
 @functools.lru_cache(maxsize=256)
@@ -155,6 +173,8 @@ def use_json_logs(value: str | None = None) -> bool:
     for name in (None, "kserve", "kserve.trace", "uvicorn", "uvicorn.access", "predictors"):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(JsonFormatter())
+    global _log_requests
+    _log_requests = True
     return True
 
 
