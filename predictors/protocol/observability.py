@@ -2,14 +2,15 @@
 
 Names follow one convention across the server and the bridge: the server's metrics start with
 ``classifier_``, the bridge's with ``kcp_bridge_``; times are ``*_seconds`` histograms, counts
-``*_total``; labels are ``model``, ``version``, ``protocol`` (``rest``/``grpc``) and ``status``
-(the HTTP status or gRPC code name), as KServe's own ``request_*_seconds`` are per model.
+``*_total``, as in KServe; labels are ``model``, ``version``, ``protocol`` (``rest``/``grpc``) and
+``status`` (the HTTP status or gRPC code name). KServe's own histograms label the model ``model_name``
+and have no version: the dashboards read these instead.
 
 * ``classifier_requests_total`` / ``classifier_request_duration_seconds``: what an operator alerts
   on, how many requests each model got and how many failed, over both protocols, including the ones
   rejected before reaching the model (unknown models and missing keys get fixed labels).
 * ``classifier_request_{preprocess,predict,postprocess}_seconds{model,version}``: the steps of a
-  request on the direct path (``/infer`` and ``ModelInfer`` call :meth:`Classifier.infer`, not
+  request on the direct path (``/infer`` and ``ModelInfer`` call :meth:`PackageModel.infer`, not
   KServe's data plane, so KServe's own per-step histograms stay empty there).
 
 ``KCP_LOG_FORMAT=json`` makes every log line a JSON object and adds one record per inference request
