@@ -165,8 +165,8 @@ class BridgeSettings(BaseSettings):
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     max_pending: int = Field(default=512, ge=1, description="messages consumed but not yet acknowledged")
     # Bytes that consumed-but-unacknowledged messages keep alive: each one's value plus its decoded tensors (a JSON
-    # number list costs several times its raw bytes as Python objects). 512 pending 1 MB images would not fit a
-    # 512 Mi pod; this budget does, with the interpreter, clients and in-flight calls beside it.
+    # number list costs several times its raw bytes as Python objects). A full queue of pending images would not
+    # fit a 512 Mi pod; this budget does, with the interpreter, clients and in-flight calls beside it.
     max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Request ids become the result key, CloudEvent id and correlation header: longer ones are refused
     # (dead-lettered), so a result can never outgrow its request many times over.

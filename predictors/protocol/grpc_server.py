@@ -37,9 +37,10 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
+from predictors.protocol import observability
 from predictors.protocol.errors import ClientError, grpc_code
 from predictors.protocol.lookup import ready_model, served_model
-from predictors.protocol.observability import observe_grpc, served_label
+from predictors.protocol.observability import observe_grpc, served_label, set_traceparent
 from predictors.protocol.v2 import encode_grpc, parse_grpc
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class ClassifierServicer(InferenceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         start = time.perf_counter()
         code = "OK"
+        if observability.logs_requests():
+            set_traceparent(dict(context.invocation_metadata() or ()).get("traceparent"))
         try:
             model = ready_model(self._data_plane.model_registry, request.model_name, request.model_version or None)
             return encode_grpc(await model.infer(parse_grpc(request)))

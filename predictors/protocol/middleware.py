@@ -26,7 +26,13 @@ from typing import Any
 import orjson
 
 from predictors.protocol.auth import OPEN_REST_PATHS, APIKey
-from predictors.protocol.observability import INFER_PATH, UNAUTHENTICATED_LABEL, UNKNOWN_MODEL_LABEL, observe_rest
+from predictors.protocol.observability import (
+    INFER_PATH,
+    UNAUTHENTICATED_LABEL,
+    UNKNOWN_MODEL_LABEL,
+    observe_rest,
+    set_traceparent,
+)
 from predictors.protocol.rest import InferEndpoint
 
 METRICS_PATHS = frozenset({"/metrics", "/openapi.json", "/docs"})
@@ -102,6 +108,8 @@ class ServingMiddleware:
                 x_api_key = value.decode("utf-8", "surrogateescape")
             elif name == b"authorization":
                 authorization = value.decode("utf-8", "surrogateescape")
+            elif name == b"traceparent":
+                set_traceparent(value)
         limit = self.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             await send_error(send, 413, f"request body of {int(length)} bytes exceeds the {limit}-byte limit")

@@ -24,7 +24,6 @@ import contextvars
 import functools
 import json
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -92,6 +91,11 @@ def observe_grpc(model: str, code: str, seconds: float) -> None:
 
 REQUEST_LOGGER = logging.getLogger("predictors.requests")
 _log_requests = False
+
+
+def logs_requests() -> bool:
+    """Whether each request gets a log record (JSON logs on): the gRPC front end reads its trace header only then."""
+    return _log_requests
 """With JSON logs, one record per inference request: what a log search joins with the trace (``traceparent``)."""
 
 
@@ -156,14 +160,13 @@ def json_log_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "formatters": {name: {"()": JsonFormatter} for name in config.get("formatters", {})}}
 
 
-def use_json_logs(value: str | None = None) -> bool:
-    """JSON logs when ``value`` (default: ``KCP_LOG_FORMAT``) is ``json``; returns whether they are on.
+def use_json_logs(value: str | None) -> bool:
+    """JSON logs when ``value`` (the settings' ``log_format``) is ``json``; returns whether they are on. Called
+    before the server configures logging.
 
     KServe's default logging document becomes its JSON twin, so the server's own logging setup (KServe's
     ``configure_logging``, run when the server is built) installs JSON handlers; handlers configured already
     (root, KServe's, uvicorn's, ``predictors``') are switched too."""
-    if value is None:
-        value = os.environ.get(LOG_FORMAT_ENV)
     if (value or "").strip().lower() != "json":
         return False
     import kserve.logging
@@ -178,7 +181,3 @@ def use_json_logs(value: str | None = None) -> bool:
     _log_requests = True
     return True
 
-
-# The REST and gRPC front ends import this module before the server is built, and so before it configures
-# logging: KCP_LOG_FORMAT=json works without the entry point knowing about formats.
-use_json_logs()

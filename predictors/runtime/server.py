@@ -51,6 +51,7 @@ from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
 from predictors.protocol.errors import BadInput, ClientError, UnknownModel
 from predictors.protocol.grpc_server import GRPCEndpoint
 from predictors.protocol.middleware import ServingMiddleware
+from predictors.protocol.observability import use_json_logs
 from predictors.protocol.rest import (
     InferEndpoint,
     install_error_handlers,
@@ -150,6 +151,7 @@ class ClassifierServer(kserve.ModelServer):
     """Sockets to serve REST on instead of binding ``host:http_port`` (set by :mod:`predictors.runtime.workers`)."""
 
     def __init__(self, model_dir: str | Path, settings: ServerSettings, **kwargs: Any) -> None:
+        use_json_logs(settings.log_format)  # before KServe configures logging in super().__init__
         self.settings = settings
         self.feedback_store = _open_feedback_store(settings)
         self.context = ServingContext(settings=settings, prediction_log=self.feedback_store)
