@@ -8,7 +8,7 @@ export OPENBLAS_NUM_THREADS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-APT_PACKAGES := curl dataset-fashion-mnist postgresql etcd-server openssl default-jre-headless chromium chromium-driver
+APT_PACKAGES := curl jq dataset-fashion-mnist postgresql etcd-server openssl default-jre-headless chromium chromium-driver
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
