@@ -172,3 +172,18 @@ def test_the_cli_prints_the_verdict_and_the_versions(rollout) -> None:
     assert report.returncode == 0, report.stderr
     table = report.stdout.split("versions side by side:")[1].splitlines()
     assert table[1].split()[0] == "version" and [line.split()[0] for line in table[2:4]] == ["1", "2"]
+
+
+def test_the_readme_rollout_commands_give_the_verdicts(rollout, tmp_path) -> None:
+    """The README's "Roll out a new model version" block: its compare command, against the rolled-out models."""
+    server, _ = rollout
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Roll out a new model version", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    compare = next(line for line in block.splitlines() if "feedback compare" in line)
+    args = compare.replace("python -m predictors.feedback ", "").replace("http://localhost:8080", server.http_url)
+    worse = subprocess.run([sys.executable, "-m", "predictors.feedback", *args.replace("--model iris ",
+                            "--model iris-big ").split()], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert worse.returncode == EXIT_WORSE and "verdict: worse" in worse.stdout, worse.stdout + worse.stderr
+    small = subprocess.run([sys.executable, "-m", "predictors.feedback", *args.replace("--model iris ",
+                            "--model iris-small ").split()], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert small.returncode == 0 and "verdict: undecided" in small.stdout, small.stdout + small.stderr
