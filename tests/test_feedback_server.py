@@ -185,3 +185,21 @@ def test_predictions_are_served_while_the_feedback_database_is_down(iris_data: d
                 t.join(timeout=60)
     assert len(statuses) > 0 and set(statuses) == {200}, f"{len(statuses)} predictions: {set(statuses)}"
 
+
+
+def test_an_unknown_id_made_moments_ago_is_a_503_to_retry_and_an_old_one_a_400(model_server: ServerHandle) -> None:
+    """With several replicas, feedback may reach a replica before the one that answered has written the
+    prediction: an id whose server-made request id (a UUIDv7, which carries its time) is seconds old gets 503
+    with Retry-After; an old one, or one whose request id says nothing of its age, is refused for good."""
+    from predictors.protocol.ids import uuid7
+
+    fresh = uuid.UUID(uuid7())
+    old = uuid.UUID(int=(fresh.int & ~(((1 << 48) - 1) << 80)) | (((fresh.int >> 80) - 3_600_000) << 80))
+    cases = [(f"{uuid7()}:abc", 503), (f"{old}:abc", 400), ("my-request:abc", 400)]
+    with model_server.client() as client:
+        for prediction_id, status in cases:
+            r = client.post("/v2/models/iris/feedback", json={"items": [{"id": prediction_id, "true_label": 0}]})
+            assert r.status_code == status, (prediction_id, r.text)
+            if status == 503:
+                assert int(r.headers["retry-after"]) >= 1
+            assert "error" in r.json()

@@ -47,6 +47,8 @@ import asyncio
 import functools
 import json
 import math
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -351,11 +353,33 @@ async def _add_feedback_by_ids(store: FeedbackStore, model_name: str, items: lis
         try:
             return await asyncio.to_thread(functools.partial(store.add_feedback_by_ids, model_name, items, labels,
                                                              submission_id, source=source))
-        except UnknownPredictions:
+        except UnknownPredictions as exc:
             if retry_s <= 0 or loop.time() >= give_up:
+                young = [i for i in exc.ids if _answered_recently(i)]
+                if young:  # made by this fleet moments ago: another replica's log may still be writing it
+                    raise StoreUnavailable(
+                        f"prediction ids {young[:5]} of model {model_name} are not in the prediction log yet; "
+                        "another replica may still be writing them", YOUNG_PREDICTION_S) from exc
                 raise
             await asyncio.sleep(min(pause, give_up - loop.time()))
             pause = UNKNOWN_ID_POLL_S
+
+
+YOUNG_PREDICTION_S = 30.0
+"""An unknown id whose request id the server made (a UUIDv7: it carries its time) less than this long ago gets
+503 + Retry-After, not 400: with several replicas, the one that answered it may not have written it yet."""
+
+
+def _answered_recently(prediction_id: str) -> bool:
+    request_id = prediction_id.rsplit(":", 1)[0]
+    try:
+        parsed = uuid.UUID(request_id)
+    except ValueError:
+        return False
+    if parsed.version != 7:
+        return False
+    made_ms = parsed.int >> 80
+    return 0 <= time.time() * 1000 - made_ms < YOUNG_PREDICTION_S * 1000
 
 
 def build_feedback_router(
