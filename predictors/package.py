@@ -18,7 +18,6 @@ failure raises :class:`PackageError` naming the offending file and field.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,10 +430,6 @@ def discover_packages(model_dir: str | Path) -> list[Path]:
     """Package directories directly under ``model_dir`` (those holding a config.json), sorted by name."""
     root = Path(model_dir)
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-
-
-def valid_model_name(name: str) -> bool:
-    return re.fullmatch(NAME_PATTERN, name) is not None
 
 
 # --- artifact consistency ---------------------------------------------------------------------
