@@ -125,23 +125,35 @@ def compile_checked(estimator: Any, schema: TabularSchema, probes: Features, *, 
                     model_bytes: bytes | None = None) -> Compilation:
     """The first compiled form that passes :func:`check`: ``model_bytes`` if given (a package's
     ``model.onnx``), else a fresh conversion in each precision of :func:`_candidates`."""
+    sklearn_input = probes.to_frame() if isinstance(probes, ColumnBatch) else probes
+    expected = np.asarray(estimator.predict_proba(sklearn_input), dtype=np.float64)
+    return first_agreeing(_candidates(estimator, schema, model_bytes), probes, expected, schema=schema,
+                          threads=threads, original="the estimator", rows="probe rows")
+
+
+Candidate = tuple[str, Callable[[], bytes]]
+"""A compiled form to try: its name in the reason, and how to build its graph."""
+
+
+def first_agreeing(candidates: list[Candidate], probes: Features, expected: np.ndarray, *,
+                   schema: TabularSchema | None, threads: int, original: str, rows: str) -> Compilation:
+    """The first candidate whose graph loads and gives ``expected`` (the original's probabilities) on
+    ``probes`` (:func:`agreement`); else no model, and every candidate's reason."""
     failures = []
-    for label, build in _candidates(estimator, schema, model_bytes):
+    for label, build in candidates:
         try:
             model = OnnxClassifier(build(), schema, threads)
         except CompileError as exc:
             failures.append(f"{label}: {exc}")
             continue
-        mismatch = check(model, estimator, probes)
+        mismatch = agreement(model, probes, expected)
         if mismatch is None:
-            return Compilation(model, f"compiled to ONNX ({label}); matches the estimator on {len(probes)} "
-                               f"probe rows")
+            return Compilation(model, f"compiled to ONNX ({label}); matches {original} on {len(probes)} {rows}")
         failures.append(f"{label}: {mismatch}")
     return Compilation(None, "; ".join(failures))
 
 
-def _candidates(estimator: Any, schema: TabularSchema,
-                model_bytes: bytes | None) -> list[tuple[str, Callable[[], bytes]]]:
+def _candidates(estimator: Any, schema: TabularSchema, model_bytes: bytes | None) -> list[Candidate]:
     """Compiled forms to try, most exact first. A pipeline's steps compute in float64 while a final tree
     ensemble compares float32 features, as scikit-learn does: hence double precision with a cast to float32
     before the last step."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from predictors.models.compiled import Compilation, CompileError, OnnxClassifier, agreement, first_line
+from predictors.models.compiled import Candidate, Compilation, CompileError, first_agreeing, first_line
 
 PROBE_IMAGES = 64
 
@@ -50,18 +50,8 @@ def compile_keras(keras_model: Any, reference: Callable[[np.ndarray], np.ndarray
     fresh export. ``reference`` is the served TensorFlow function, ``input_shape`` the model's own (no batch)."""
     probes = probe_images(input_shape)
     expected = np.asarray(reference(probes), dtype=np.float64)
-    failures = []
-    sources: list[tuple[str, Callable[[], bytes]]] = [("fresh export", lambda: export_onnx(keras_model))]
+    candidates: list[Candidate] = [("fresh export", lambda: export_onnx(keras_model))]
     if model_bytes is not None:
-        sources.insert(0, ("the package's model.onnx", lambda: model_bytes))
-    for label, build in sources:
-        try:
-            model = OnnxClassifier(build(), None, threads)
-        except CompileError as exc:
-            failures.append(f"{label}: {exc}")
-            continue
-        mismatch = agreement(model, probes, expected)
-        if mismatch is None:
-            return Compilation(model, f"compiled to ONNX ({label}); matches Keras on {len(probes)} probe images")
-        failures.append(f"{label}: {mismatch}")
-    return Compilation(None, "; ".join(failures))
+        candidates.insert(0, ("the package's model.onnx", lambda: model_bytes))
+    return first_agreeing(candidates, probes, expected, schema=None, threads=threads, original="Keras",
+                          rows="probe images")
