@@ -127,12 +127,10 @@ def _kserve_flags() -> argparse.ArgumentParser:
     """
     import copy
 
-    from kserve.model_server import parser as kserve_parser
+    from predictors.protocol.kserve_adapter import flag_actions
 
     flags = argparse.ArgumentParser(add_help=False)
-    for action in kserve_parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
+    for action in flag_actions():
         mine = copy.copy(action)
         if mine.dest not in KSERVE_FLAGS_USED:
             mine.help = argparse.SUPPRESS

@@ -77,6 +77,7 @@ from predictors.feedback.store import (
 from predictors.package import LabelsFile
 from predictors.protocol.errors import BadInput, ClientError, PayloadTooLarge, UnknownModel
 from predictors.protocol.rest import JSONErrorRoute
+from predictors.protocol.vocabulary import describe_validation_errors
 
 MAX_ITEMS = 10_000
 """Most labels (Katonic form) or items (id form) in one submission."""
@@ -220,19 +221,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _describe(exc: ValidationError) -> str:
-    """One readable sentence from pydantic's errors: ``items[3].true_label: Input should be ...``."""
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] in ("int_type", "string_type") and "input" in err:
-            msg += f" (got {json.dumps(err['input'])[:60]})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    more = f" (and {exc.error_count() - 3} more errors)" if exc.error_count() > 3 else ""
-    return "invalid feedback: " + "; ".join(parts) + more
-
-
 _SHAPES = ('{"predicted_label": [...], "true_label": [...]} or '
            '{"items": [{"id": "<prediction id>", "true_label": <label>}, ...]}')
 
@@ -264,7 +252,7 @@ def parse_feedback(raw: bytes, max_items: int = MAX_ITEMS) -> KatonicFeedback | 
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise BadInput(_describe(exc)) from exc
+            raise BadInput(f"invalid feedback: {describe_validation_errors(exc.errors(), limit=3)}") from exc
     except RecursionError as exc:
         raise MalformedJSON("request body nests too deeply to be a feedback submission") from exc
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 from kserve import Model
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-from kserve.protocol.infer_type import RequestedOutput as KServeRequestedOutput
+from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictors.feedback.prediction_log import PredictionLog, WriteBehindLog
 from predictors.models import execution
@@ -33,8 +32,9 @@ from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput, PayloadTooLarge
 from predictors.protocol.fetch import ImageFetcher
 from predictors.protocol.ids import UniqueSuffixes, uuid7
+from predictors.protocol.kserve_adapter import from_kserve, to_kserve
 from predictors.protocol.observability import step_series
-from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, check_id, from_kserve
+from predictors.protocol.v2 import Output, RequestedOutput, Tensor, V2Request, V2Response, check_id
 from predictors.runtime.batching import Batcher
 from predictors.settings import ServerSettings
 
@@ -313,7 +313,7 @@ class PackageModel(Model):
         outputs = [self._output(name.name, request.output_is_binary(name), probs, labels, prediction_ids, result.ids,
                                 top) for name in wanted]
         response = V2Response(result.request_id, self.name, self.config.version, outputs)
-        return _as_kserve(response, request) if result.stock else response
+        return to_kserve(response, request) if result.stock else response
 
     async def infer(self, request: V2Request) -> V2Response:
         """The direct path (:mod:`predictors.protocol.v2`): the three hooks, without KServe's data plane around them,
@@ -368,20 +368,4 @@ class PackageModel(Model):
             logger.exception("could not record predictions for model %s", self.name)
 
 
-
 _IDS = UniqueSuffixes()
-
-
-def _as_kserve(response: V2Response, request: V2Request) -> InferResponse:
-    """The stock path's answer: KServe's ``InferResponse`` (KServe encodes it for REST or gRPC)."""
-    outputs = []
-    for out in response.outputs:
-        output = InferOutput(name=out.name, shape=out.shape, datatype=out.datatype)
-        data = out.data if isinstance(out.data, np.ndarray) else np.array([v.encode() for v in out.data], dtype=object)
-        output.set_data_from_numpy(data, binary_data=False)  # KServe re-encodes binary per request
-        outputs.append(output)
-    requested = [KServeRequestedOutput(o.name, None if o.binary is None else {"binary_data": o.binary})
-                 for o in request.outputs or []]
-    return InferResponse(response_id=response.id, model_name=response.model_name,
-                         model_version=response.model_version, infer_outputs=outputs,
-                         use_binary_outputs=request.binary_outputs, requested_outputs=requested or None)

@@ -35,6 +35,7 @@ from predictors.package import PackageError
 from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput
 from predictors.protocol.v2 import Tensor
+from predictors.protocol.vocabulary import describe_validation_errors
 
 REQUIRED_FUNCTIONS = ("loadmodel", "preprocessing", "predict")
 MAX_ROW_DEPTH = 32
@@ -120,9 +121,8 @@ class KatonicModel(PackageModel):
                 try:
                     doc = self.schema.model_validate(doc).model_dump(mode="json")
                 except ValidationError as exc:
-                    err = exc.errors()[0]
-                    field = ".".join(str(p) for p in err["loc"])
-                    raise BadInput(f"input '{tensor.name}' element {i}: {field}: {err['msg']}") from exc
+                    raise BadInput(f"input '{tensor.name}' element {i}: "
+                                   f"{describe_validation_errors(exc.errors())}") from exc
             rows.append(doc)
         return rows
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import struct
 from typing import Any
 
 import numpy as np
@@ -18,12 +17,7 @@ import numpy as np
 from predictors.protocol.errors import BadInput
 from predictors.protocol.fetch import is_url
 from predictors.protocol.v2 import Tensor
-
-NUMPY_DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
-}
+from predictors.protocol.vocabulary import NUMPY_DTYPES, decode_bytes_elements
 
 
 def element_count(shape: list[int]) -> int:
@@ -70,35 +64,11 @@ def _check_outer_length(data: list, name: str, shape: list[int], count: int) -> 
 
 def _from_raw(raw: bytes, name: str, dtype_name: str, dtype: Any, count: int, shape: list[int]) -> np.ndarray:
     if dtype_name == "BYTES":
-        return _bytes_from_raw(raw, name, count)
+        return _object_array(decode_bytes_elements(raw, name, count))
     itemsize = np.dtype(dtype).itemsize
     if len(raw) != count * itemsize:
         raise BadInput(f"input '{name}': {len(raw)} bytes of {dtype_name} do not fill shape {shape}")
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-
-
-def _bytes_from_raw(raw: bytes, name: str, count: int) -> np.ndarray:
-    """The binary BYTES format (4-byte little-endian length, then that many bytes, per element), every
-    length checked against what is left: a truncated tensor is the client's error, not a ``struct.error``."""
-    values: list[bytes] = []
-    view = memoryview(raw)
-    offset, end = 0, len(raw)
-    while offset < end:
-        if len(values) == count:
-            raise BadInput(f"input '{name}': more than the {count} BYTES elements its shape holds")
-        if offset + 4 > end:
-            raise BadInput(f"input '{name}': BYTES data ends inside the length of element {len(values)}")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + length > end:
-            raise BadInput(f"input '{name}': BYTES element {len(values)} claims {length} bytes, "
-                           f"{end - offset} are left")
-        values.append(bytes(view[offset: offset + length]))
-        offset += length
-    return _object_array(values)
-
-
-_LENGTH = struct.Struct("<I")
 
 
 def _from_json(flat: list, name: str, dtype_name: str, dtype: Any) -> np.ndarray:

@@ -80,14 +80,19 @@ def _map_errors(cls: type) -> type:
 class ClassifierServicer(InferenceServicer):
     """KServe's servicer with the direct ModelInfer, the served-version check and versioned metadata."""
 
+    def __init__(self, data_plane: DataPlane, repository_extension: ModelRepositoryExtension) -> None:
+        super().__init__(data_plane, repository_extension)
+        self.data_plane = data_plane
+        self.repository_extension = repository_extension
+
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        served_model(self._data_plane.model_registry, request.name, request.version or None)
+        served_model(self.data_plane.model_registry, request.name, request.version or None)
         return await super().ModelReady(request, context)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        served_model(self._data_plane.model_registry, request.name, request.version or None)
+        served_model(self.data_plane.model_registry, request.name, request.version or None)
         response = await super().ModelMetadata(request, context)
-        metadata = await self._data_plane.model_metadata(request.name)
+        metadata = await self.data_plane.model_metadata(request.name)
         response.versions.extend(metadata.get("versions") or [])
         return with_properties(response, metadata.get("properties") or {})
 
@@ -97,24 +102,24 @@ class ClassifierServicer(InferenceServicer):
         if observability.logs_requests():
             set_traceparent(dict(context.invocation_metadata() or ()).get("traceparent"))
         try:
-            model = ready_model(self._data_plane.model_registry, request.model_name, request.model_version or None)
+            model = ready_model(self.data_plane.model_registry, request.model_name, request.model_version or None)
             return encode_grpc(await model.infer(parse_grpc(request)))
         except Exception as exc:
             code = grpc_code(exc).name
             await abort_with_status(context, exc)
         finally:
-            served = self._data_plane.model_registry.get_model(request.model_name) is not None
+            served = self.data_plane.model_registry.get_model(request.model_name) is not None
             observe_grpc(served_label(request.model_name, served), code, time.perf_counter() - start)
 
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
-        await self._mode_repository_extension.load(request.model_name)
+        await self.repository_extension.load(request.model_name)
         return pb.RepositoryModelLoadResponse(model_name=request.model_name, isLoaded=True)
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
-        await self._mode_repository_extension.unload(request.model_name)
+        await self.repository_extension.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse(model_name=request.model_name, isUnloaded=True)
 
 

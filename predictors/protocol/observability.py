@@ -169,11 +169,12 @@ def use_json_logs(value: str | None) -> bool:
     (root, KServe's, uvicorn's, ``predictors``') are switched too."""
     if (value or "").strip().lower() != "json":
         return False
-    import kserve.logging
+    from predictors.protocol.kserve_adapter import logging_config
 
-    json_config = json_log_config(kserve.logging.KSERVE_LOG_CONFIG)
-    kserve.logging.KSERVE_LOG_CONFIG.clear()
-    kserve.logging.KSERVE_LOG_CONFIG.update(json_config)
+    config = logging_config()
+    json_config = json_log_config(config)
+    config.clear()
+    config.update(json_config)
     for name in (None, "kserve", "kserve.trace", "uvicorn", "uvicorn.access", "predictors"):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(JsonFormatter())

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from predictors.protocol.errors import ClientError, PayloadTooLarge, http_status
 from predictors.protocol.lookup import ModelRegistry, ready_model, served_model
 from predictors.protocol.v2 import BINARY_HEADER, MAX_JSON_VALUES, encode_rest, parse_rest
+from predictors.protocol.vocabulary import describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(status_code=400, content={"error": f"invalid request: {where}: {first.get('msg')}"})
+        return JSONResponse(status_code=400,
+                            content={"error": f"invalid request: {describe_validation_errors(exc.errors())}"})
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -17,36 +17,28 @@ Output encoding follows the V2 protocol and its binary tensor extension:
   (as KServe does), otherwise in typed ``contents``.
 
 KServe's data plane still serves the stock path: the same model classes answer under
-``kserve.ModelServer`` (``preprocess`` accepts KServe's ``InferRequest`` via :func:`from_kserve`).
+``kserve.ModelServer``, through the translations in :mod:`predictors.protocol.kserve_adapter`.
 """
 
 from __future__ import annotations
 
 import gc
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-from kserve.protocol.infer_type import InferRequest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from predictors.protocol.errors import BadInput, PayloadTooLarge
+from predictors.protocol.vocabulary import DATATYPES, GRPC_CONTENTS, describe_validation_errors, encode_bytes_elements
 from predictors.settings import MAX_JSON_VALUES
 
 BINARY_HEADER = "inference-header-content-length"
 """The binary tensor extension's header: the length of the JSON part of a body."""
 
-GRPC_CONTENTS: dict[str, str] = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-"""The typed ``InferTensorContents`` field that carries each datatype (FP16 has none: raw only)."""
-DATATYPES = frozenset({*GRPC_CONTENTS, "FP16"})
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -63,7 +55,7 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def _checked_outputs(outputs: list[RequestedOutput]) -> list[RequestedOutput] | None:
+def checked_outputs(outputs: list[RequestedOutput]) -> list[RequestedOutput] | None:
     """The requested outputs, refused when a name repeats or there are more than any model has: every
     entry is a full copy of an output in the answer, so a repeated name multiplies the response."""
     if len(outputs) > MAX_REQUESTED_OUTPUTS:
@@ -171,12 +163,6 @@ class _Request(BaseModel):
     outputs: list[_Output] | None = None
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"invalid inference request: {where}: {err['msg']}" if where else f"invalid inference request: {err['msg']}"
-
-
 def _binary_flag(parameters: dict[str, Any] | None, key: str, where: str) -> bool | None:
     value = (parameters or {}).get(key)
     if value is not None and not isinstance(value, bool):
@@ -234,7 +220,7 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str,
     try:
         request = _Request.model_validate(document)
     except ValidationError as exc:
-        raise BadInput(_first_error(exc)) from exc
+        raise BadInput(f"invalid inference request: {describe_validation_errors(exc.errors())}") from exc
     if request.model_name is not None and request.model_name != model_name:
         raise BadInput(f"body names model '{request.model_name}' but the URL names '{model_name}'")
     if request.id is not None:
@@ -264,7 +250,7 @@ def parse_rest(body: bytes, json_length: str | None, model_name: str,
         inputs.append(tensor)
     if offset != len(binary):
         raise BadInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    outputs = _checked_outputs([RequestedOutput(o.name, _binary_flag(o.parameters, "binary_data", f"output '{o.name}'"))
+    outputs = checked_outputs([RequestedOutput(o.name, _binary_flag(o.parameters, "binary_data", f"output '{o.name}'"))
                                 for o in request.outputs or []])
     return V2Request(request.id, inputs, outputs,
                      bool(_binary_flag(request.parameters, "binary_data_output", "request")), request.parameters)
@@ -322,7 +308,7 @@ def parse_grpc(request: pb.ModelInferRequest) -> V2Request:
                                "send it in raw_input_contents")
             tensor.data = getattr(item.contents, field)
         inputs.append(tensor)
-    outputs = _checked_outputs([RequestedOutput(o.name) for o in request.outputs])
+    outputs = checked_outputs([RequestedOutput(o.name) for o in request.outputs])
     return V2Request(request.id or None, inputs, outputs, bool(raw), _grpc_parameters(request.parameters))
 
 
@@ -355,7 +341,7 @@ _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 def raw_bytes(out: Output) -> bytes:
     """An output in the binary tensor format: little-endian row-major, BYTES as 4-byte length + bytes."""
     if out.datatype == "BYTES":
-        return b"".join([_LENGTH.pack(len(v)) + v for v in (text.encode() for text in out.data)])
+        return encode_bytes_elements(text.encode() for text in out.data)
     data = out.data
     assert isinstance(data, np.ndarray)
     if data.dtype.byteorder == ">":
@@ -363,22 +349,6 @@ def raw_bytes(out: Output) -> bytes:
     return data.tobytes()  # row-major whatever the array's strides
 
 
-_LENGTH = struct.Struct("<I")
-
-
-def from_kserve(request: InferRequest) -> V2Request:
-    """KServe's ``InferRequest`` (the stock ``ModelServer`` path) as a :class:`V2Request`.
-
-    KServe keeps binary input data only in ``InferInput._raw_data`` (it has no public accessor).
-    """
-    inputs = [Tensor(t.name, t.datatype, list(t.shape), data=t.data, raw=t._raw_data,
-                     parameters=dict(t.parameters) if t.parameters else None) for t in request.inputs]
-    outputs = _checked_outputs([RequestedOutput(o.name, o.binary_data) for o in request.request_outputs or []])
-    if request.id:
-        check_id(request.id, "request id")
-    return V2Request(request.id, inputs, outputs, bool(request.use_binary_outputs))
-
-
 __all__ = ["BINARY_HEADER", "MAX_JSON_VALUES", "MAX_REQUESTED_OUTPUTS", "Output", "RequestedOutput", "Tensor",
-           "V2Request", "V2Response", "check_id", "encode_grpc", "encode_rest", "from_kserve", "json_value_bound",
+           "V2Request", "V2Response", "check_id", "checked_outputs", "encode_grpc", "encode_rest", "json_value_bound",
            "parse_grpc", "parse_rest", "raw_bytes"]

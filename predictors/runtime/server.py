@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kserve
-from kserve import model_server as kserve_model_server
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
@@ -50,6 +49,7 @@ from predictors.package import LabelsFile, PackageError
 from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
 from predictors.protocol.errors import BadInput, ClientError, UnknownModel
 from predictors.protocol.grpc_server import GRPCEndpoint
+from predictors.protocol.kserve_adapter import fastapi_app, parsed_flags, remove_middleware, uvicorn_server
 from predictors.protocol.middleware import ServingMiddleware
 from predictors.protocol.observability import use_json_logs
 from predictors.protocol.rest import (
@@ -97,9 +97,13 @@ class ClassifierDataPlane(DataPlane):
 class PackageRepositoryExtension(ModelRepositoryExtension):
     """KServe's extension turns every load failure into a 503; keep 404 and 400 where they apply."""
 
+    def __init__(self, model_registry: PackageRepository) -> None:
+        super().__init__(model_registry=model_registry)
+        self.repository = model_registry
+
     async def load(self, model_name: str) -> None:
         try:
-            await self._model_registry.load(model_name)
+            await self.repository.load(model_name)
         except ClientError:
             raise
         except PackageError as exc:
@@ -133,15 +137,15 @@ class BoundRESTServer(RESTServer):
 
     def create_application(self) -> None:
         super().create_application()
-        app = kserve_model_server.app
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        app = fastapi_app()
+        remove_middleware(app, TimingMiddleware)
         install_internal_error_handlers(app)  # after KServe's: theirs answer 500s with the exception text
 
     async def start(self) -> None:
         """KServe's ``start``, on ``sockets`` when given (``--workers``: the one REST socket all workers share)."""
         self.create_application()
-        self.config.app = self._front(kserve_model_server.app)  # uvicorn loads it in serve()
-        await self._server.serve(sockets=self._sockets)
+        self.config.app = self._front(fastapi_app())  # uvicorn loads it in serve()
+        await uvicorn_server(self).serve(sockets=self._sockets)
 
 
 class ClassifierServer(kserve.ModelServer):
@@ -168,7 +172,7 @@ class ClassifierServer(kserve.ModelServer):
 
     def _configure_app(self) -> None:
         """Routes, middleware and handlers on KServe's module-level app, before KServe adds its own."""
-        app = kserve_model_server.app
+        app = fastapi_app()
         install_error_handlers(app)
         register_version_routes(app, V2Endpoints(self.dataplane, self.model_repository_extension))
         if self.feedback_store is not None:
@@ -239,11 +243,11 @@ class ClassifierServer(kserve.ModelServer):
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
             interceptors = () if self.api_key is None else (GRPCAuthInterceptor(self.api_key),)
-            args = kserve_model_server.args
+            flags = parsed_flags()
             self._grpc_server = GRPCEndpoint(
                 self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, interceptors,
-                max_workers=self.max_threads, max_send_bytes=args.grpc_max_send_message_length,
-                max_receive_bytes=args.grpc_max_receive_message_length, grace_period=self.grace_period)
+                max_workers=self.max_threads, max_send_bytes=flags.grpc_max_send_message_length,
+                max_receive_bytes=flags.grpc_max_receive_message_length, grace_period=self.grace_period)
             self.servers.append(self._grpc_server.serve())
         self.register_signal_handler()
         freeze_loaded_heap()
@@ -277,7 +281,7 @@ class ClassifierServer(kserve.ModelServer):
             if self._grpc_server:
                 await self._grpc_server.stop()
             if self._rest_server:
-                self._rest_server._server.should_exit = True
+                uvicorn_server(self._rest_server).should_exit = True
 
         asyncio.get_event_loop().create_task(shutdown())
 
