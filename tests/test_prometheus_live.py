@@ -253,14 +253,16 @@ def test_every_dashboard_and_alert_query_returns_data(kafka_broker: KafkaBroker,
         # the direct path's step histograms carry model and version
         versions = {s["metric"]["version"] for s in prometheus.query("classifier_request_predict_seconds_count")}
         assert versions == {"1", "2"}
+        served = prometheus.query('classifier_requests_total{model="iris"}')
+        assert {s["metric"]["version"] for s in served} == {"1", "2"}, "the request counters carry the version"
         lag = prometheus.query("kcp_bridge_consumer_lag")
         assert {s["metric"]["topic"] for s in lag} == {topics["requests"]}
         assert all(float(s["value"][1]) >= 0 for s in lag)  # tansu's end offsets are rough: sane, not exact
         for name, text in (("server", primary.log()), ("bridge", bridge.log())):
             assert_json_logs(name, text)
         requests = [json.loads(line) for line in primary.log().splitlines() if '"predictors.requests"' in line]
-        assert {(r["model"], r["protocol"], r["status"]) for r in requests} >= {
-            ("iris", "rest", "200"), ("_unknown", "rest", "404"), ("iris", "grpc", "OK")}, requests
+        assert {(r["model"], r["version"], r["protocol"], r["status"]) for r in requests} >= {
+            ("iris", "1", "rest", "200"), ("_unknown", None, "rest", "404"), ("iris", "1", "grpc", "OK")}, requests
 
 
 def assert_json_logs(name: str, text: str) -> None:

@@ -40,7 +40,7 @@ from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from predictors.protocol import observability
 from predictors.protocol.errors import ClientError, grpc_code
 from predictors.protocol.lookup import ready_model, served_model
-from predictors.protocol.observability import observe_grpc, served_label, set_traceparent
+from predictors.protocol.observability import observe_grpc, served_labels, set_traceparent
 from predictors.protocol.v2 import encode_grpc, parse_grpc
 
 logger = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class ClassifierServicer(InferenceServicer):
             code = grpc_code(exc).name
             await abort_with_status(context, exc)
         finally:
-            served = self.data_plane.model_registry.get_model(request.model_name) is not None
-            observe_grpc(served_label(request.model_name, served), code, time.perf_counter() - start)
+            served = self.data_plane.model_registry.get_model(request.model_name)
+            observe_grpc(*served_labels(request.model_name, served), code, time.perf_counter() - start)
 
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,

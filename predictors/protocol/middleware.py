@@ -29,8 +29,8 @@ from predictors.protocol.auth import OPEN_REST_PATHS, APIKey
 from predictors.protocol.observability import (
     INFER_PATH,
     UNAUTHENTICATED_LABEL,
-    UNKNOWN_MODEL_LABEL,
     observe_rest,
+    served_labels,
     set_traceparent,
 )
 from predictors.protocol.rest import InferEndpoint
@@ -86,17 +86,15 @@ class ServingMiddleware:
         try:
             await self._serve(scope, receive, observed_send, app, reads_own_body)
         finally:
-            observe_rest(self._model_label(infer["model"], status), status, time.perf_counter() - start)
+            observe_rest(*self._labels(infer["model"], status), status, time.perf_counter() - start)
 
-    def _model_label(self, model: str, status: int) -> str:
-        """The metrics label for a request naming ``model``: the name only when that model is served and the
-        client was let in, so neither random names nor requests without the key add series."""
+    def _labels(self, model: str, status: int) -> tuple[str, str]:
+        """The model and version labels for a request naming ``model``: the name only when that model is served
+        and the client was let in, so neither random names nor requests without the key add series."""
         if status == 401:
-            return UNAUTHENTICATED_LABEL
+            return UNAUTHENTICATED_LABEL, ""
         registry = self.infer.registry if self.infer is not None else None
-        if registry is None or registry.get_model(model) is None:
-            return UNKNOWN_MODEL_LABEL
-        return model
+        return served_labels(model, None if registry is None else registry.get_model(model))
 
     async def _serve(self, scope: dict[str, Any], receive: Callable, send: Callable, app: Callable,
                      reads_own_body: bool = False) -> None:

@@ -8,7 +8,8 @@ and have no version: the dashboards read these instead.
 
 * ``classifier_requests_total`` / ``classifier_request_duration_seconds``: what an operator alerts
   on, how many requests each model got and how many failed, over both protocols, including the ones
-  rejected before reaching the model (unknown models and missing keys get fixed labels).
+  rejected before reaching the model (unknown models and missing keys get fixed labels and an empty
+  version).
 * ``classifier_request_{preprocess,predict,postprocess}_seconds{model,version}``: the steps of a
   request on the direct path (``/infer`` and ``ModelInfer`` call :meth:`PackageModel.infer`, not
   KServe's data plane, so KServe's own per-step histograms stay empty there).
@@ -30,9 +31,10 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-REQUESTS = Counter("classifier_requests_total", "Inference requests by model, protocol and status",
-                   ["model", "protocol", "status"])
-LATENCY = Histogram("classifier_request_duration_seconds", "Inference request latency", ["model", "protocol"],
+REQUESTS = Counter("classifier_requests_total", "Inference requests by model, version, protocol and status",
+                   ["model", "version", "protocol", "status"])
+LATENCY = Histogram("classifier_request_duration_seconds", "Inference request latency",
+                    ["model", "version", "protocol"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,36 +59,40 @@ def _model_label(name: str) -> str:
     return name if len(name) <= MAX_MODEL_LABEL and re.fullmatch(r"[A-Za-z0-9._-]+", name) else "_invalid"
 
 
-def served_label(model: str, served: bool) -> str:
-    """``model`` when it is served, else :data:`UNKNOWN_MODEL_LABEL`: the callers know which names are served."""
-    return model if served else UNKNOWN_MODEL_LABEL
+def served_labels(name: str, model: Any | None) -> tuple[str, str]:
+    """The model and version labels of a request naming ``name``, given the served ``model`` of that name (or
+    None): :data:`UNKNOWN_MODEL_LABEL` and no version for a name that is not served."""
+    if model is None:
+        return UNKNOWN_MODEL_LABEL, ""
+    config = getattr(model, "config", None)
+    return name, "" if config is None else str(config.version)
 
 
 @functools.lru_cache(maxsize=1024)
-def _children(model: str, protocol: str, status: str) -> tuple[Any, Any]:
-    """The latency and count series of one (model, protocol, status): looked up once, not per request."""
+def _children(model: str, version: str, protocol: str, status: str) -> tuple[Any, Any]:
+    """The latency and count series of one (model, version, protocol, status): looked up once, not per request."""
     label = _model_label(model or "_invalid")
-    return LATENCY.labels(label, protocol), REQUESTS.labels(label, protocol, status)
+    return LATENCY.labels(label, version, protocol), REQUESTS.labels(label, version, protocol, status)
 
 
-def observe_rest(model: str, status: int, seconds: float) -> None:
+def observe_rest(model: str, version: str, status: int, seconds: float) -> None:
     """Count one REST ``/infer`` request (called by :class:`predictors.protocol.middleware.ServingMiddleware`,
-    with ``model`` already a served name or one of the fixed labels)."""
-    latency, count = _children(model, "rest", str(status))
+    with ``model`` already a served name or one of the fixed labels, and the served ``version`` or "")."""
+    latency, count = _children(model, version, "rest", str(status))
     latency.observe(seconds)
     count.inc()
     if _log_requests:
-        _log_request(model, "rest", str(status), seconds)
+        _log_request(model, version, "rest", str(status), seconds)
 
 
-def observe_grpc(model: str, code: str, seconds: float) -> None:
+def observe_grpc(model: str, version: str, code: str, seconds: float) -> None:
     """Count one gRPC ``ModelInfer`` call by its status code name (called by the servicer itself, with ``model``
     already a served name or :data:`UNKNOWN_MODEL_LABEL`; calls without the key never reach it)."""
-    latency, count = _children(model, "grpc", code)
+    latency, count = _children(model, version, "grpc", code)
     latency.observe(seconds)
     count.inc()
     if _log_requests:
-        _log_request(model, "grpc", code, seconds)
+        _log_request(model, version, "grpc", code, seconds)
 
 
 REQUEST_LOGGER = logging.getLogger("predictors.requests")
@@ -99,9 +105,10 @@ def logs_requests() -> bool:
 """With JSON logs, one record per inference request: what a log search joins with the trace (``traceparent``)."""
 
 
-def _log_request(model: str, protocol: str, status: str, seconds: float) -> None:
+def _log_request(model: str, version: str, protocol: str, status: str, seconds: float) -> None:
     REQUEST_LOGGER.info("%s %s %s", protocol, model, status, extra={
-        "model": model, "protocol": protocol, "status": status, "duration_s": round(seconds, 6)})
+        "model": model, "version": version or None, "protocol": protocol, "status": status,
+        "duration_s": round(seconds, 6)})
 
 
 @functools.lru_cache(maxsize=256)

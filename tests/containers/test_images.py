@@ -21,6 +21,7 @@ from streaming.v2_grpc import open_inference_grpc_pb2_grpc as pb2_grpc
 from tests.containers.conftest import API_KEY, Predictor, bridge_container
 from tests.fixtures.broker import KafkaBroker, collect
 from tests.fixtures.ports import wait_for
+from tests.support.metrics import sample_value
 from tests.support.v2 import png_bytes
 
 pytestmark = pytest.mark.container
@@ -86,7 +87,8 @@ def test_feedback_by_prediction_id_and_metrics(predictor: Predictor) -> None:
         unknown = client.post("/v2/models/iris/feedback", json={"items": [{"id": "never-predicted", "true_label": 1}]})
         assert 400 <= unknown.status_code < 500, unknown.text
         metrics = client.get("/metrics").text
-    assert 'classifier_requests_total{model="iris",protocol="rest",status="200"}' in metrics
+    assert sample_value(metrics, "classifier_requests_total", model="iris", version="1", protocol="rest",
+                        status="200")
     assert "classifier_feedback" in metrics
 
 
