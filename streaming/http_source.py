@@ -67,8 +67,8 @@ _RESTORED = {re.sub(r"[^a-z0-9]", "", name): name for name in (
     TRACEPARENT_HEADER, "tracestate")}
 
 MAX_HEADER_BYTES = 64 * 1024  # request line plus headers: a CloudEvent's attributes are a few hundred bytes
-HEADER_TIMEOUT_S = 10.0  # to send a request's head, or the next request on a kept-alive connection
-BODY_TIMEOUT_S = 30.0  # between two reads of a body
+HEADER_TIMEOUT_S = 10.0  # to send a whole request head, or to start the next request on a kept-alive connection
+BODY_TIMEOUT_S = 60.0  # to send a whole body: a client dribbling bytes cannot hold a connection for ever
 EXTRA_CONNECTIONS = 64  # connections beyond max_held (idle keep-alive ones); more are answered 503 and closed
 READ_CHUNK = 64 * 1024
 LINGER_S = 1.0  # after an error answer, how long what the client still sends is read and dropped
@@ -155,8 +155,11 @@ class HttpSource:
     memory stays bounded whatever the sender does."""
 
     def __init__(self, topic: str, host: str, port: int, *, max_body_bytes: int, max_held: int,
-                 max_held_bytes: int) -> None:
+                 max_held_bytes: int, header_timeout_s: float = HEADER_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.topic = topic
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -306,9 +309,9 @@ class HttpSource:
                         writer: asyncio.StreamWriter) -> bool:
         """One request and its answer; True if the connection may carry another."""
         try:
-            request = await _next_event(conn, reader, HEADER_TIMEOUT_S)
+            request = await _next_event(conn, reader, _deadline(self.header_timeout_s))
         except TimeoutError:
-            if conn.their_state is h11.IDLE:
+            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 return False  # an idle kept-alive connection: just close it
             return await _send(conn, writer, *_reply(408, {"error": "the request head took too long"}), close=True)
         except h11.RemoteProtocolError as exc:
@@ -327,6 +330,8 @@ class HttpSource:
         if declared is not None and int(declared) > self.max_body_bytes:
             return await _send(conn, writer, *_reply(413, {"error": f"the body is {int(declared)} bytes; the limit "
                                                                    f"is {self.max_body_bytes}"}), close=True)
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         try:
             body = await self._body(conn, reader)
         except TimeoutError:
@@ -348,8 +353,9 @@ class HttpSource:
         """The whole body, or None once it is over the limit (the rest is not read)."""
         parts: list[bytes] = []
         size = 0
+        deadline = _deadline(self.body_timeout_s)
         while True:
-            event = await _next_event(conn, reader, BODY_TIMEOUT_S)
+            event = await _next_event(conn, reader, deadline)
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > self.max_body_bytes:
@@ -390,14 +396,20 @@ def _settle(waiter: asyncio.Future[tuple[int, bytes]], answer: tuple[int, bytes]
         waiter.set_result(answer)
 
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, timeout_s: float) -> Any:
-    """The next h11 event, reading (each read within ``timeout_s``) until there is one."""
+def _deadline(timeout_s: float) -> float:
+    return asyncio.get_running_loop().time() + timeout_s
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, deadline: float) -> Any:
+    """The next h11 event, reading until there is one; TimeoutError once the loop's clock passes ``deadline``."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout_s)
-        conn.receive_data(data)
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError
+        conn.receive_data(await asyncio.wait_for(reader.read(READ_CHUNK), left))
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -9,7 +9,9 @@ message.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -29,7 +31,7 @@ from cloudevents.kafka import to_binary, to_structured
 
 from devtools.images import load_test_images, png_bytes
 from streaming.cloudevents import CloudEventError, from_kafka
-from streaming.http_source import NotADelivery, to_message
+from streaming.http_source import HttpSource, NotADelivery, to_message
 from streaming.messenger import Message, Messenger
 from tests.fixtures.broker import BridgeProcess, KafkaBroker, collect, launch_bridge
 from tests.fixtures.ports import free_port
@@ -195,6 +197,65 @@ def test_what_is_not_a_cloudevent_delivery_is_refused(headers: list[tuple[str, b
         to_message(headers, b"{", "reqs")
 
 
+# --- the receiver alone: its bounds, on a real socket -------------------------------------------
+
+
+@contextlib.contextmanager
+def receiver_alone(**bounds: Any) -> Iterator[tuple[HttpSource, int]]:
+    """An :class:`HttpSource` on its own event loop thread, with short timeouts; the test plays the bridge."""
+    loop = asyncio.new_event_loop()
+    source = HttpSource("reqs", "127.0.0.1", 0, **{"max_body_bytes": 4096, "max_held": 2, "max_held_bytes": 100_000,
+                                                   "header_timeout_s": 0.5, "body_timeout_s": 0.5, **bounds})
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    port = asyncio.run_coroutine_threadsafe(source.start(), loop).result(5)
+    try:
+        yield source, port
+    finally:
+        asyncio.run_coroutine_threadsafe(source.aclose(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def wrapped(offset: int) -> tuple[dict[str, str], bytes]:
+    headers, body = kafkasource_delivery(Message("reqs", b'{"features": [1, 2, 3, 4]}', f"k{offset}".encode(),
+                                                 partition=0, offset=offset, timestamp_ms=0))
+    return dict(headers), body
+
+
+def test_slow_clients_get_408_and_idle_connections_close() -> None:
+    with receiver_alone() as (_, port):
+        started = time.monotonic()
+        slow_head = raw_exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nce-specversion: 1.0\r\n")
+        assert slow_head.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+        slow_body = raw_exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        assert slow_body.startswith(b"HTTP/1.1 408")
+        assert raw_exchange(port, b"") == b"", "an idle connection is closed without an answer"
+
+
+def test_the_receiver_holds_at_most_its_bound_and_answers_what_the_bridge_decides() -> None:
+    with ThreadPoolExecutor(4) as pool, receiver_alone() as (source, port):  # the receiver closes first
+        url = f"http://127.0.0.1:{port}/"
+        posts = [pool.submit(httpx.post, url, headers=h, content=b, timeout=30) for h, b in map(wrapped, (1, 2))]
+        time.sleep(0.5)
+        headers, body = wrapped(3)
+        full = httpx.post(url, headers=headers, content=body, timeout=5)
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        taken = source.poll(1.0, 10)
+        assert sorted(m.position for m in taken) == ["reqs/0/1", "reqs/0/2"] and source.poll(0.1, 10) == []
+        first, second = sorted(taken, key=lambda m: m.position)
+        source.ack(first)
+        source.refuse(second, "the model server is unavailable")
+        answers = [p.result(10) for p in posts]
+        assert [a.status_code for a in answers] == [200, 503]
+        assert answers[0].json()["position"] == "reqs/0/1" and "unavailable" in answers[1].json()["error"]
+        headers, body = wrapped(4)
+        late = pool.submit(httpx.post, url, headers=headers, content=body, timeout=30)
+        time.sleep(0.3)
+    assert late.result(10).status_code == 503, "stopping: what was not answered is handed back"
+
+
 # --- end to end ----------------------------------------------------------------------------------
 
 
@@ -306,6 +367,7 @@ def test_bad_messages_get_the_same_dead_letter_and_a_2xx(kafka_broker, pushed) -
 
 
 def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
         s.sendall(request)
         data = b""
