@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--result-topic", help="env KCP_BRIDGE_RESULT_TOPIC (default kcp-results)")
     b.add_argument("--dead-letter-topic", help="env KCP_BRIDGE_DEAD_LETTER_TOPIC (default kcp-dead-letters)")
     b.add_argument("--group", help="consumer group (env KCP_BRIDGE_GROUP, default kcp-bridge)")
+    b.add_argument("--source", choices=["broker", "http"],
+                   help="broker: consume the request topic; http: receive CloudEvents a Knative KafkaSource pushes "
+                        "(env KCP_BRIDGE_SOURCE, default broker)")
+    b.add_argument("--http-host", help="source http: bind address (env KCP_BRIDGE_HTTP_HOST, default 127.0.0.1)")
+    b.add_argument("--http-port", type=int, help="source http: port, 0 = any free (env KCP_BRIDGE_HTTP_PORT, "
+                                                 "default 8080)")
     b.add_argument("--protocol", choices=["grpc", "rest"], help="V2 transport (env KCP_V2_PROTOCOL, default grpc)")
     b.add_argument("--grpc-target", help="host:port of V2 gRPC; {model} in it routes per model "
                                          "(env KCP_V2_GRPC_TARGET, default 127.0.0.1:8081)")
@@ -154,7 +160,8 @@ def cmd_bridge(args: argparse.Namespace) -> int:
                                    max_call_bytes=args.max_call_bytes, max_batch_rows=args.max_batch_rows))
     settings = BridgeSettings(**_given(
         backend=args.backend, request_topic=args.request_topic, result_topic=args.result_topic,
-        dead_letter_topic=args.dead_letter_topic, group=args.group, max_in_flight=args.max_in_flight,
+        dead_letter_topic=args.dead_letter_topic, group=args.group, source=args.source, http_host=args.http_host,
+        http_port=args.http_port, max_in_flight=args.max_in_flight,
         max_batch_size=args.max_batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
         max_pending=args.max_pending, max_pending_bytes=args.max_pending_bytes,
         message_deadline_s=args.message_deadline_s, drain_timeout_s=args.drain_timeout_s, health_host=args.health_host,

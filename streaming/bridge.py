@@ -46,6 +46,13 @@ Guarantees and why they hold:
   use grpc.aio / httpx's async client.
 * **Graceful stop.** SIGTERM stops polling, flushes partial batches, waits up to
   ``drain_timeout_s`` for in-flight work, commits and leaves the group.
+* **Pushed records, same contract.** With ``source="http"`` a Knative KafkaSource consumes the
+  request topic and delivers each record as a CloudEvent (:mod:`streaming.http_source`): the same
+  decoding, model call, results and dead letters follow, and the delivery is answered 200 once
+  they are acknowledged. What would wait for a restart here -- a message whose model call ran out
+  of its deadline during an outage, a result or dead letter the broker would not take in time --
+  is answered 503 instead, so the KafkaSource delivers it again and, after its retries, to its own
+  dead-letter sink. Nothing is committed here: the KafkaSource commits what was answered.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from streaming.batching import MicroBatcher
 from streaming.cloudevents import SPEC_VERSION, now
+from streaming.http_source import HttpSource
 from streaming.logs import TRACEPARENT, TRACEPARENT_HEADER, traceparent
 from streaming.messages import BadMessage, DecodedRequest, DecodeOptions, decode
 from streaming.messenger import CORRELATION_HEADER, HeaderList, Message, Messenger, PermanentSendError, Record
@@ -141,6 +149,12 @@ class Bridge:
                  sink: Messenger | None = None, client: V2Client | None = None) -> None:
         self.settings = s = settings or BridgeSettings()
         self.metrics = BridgeMetrics(s.v2.protocol)
+        # source "http": records arrive as CloudEvents pushed by a Knative KafkaSource; what comes after is the same
+        self.receiver: HttpSource | None = None
+        if source is None and s.source == "http":
+            self.receiver = HttpSource(s.request_topic, s.http_host, s.http_port, max_body_bytes=s.http_max_body_bytes,
+                                       max_held=s.max_pending, max_held_bytes=s.max_pending_bytes // DECODED_EXPANSION)
+            source = Messenger(s.request_topic, settings=s.messenger(), client=self.receiver)
         self.source = source or Messenger(s.request_topic, group=s.group, settings=s.messenger())
         self.sink = sink or Messenger(s.result_topic, settings=s.messenger())
         self.client = client or V2Client(s.v2, on_retry=self._on_v2_retry)
@@ -200,6 +214,9 @@ class Bridge:
                                       "pending_bytes": self._pending_bytes, "stranded": len(self._stranded)})
         self.health_port = await health.start()
         log.info("health and metrics on http://%s:%d/metrics", self.settings.health_host, self.health_port)
+        if self.receiver is not None:
+            await self.receiver.start()
+            log.info("receiving CloudEvents on %s", self.receiver.assigned[0])
         try:
             await self._consume()
         finally:
@@ -214,8 +231,9 @@ class Bridge:
     async def _consume(self) -> None:
         assert self._stop is not None
         s = self.settings
-        log.info("bridge consuming %s (group %s) -> %s, dead letters -> %s, model server via %s",
-                 s.request_topic, s.group, s.result_topic, s.dead_letter_topic, s.v2.protocol)
+        log.info("bridge consuming %s (%s) -> %s, dead letters -> %s, model server via %s", s.request_topic,
+                 "pushed over HTTP" if self.receiver else f"group {s.group}", s.result_topic, s.dead_letter_topic,
+                 s.v2.protocol)
         failures = 0
         receive = self.metrics.measuring_lag(self.source)  # source.receive, also measuring the lag
         while not self._stop.is_set():
@@ -287,6 +305,8 @@ class Bridge:
         return self._room.is_set() and not self._stop.is_set()
 
     async def _drain(self, batches: asyncio.Queue[list[Work]], workers: list[asyncio.Task[None]]) -> None:
+        if self.receiver is not None:
+            self.receiver.stop_accepting()
         if self._stranded_task is not None:
             self._stranded_task.cancel()
         self._batcher.flush_all()
@@ -311,6 +331,8 @@ class Bridge:
             await self._in_consumer(self.source.close)  # commits acknowledged offsets, leaves the group
         except Exception:  # uncommitted work is redelivered, which is safe
             log.exception("closing the consumer failed")
+        if self.receiver is not None:  # what did not finish is answered 503: the sender delivers it again
+            await self.receiver.aclose()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):
             await loop.run_in_executor(self._producer_threads, self.sink.close)
@@ -480,8 +502,12 @@ class Bridge:
 
     def _strand(self, work: Work, error: BaseException) -> None:
         """Even the minimal dead letter failed: leave the message unacknowledged (a later bridge gets it again),
-        never acknowledge what was neither answered nor dead-lettered, and stop reporting ready."""
+        never acknowledge what was neither answered nor dead-lettered, and stop reporting ready. Pushed over HTTP,
+        the message is refused instead: its sender keeps it and delivers it again."""
         if work.done:
+            return
+        if self.receiver is not None:
+            self._refuse(work, f"its dead letter was refused too: {error}")
             return
         work.done = True  # finished here, but neither acknowledged nor freed: it stays pending until a restart
         if not self._stranded:
@@ -561,8 +587,11 @@ class Bridge:
                                                                   f"{exc}", None)
             return
         except SendGivenUp as exc:
-            await self._dead_letter(work, "unpublishable-result", f"the result ({len(value)} bytes) was not "
-                                                                  f"taken before the message's deadline: {exc}", None)
+            reason = f"the result ({len(value)} bytes) was not taken before the message's deadline: {exc}"
+            if self.receiver is not None:  # broker trouble, not the message's fault: the sender delivers it again
+                self._refuse(work, reason)
+            else:
+                await self._dead_letter(work, "unpublishable-result", reason, None)
             return
         self._published(work)
 
@@ -583,6 +612,10 @@ class Bridge:
 
     async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
         message = work.message
+        if kind == "deadline" and self.receiver is not None:
+            # the model server (or the broker) stayed unavailable: the KafkaSource retries, then dead-letters
+            self._refuse(work, reason)
+            return
         log.warning("dead-lettering %s (%s): %s", message.position, kind, reason[:MAX_REASON_BYTES])
         headers = list(message.headers) + dead_letter_headers(message, kind, reason, status)
         # a dead letter has its own time, even for a message whose deadline is what ended it
@@ -598,6 +631,22 @@ class Bridge:
 
     def _done(self, work: Work) -> None:
         self._done_all([work])
+
+    def _refuse(self, work: Work, reason: str) -> None:
+        """Source "http": nothing was written for this delivery; answer it 503 so the sender delivers it again
+        (and, after its retries, to its own dead-letter sink), and free its room."""
+        assert self.receiver is not None
+        if work.done:
+            return
+        work.done = True
+        log.warning("refusing %s (the sender delivers it again): %s", work.message.position, reason[:MAX_REASON_BYTES])
+        self.receiver.refuse(work.message, reason)
+        self.metrics.refused.inc()
+        self._pending -= 1
+        self._pending_bytes -= work.weight
+        self.metrics.pending.set(self._pending)
+        if not self._room.is_set() and self._has_room():
+            self._room.set()
 
     def _done_all(self, works: list[Work]) -> None:
         """Acknowledge finished work (each once) and free its room, with one update of the pending gauge."""

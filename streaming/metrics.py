@@ -46,6 +46,9 @@ class BridgeMetrics:
                                 registry=r)
         self.dead_lettered = Counter("kcp_bridge_dead_lettered", "Messages sent to the dead-letter topic",
                                      ["kind"], registry=r)
+        self.refused = Counter("kcp_bridge_refused", "Pushed deliveries answered 503 (model server or broker "
+                               "unavailable until the deadline, or stopping): the sender delivers them again",
+                               registry=r)
         self.retries = Counter("kcp_bridge_retries", "Retried calls (model server or broker)", ["target"],
                                registry=r)
         self.latency = Histogram("kcp_bridge_latency_seconds", "Consume to acknowledged result",

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["kafka", "pubsub"]
+Source = Literal["broker", "http"]
 
 
 class KafkaSettings(BaseSettings):
@@ -154,10 +155,17 @@ class BridgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KCP_BRIDGE_", extra="ignore")
 
     backend: Backend = "kafka"
+    # "broker": the bridge consumes the request topic itself (group `group`). "http": a Knative KafkaSource consumes
+    # it and pushes each record here as a CloudEvent; results and dead letters still go to `backend`'s topics.
+    source: Source = Field(default="broker", description="where requests come from: broker (consume) or http (push)")
     request_topic: str = "kcp-requests"
     result_topic: str = "kcp-results"
     dead_letter_topic: str = "kcp-dead-letters"
     group: str = "kcp-bridge"
+    http_host: str = Field(default="127.0.0.1", description="source http: bind address of the CloudEvents receiver")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="source http: its port, 0 picks a free one")
+    # A delivery over it is answered 413 (the KafkaSource then dead-letters the record to its own sink).
+    http_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="source http: largest body")
     max_in_flight: int = Field(default=8, ge=1, description="concurrent V2 calls")
     # Larger merged calls spread the model server's per-call cost over more results (its CPU per result falls
     # as the batch grows, and the bridge's with it); the merged call stays under max_call_bytes whatever the size.

@@ -17,7 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.k8s import CHART, REPO, VALUES_DIR, by_kind, helm_args, helm_template, run, secrets_api, tool
+from tests.fixtures.k8s import (
+    CHART,
+    REPO,
+    VALUES_DIR,
+    by_kind,
+    helm_args,
+    helm_template,
+    helm_template_text,
+    run,
+    secrets_api,
+    tool,
+)
 from tests.support.netpol import Pod, allowed, selects
 
 VALUE_SETS = [None, *sorted(VALUES_DIR.glob("*.yaml"))]
@@ -320,17 +331,34 @@ def test_grafana_dashboard_configmap_is_the_project_dashboard():
     assert not by_kind(helm_template(set_values={"grafanaDashboard.enabled": "false"}), "ConfigMap")
 
 
-def test_knative_mode_renders_kafka_source_and_sinks():
+def test_knative_mode_delivers_to_the_bridge_which_writes_the_results():
+    """One contract for both modes: the KafkaSource consumes, the bridge (the same command, --source http) decodes,
+    calls the model with the API key and writes results and dead letters itself; Knative's own KafkaSink only takes
+    the records it gives up on."""
     objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
-    assert not by_kind(objects, "Deployment"), "no bridge Deployment in knative mode"
+    (dep,) = by_kind(objects, "Deployment")
     (source,) = by_kind(objects, "KafkaSource")
-    sinks = {s["metadata"]["name"]: s for s in by_kind(objects, "KafkaSink")}
-    assert set(sinks) == {"kcp-kserve-classifiers-results", "kcp-kserve-classifiers-dead-letters"}
-    sink, dead = sinks["kcp-kserve-classifiers-results"], sinks["kcp-kserve-classifiers-dead-letters"]
+    (dead,) = by_kind(objects, "KafkaSink")
+    (service,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "kcp-kserve-classifiers-bridge"]
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--source") + 1] == "http" and args[args.index("--http-port") + 1] == "8080"
+    assert args[args.index("--http-host") + 1] == "0.0.0.0" and "--group" not in args
+    assert args[args.index("--result-topic") + 1] == "image-results"
+    assert args[args.index("--dead-letter-topic") + 1] == "kcp-dead-letters"
+    assert args[args.index("--rest-url") + 1] == "http://fashion-mnist-predictor.classifiers.svc.cluster.local"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KCP_V2_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kcp-kserve-classifiers-api-key"
+    assert env["KCP_BRIDGE_MESSAGE_DEADLINE_S"]["value"] == "20"
+    assert env["KCP_BRIDGE_DEAD_LETTER_TIMEOUT_S"]["value"] == "5"
+    assert env["KCP_BRIDGE_HTTP_MAX_BODY_BYTES"]["value"] == "16777216"
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"} in service["spec"]["ports"]
     assert source["spec"]["topics"] == ["image-requests"]
     assert source["spec"]["consumerGroup"] == "fashion-knative"
-    assert source["spec"]["sink"] == {"ref": {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
-                                              "name": "fashion-mnist"}, "uri": "/v2/models/fashion-mnist/infer"}
+    assert source["spec"]["initialOffset"] == "earliest" and source["spec"]["ordering"] == "unordered"
+    assert source["spec"]["sink"] == {"ref": {"apiVersion": "v1", "kind": "Service",
+                                              "name": "kcp-kserve-classifiers-bridge"}}
     assert source["spec"]["delivery"] == {
         "retry": 3, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S", "timeout": "PT30S",
         "deadLetterSink": {"ref": {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink",
@@ -338,28 +366,37 @@ def test_knative_mode_renders_kafka_source_and_sinks():
     sasl = source["spec"]["net"]["sasl"]
     assert sasl["enable"] is True and sasl["password"]["secretKeyRef"] == {"name": "kafka-auth", "key": "password"}
     assert source["spec"]["net"]["tls"]["cert"]["secretKeyRef"]["key"] == "user.crt"
-    assert sink["spec"]["topic"] == "image-results"
+    assert dead["metadata"]["name"] == "kcp-kserve-classifiers-dead-letters"
     assert dead["spec"]["topic"] == "kcp-dead-letters", "the dead-letter sink writes bridge.kafka.deadLetterTopic"
-    for s in (sink, dead):
-        assert s["spec"]["auth"]["secret"]["ref"]["name"] == "kafka-auth"
-        assert s["spec"]["bootstrapServers"] == ["kafka-0.kafka.svc:9093", "kafka-1.kafka.svc:9093"]
+    assert dead["spec"]["auth"]["secret"]["ref"]["name"] == "kafka-auth"
+    assert dead["spec"]["bootstrapServers"] == ["kafka-0.kafka.svc:9093", "kafka-1.kafka.svc:9093"]
+    for isvc in by_kind(objects, "InferenceService"):
+        assert "logger" not in isvc["spec"]["predictor"], "results are the bridge's, not KServe's inference logger's"
+        kserve = kserve_container(objects, isvc)
+        assert any(e["name"] == "KCP_API_KEY" for e in kserve["env"]), "the API key stays on in knative mode"
+    assert not by_kind(objects, "ClusterRole"), "the sink is a plain Service: no addressable-resolver role"
     isvcs = {i["metadata"]["name"]: i for i in by_kind(objects, "InferenceService")}
-    logger = isvcs["fashion-mnist"]["spec"]["predictor"]["logger"]
-    assert logger["mode"] == "response"
-    assert logger["url"].endswith(f"/classifiers/{sink['metadata']['name']}"), "responses go to the KafkaSink"
-    assert "logger" not in isvcs["iris"]["spec"]["predictor"]
-    (role,) = by_kind(objects, "ClusterRole")
-    assert role["metadata"]["labels"]["duck.knative.dev/addressable"] == "true"
     assert isvcs["iris"]["spec"]["predictor"]["minReplicas"] == 0
 
 
 def test_knative_retries_and_dead_letters_follow_the_values():
     objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {
         "bridge.knative.retry": "6", "bridge.knative.backoffDelay": "PT2S", "bridge.knative.timeout": "",
-        "bridge.knative.deadLetterSink": "false"})
+        "bridge.knative.deadLetterSink": "false", "bridge.knative.ordering": "ordered",
+        "bridge.knative.messageDeadlineSeconds": "50"})
     (source,) = by_kind(objects, "KafkaSource")
     assert source["spec"]["delivery"] == {"retry": 6, "backoffPolicy": "exponential", "backoffDelay": "PT2S"}
-    assert [s["spec"]["topic"] for s in by_kind(objects, "KafkaSink")] == ["image-results"]
+    assert source["spec"]["ordering"] == "ordered"
+    assert not by_kind(objects, "KafkaSink")
+    (dep,) = by_kind(objects, "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KCP_BRIDGE_MESSAGE_DEADLINE_S"] == "50"
+    # a timeout in minutes is checked too
+    helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"bridge.knative.timeout": "PT1M",
+                                                               "bridge.knative.messageDeadlineSeconds": "50"})
+    too_short = {"bridge.knative.timeout": "PT1M", "bridge.knative.messageDeadlineSeconds": "58"}
+    proc = helm_template_text([VALUES_DIR / "knative-kafkasource.yaml"], too_short, check=False)
+    assert proc.returncode != 0 and "must exceed messageDeadlineSeconds" in proc.stderr
 
 
 def test_bridge_deployment_targets_the_chosen_inference_service():
@@ -495,15 +532,24 @@ def test_bridge_metrics_port_only_for_prometheus():
     closed = by_kind(helm_template(set_values={"networkPolicy.ingress.prometheus.enabled": "false"}), "NetworkPolicy")
     assert not allowed(closed, BRIDGE, PROMETHEUS, 8090, direction="Ingress")
     knative = by_kind(helm_template([VALUES_DIR / "knative-kafkasource.yaml"]), "NetworkPolicy")
-    assert [p["metadata"]["name"] for p in knative] == ["kcp-kserve-classifiers-predictor"], "no bridge Deployment"
+    assert allowed(knative, BRIDGE, PROMETHEUS, 8090, direction="Ingress")
+    assert allowed(knative, BRIDGE, DISPATCHER, 8080, direction="Ingress"), "the KafkaSource delivers to the receiver"
+    assert not allowed(knative, BRIDGE, DISPATCHER, 8090, direction="Ingress")
+    assert not allowed(knative, BRIDGE, STRANGER, 8080, direction="Ingress"), "the receiver: the dispatcher only"
+    assert not allowed(knative, BRIDGE, Pod("knative-eventing", {"app": "kafka-broker-receiver"}), 8080,
+                       direction="Ingress")
+    assert not allowed(knative, BRIDGE, PROMETHEUS, 8080, direction="Ingress")
+    assert not allowed(by_kind(helm_template(), "NetworkPolicy"), BRIDGE, DISPATCHER, 8080, direction="Ingress"), \
+        "deployment mode: no receiver to reach"
 
 
 def test_knative_bridge_starts_at_earliest_by_default():
     """Both bridge modes start a new consumer group at the earliest offset: nothing sent before it started is lost."""
     assert values_of(None)["bridge"]["knative"]["initialOffset"] == "earliest"
-    objects = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"bridge.knative.initialOffset": "earliest"})
-    (source,) = by_kind(objects, "KafkaSource")
+    (source,) = by_kind(helm_template([VALUES_DIR / "knative-kafkasource.yaml"]), "KafkaSource")
     assert source["spec"]["initialOffset"] == "earliest"
+    latest = helm_template([VALUES_DIR / "knative-kafkasource.yaml"], {"bridge.knative.initialOffset": "latest"})
+    assert by_kind(latest, "KafkaSource")[0]["spec"]["initialOffset"] == "latest"
 
 
 def test_network_policy_egress_dns_and_url_input_only_by_default():
@@ -542,7 +588,7 @@ def test_network_policy_egress_database_downloads_and_allowed_networks():
     assert env["KCP_URL_ALLOWED_NETWORKS"] == "10.20.0.0/16"
 
 
-def test_network_policy_opens_to_listed_namespaces_and_the_knative_dispatcher():
+def test_network_policy_opens_to_listed_namespaces_and_knative():
     opened = helm_template([VALUES_DIR / "network-open.yaml"])
     assert reach(opened, Pod("ingress-nginx", {"any": "pod"}), 8080), "networkPolicy.ingress.namespaces"
     assert not reach(opened, Pod("elsewhere", {"any": "pod"}), 8080)
@@ -553,11 +599,10 @@ def test_network_policy_opens_to_listed_namespaces_and_the_knative_dispatcher():
                                                                          "models[0].autoscaling.scaleMetric": "cpu",
                                                                          "models[1].minReplicas": "1",
                                                                          "models[1].autoscaling.scaleMetric": "cpu"})
-    assert reach(source, DISPATCHER, 8080), "the KafkaSource dispatcher delivers the requests"
-    assert not reach(source, Pod("knative-eventing", {"app": "kafka-broker-receiver"}), 8080)
-    assert not reach(source, BRIDGE, 8080), "no bridge Deployment in knative mode"
-    assert reach(source, Pod("knative-eventing", {"app": "kafka-sink-receiver"}), 8080, "Egress"), \
-        "the inference logger posts responses to the KafkaSink receiver"
+    assert reach(source, BRIDGE, 8080), "the bridge calls the models in knative mode too"
+    assert not reach(source, DISPATCHER, 8080), "the KafkaSource delivers to the bridge, never to the models"
+    assert not reach(source, Pod("knative-eventing", {"app": "kafka-sink-receiver"}), 8080, "Egress"), \
+        "no inference logger: the bridge writes the results"
     serverless = helm_template([VALUES_DIR / "knative-kafkasource.yaml"])
     assert reach(serverless, Pod("knative-serving", {"app": "activator"}), 8012), "Knative: via the activator"
     assert reach(serverless, Pod("istio-system", {"app": "knative-local-gateway"}), 8013)

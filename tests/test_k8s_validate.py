@@ -331,6 +331,10 @@ def test_predictor_args_are_accepted_by_the_server_cli(values_file):
             assert ns.enable_grpc is False, "no gRPC port declared: do not serve gRPC"
 
 
+def env_values(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch):
     """The rendered command line and env, through the bridge's own parser and settings, give what was asked."""
@@ -358,7 +362,14 @@ def test_bridge_args_and_env_reach_the_bridge_settings(values_file, monkeypatch)
         arg = dict(zip(container["args"][::2], container["args"][1::2], strict=False))
         assert s.backend == "kafka"
         assert s.request_topic == arg["--request-topic"] and s.result_topic == arg["--result-topic"]
-        assert s.dead_letter_topic == arg["--dead-letter-topic"] and s.group == arg["--group"]
+        assert s.dead_letter_topic == arg["--dead-letter-topic"]
+        if "--source" in arg:  # knative mode: the KafkaSource's deliveries, on the port its Service targets
+            assert (s.source, s.http_host) == ("http", "0.0.0.0")
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert s.http_port == ports["http"]
+            assert s.message_deadline_s == float(env_values(container)["KCP_BRIDGE_MESSAGE_DEADLINE_S"])
+        else:
+            assert s.source == "broker" and s.group == arg["--group"]
         assert s.kafka.bootstrap_servers == arg["--bootstrap-servers"]
         assert s.v2.protocol == arg["--protocol"]
         if s.v2.protocol == "grpc":

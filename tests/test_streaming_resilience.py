@@ -7,24 +7,17 @@ them, and none where a graceful stop promises none).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 from kafka import KafkaConsumer, TopicPartition
 
 from streaming.messenger import Messenger
-from tests.fixtures.broker import REPO, KafkaBroker, collect, ids_of
+from tests.fixtures.broker import KafkaBroker, collect, ids_of
 from tests.fixtures.ports import free_port, wait_for
-from tests.fixtures.server import TRAINED_MODELS
+from tests.fixtures.server import serve_on
 
 ROWS = ([5.1, 3.5, 1.4, 0.2], [5.9, 3.0, 4.2, 1.5], [6.7, 3.0, 5.2, 2.3])
 
@@ -72,46 +65,6 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka_broker, kafka_topic
     duplicates = len(ids) - len(set(ids))
     print(f"{len(expected)} requests, {len(ids)} results, {duplicates} duplicate(s) from the in-flight window")
     assert not no_dead_letters(kafka_broker, t["dlq"])
-
-
-@contextlib.contextmanager
-def serve_on(http_port: int, grpc_port: int, tmp_path: Path, api_key: str | None = None) -> Iterator[subprocess.Popen]:
-    """The model server on *fixed* ports, so it can come back where the bridge expects it.
-
-    It serves only the trained iris package (a model directory holding a link to it): no Keras
-    model to load makes each of the two starts several times faster.
-    """
-    model_dir = tmp_path / "iris-only"
-    if not model_dir.exists():
-        model_dir.mkdir()
-        (model_dir / "iris").symlink_to(TRAINED_MODELS / "iris", target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KCP_")}
-    env.update({"OPENBLAS_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-                "KCP_FEEDBACK_DB_URL": f"sqlite:///{tmp_path / 'feedback.db'}"})
-    if api_key:
-        env["KCP_API_KEY"] = api_key
-    log = open(tmp_path / f"server-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "predictors", "serve", "--model_dir", str(model_dir),
-                             "--host", "127.0.0.1", "--http_port", str(http_port), "--grpc_port", str(grpc_port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"model server exited with {proc.returncode}")
-        return httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1).status_code == 200
-
-    try:
-        wait_for(ready, timeout=180, interval=0.3, what="model server")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
 
 
 def test_model_server_outage_is_waited_out_without_dead_letters(kafka_broker, kafka_topics, bridges,

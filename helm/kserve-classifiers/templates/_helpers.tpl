@@ -107,11 +107,6 @@ Call with (dict "ctx" $ "image" .Values.predictor.image) */}}
 {{- if or (gt (int (default 1 $m.minReplicas)) 1) (gt (int (default 1 $m.maxReplicas)) 1) (and $knative (not (hasKey $m "maxReplicas"))) $m.canary }}true{{ end }}
 {{- end }}
 
-{{/* The model the bridge targets: bridge.model or the first model. */}}
-{{- define "kcp.bridgeModel" -}}
-{{- default (index .Values.models 0).name .Values.bridge.model }}
-{{- end }}
-
 {{/* The Kafka security protocol implied by bridge.kafka.auth. */}}
 {{- define "kcp.kafkaProtocol" -}}
 {{- $a := .Values.bridge.kafka.auth -}}
@@ -173,16 +168,22 @@ Checks across values that a JSON schema cannot express; `fail` stops install/tem
 {{- if and $a.clientCert (not $a.tls) }}
 {{- fail "bridge.kafka.auth.clientCert needs bridge.kafka.auth.tls=true (a client certificate is only sent over TLS)" }}
 {{- end }}
-{{- if eq .Values.bridge.mode "knative" }}
-{{- if .Values.apiKey.enabled }}
-{{- fail "bridge.mode=knative: a KafkaSource cannot send the API key header, so requests would be refused with 401; set apiKey.enabled=false (networkPolicy.enabled then confines the predictors to the KafkaSource dispatcher) or use bridge.mode=deployment" }}
-{{- end }}
-{{- if and $knative (eq .Values.kserve.knativeProtocol "grpc") }}
-{{- fail "bridge.mode=knative delivers CloudEvents over HTTP: it needs the REST port, but kserve.knativeProtocol=grpc exposes only gRPC" }}
-{{- end }}
-{{- else }}
 {{- if and $knative (ne .Values.kserve.knativeProtocol .Values.bridge.deployment.protocol) }}
 {{- fail (printf "bridge.deployment.protocol=%s, but in Knative mode the InferenceService serves only %s (kserve.knativeProtocol)" .Values.bridge.deployment.protocol .Values.kserve.knativeProtocol) }}
+{{- end }}
+{{- if eq .Values.bridge.mode "knative" }}
+{{- $kn := .Values.bridge.knative }}
+{{- if not .Values.networkPolicy.enabled }}
+{{- fail "bridge.mode=knative: the bridge's CloudEvents receiver calls the models with the API key for whoever posts to it; networkPolicy.enabled=true confines it to the KafkaSource dispatcher (networkPolicy.ingress.kafkaSourceDispatcher)" }}
+{{- end }}
+{{- /* The bridge must answer a delivery before the KafkaSource gives up on it: a timed-out attempt is retried
+       while the first one may still write its result (a duplicate). Checked for the PT<n>S / PT<n>M forms. */}}
+{{- $t := regexFind "^PT[0-9]+[SM]$" (toString $kn.timeout) }}
+{{- if $t }}
+{{- $seconds := mul (atoi (regexFind "[0-9]+" $t)) (ternary 60 1 (hasSuffix "M" $t)) }}
+{{- if le (int $seconds) (int (add $kn.messageDeadlineSeconds $kn.deadLetterTimeoutSeconds)) }}
+{{- fail (printf "bridge.knative.timeout=%s must exceed messageDeadlineSeconds + deadLetterTimeoutSeconds (%d s): the bridge answers a delivery within that time, and a KafkaSource that gives up first delivers the record again while the first attempt may still publish its result" $kn.timeout (int (add $kn.messageDeadlineSeconds $kn.deadLetterTimeoutSeconds))) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
