@@ -39,7 +39,7 @@ Guarantees and why they hold:
   The budget counts what a message keeps alive once decoded (its value plus its tensors as Python
   lists, several times the raw bytes for JSON numbers), so the default fits a 512 Mi pod.
 * **Bounded by what it serves, not by what messages say.** Per-model metric labels are the models
-  that answered (at most ``max_model_labels``), any other model string is "other"; per-model
+  and versions that answered (at most ``max_model_labels`` pairs), any other is "other" with no version; per-model
   routes are bounded and evicted (:class:`~streaming.v2client.PerModelTransport`).
 * **The event loop never blocks.** kafka-python is synchronous: every consumer call runs on one
   dedicated thread (the consumer is not thread-safe), producer sends on a small pool; V2 calls
@@ -129,6 +129,7 @@ class Work:
     deadline: float = 0.0
     weight: int = 0
     done: bool = False
+    version: str = ""  # the model version that answered it (a metric label)
 
 
 def decoded_bytes(decoded: DecodedRequest) -> int:
@@ -172,8 +173,8 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending = 0
         self._pending_bytes = 0
-        self._produced_by_model: dict[str, Any] = {}
-        self._model_labels: set[str] = set()  # models that answered: the only per-model label values
+        self._produced_by_model: dict[tuple[str, str], Any] = {}
+        self._model_labels: set[tuple[str, str]] = set()  # (model, version) that answered: the only label values
         # messages whose dead letter the broker refused too: never acknowledged, their dead letter tried again now
         # and then; meanwhile the bridge takes at most STRANDED_BACKLOG more messages (on Kafka each one finished
         # behind a stranded offset stays tracked until that offset is acknowledged)
@@ -398,19 +399,22 @@ class Bridge:
             return [V2Error("internal", 500, repr(exc))] * len(works)
         finally:
             self.metrics.in_flight.dec()
-            if any(isinstance(o, InferResponse) for o in outcomes):
-                self._learn_model(model)
-            self.metrics.v2_latency.labels(self._model_label(model), self.metrics.protocol).observe(
+            answered = next((o for o in outcomes if isinstance(o, InferResponse)), None)
+            version = "" if answered is None else answered.model_version or ""
+            if answered is not None:
+                self._learn_model(model, version)
+            self.metrics.v2_latency.labels(*self._model_labels_of(model, version), self.metrics.protocol).observe(
                 time.monotonic() - started)
 
-    def _learn_model(self, model: str) -> None:
-        """A model that answered becomes a label value (up to ``max_model_labels`` of them)."""
-        if model not in self._model_labels and len(self._model_labels) < self.settings.max_model_labels:
-            self._model_labels.add(model)
+    def _learn_model(self, model: str, version: str) -> None:
+        """A model version that answered becomes a label pair (up to ``max_model_labels`` of them)."""
+        if len(self._model_labels) < self.settings.max_model_labels:
+            self._model_labels.add((model, version))
 
-    def _model_label(self, model: str) -> str:
-        """``model`` if it ever answered, else "other": messages choose model strings, labels must stay few."""
-        return model if model in self._model_labels else "other"
+    def _model_labels_of(self, model: str, version: str) -> tuple[str, str]:
+        """``(model, version)`` if that pair ever answered, else ("other", ""): messages choose model strings
+        (and a server's answer its version), labels must stay few."""
+        return (model, version) if (model, version) in self._model_labels else ("other", "")
 
     async def _finish_batch(self, works: list[Work], outcomes: list[InferResponse | V2Error]) -> None:
         try:
@@ -552,6 +556,7 @@ class Bridge:
                 slow.append(self._guarded(w, self._dead_letter(w, o.kind, str(o), o.status)))
                 continue
             assert w.decoded is not None
+            w.version = o.model_version or ""
             try:
                 value, headers = self.result_record(w.decoded, o, w.message, stamp)
             except Exception as exc:  # an unencodable response must not leave the message unacknowledged
@@ -599,15 +604,15 @@ class Bridge:
         self._published_all([work])
 
     def _published_all(self, works: list[Work]) -> None:
-        """Count a batch's acknowledged results per model and finish them, one counter update per model."""
-        produced: dict[str, int] = {}
+        """Count a batch's acknowledged results per model version and finish them, one counter update per pair."""
+        produced: dict[tuple[str, str], int] = {}
         for w in works:
             assert w.decoded is not None
-            model = w.decoded.request.model_name
-            produced[model] = produced.get(model, 0) + 1
-        for model, n in produced.items():
-            self._learn_model(model)
-            self._produced(self._model_label(model)).inc(n)
+            key = (w.decoded.request.model_name, w.version)
+            produced[key] = produced.get(key, 0) + 1
+        for (model, version), n in produced.items():
+            self._learn_model(model, version)
+            self._produced(self._model_labels_of(model, version)).inc(n)
         self._done_all(works)
 
     async def _dead_letter(self, work: Work, kind: str, reason: str, status: int | None) -> None:
@@ -734,10 +739,10 @@ class Bridge:
             retry=retry_if_exception(_broker_trouble), before_sleep=retrying, reraise=True,
             wait=HalfJitterBackoff(0.2, 5.0, deadline)))
 
-    def _produced(self, model: str) -> Any:
-        counter = self._produced_by_model.get(model)
+    def _produced(self, labels: tuple[str, str]) -> Any:
+        counter = self._produced_by_model.get(labels)
         if counter is None:
-            counter = self._produced_by_model[model] = self.metrics.produced.labels(model)
+            counter = self._produced_by_model[labels] = self.metrics.produced.labels(*labels)
         return counter
 
     def _on_v2_retry(self, error: V2Error) -> None:

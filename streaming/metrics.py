@@ -42,8 +42,8 @@ class BridgeMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.consumed = Counter("kcp_bridge_consumed", "Request messages consumed", registry=r)
-        self.produced = Counter("kcp_bridge_produced", "Result messages produced and acknowledged", ["model"],
-                                registry=r)
+        self.produced = Counter("kcp_bridge_produced", "Result messages produced and acknowledged",
+                                ["model", "version"], registry=r)
         self.dead_lettered = Counter("kcp_bridge_dead_lettered", "Messages sent to the dead-letter topic",
                                      ["kind"], registry=r)
         self.refused = Counter("kcp_bridge_refused", "Pushed deliveries answered 503 (model server or broker "
@@ -56,7 +56,7 @@ class BridgeMetrics:
                                  registry=r)
         # model: one that answered at least once, else "other" (message strings must not create series)
         self.v2_latency = Histogram("kcp_bridge_v2_call_seconds", "Model server call time (with retries)",
-                                    ["model", "protocol"], registry=r)
+                                    ["model", "version", "protocol"], registry=r)
         self.batch_size = Histogram("kcp_bridge_batch_size", "Requests merged per model server call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.pending = Gauge("kcp_bridge_pending", "Messages consumed but not yet acknowledged", registry=r)

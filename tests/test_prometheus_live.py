@@ -255,6 +255,8 @@ def test_every_dashboard_and_alert_query_returns_data(kafka_broker: KafkaBroker,
         assert versions == {"1", "2"}
         served = prometheus.query('classifier_requests_total{model="iris"}')
         assert {s["metric"]["version"] for s in served} == {"1", "2"}, "the request counters carry the version"
+        produced = prometheus.query("kcp_bridge_produced_total")
+        assert {(s["metric"]["model"], s["metric"]["version"]) for s in produced} == {("iris", "1")}
         lag = prometheus.query("kcp_bridge_consumer_lag")
         assert {s["metric"]["topic"] for s in lag} == {topics["requests"]}
         assert all(float(s["value"][1]) >= 0 for s in lag)  # tansu's end offsets are rough: sane, not exact
