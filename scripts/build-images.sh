@@ -27,10 +27,12 @@ else
   pull=()
 fi
 if [ -z "${BASE_IMAGE:-}" ]; then
-  BASE_IMAGE=localhost/kcp-base:bookworm
+  # Tagged with the script's checksum: a base is kept while present, so an edited script must make a new one.
+  tag=bookworm-$(cksum < scripts/build-base-image.sh | cut -d' ' -f1)
+  BASE_IMAGE=localhost/kcp-base:$tag
   bash scripts/build-base-image.sh "$BASE_IMAGE"
   if wants predictor || wants sklearn; then
-    BUILD_IMAGE=localhost/kcp-build:bookworm
+    BUILD_IMAGE=localhost/kcp-build:$tag
     bash scripts/build-base-image.sh "$BUILD_IMAGE" binutils
   fi
 fi
