@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make images`: the predictor, bridge and scikit-learn runtime images, built offline. Each role's locked wheels are
 # fetched into a wheelhouse by this machine's pip (scripts/wheelhouse.sh) and installed in the build with
-# --no-index; the base is $BASE_IMAGE (and $BUILD_IMAGE, the same with binutils, for the predictor's build stage)
+# --no-index; the base is $BASE_IMAGE (and $BUILD_IMAGE, the same with binutils, for the build stages of the
+# predictor and the scikit-learn runtime, which strip their shared objects)
 # or, when unset, a Debian bookworm + Python 3.11 image made here by mmdebstrap (scripts/build-base-image.sh), and
 # one with binutils. Podman is preferred when present (the project's docker/containers.conf applies), else docker
 # (BuildKit, for the named "wheels" build context). $IMAGES picks some of them (default: "predictor bridge sklearn").
@@ -26,10 +27,12 @@ else
   pull=()
 fi
 if [ -z "${BASE_IMAGE:-}" ]; then
-  BASE_IMAGE=localhost/kcp-base:bookworm
+  # Tagged with the script's checksum: a base is kept while present, so an edited script must make a new one.
+  tag=bookworm-$(cksum < scripts/build-base-image.sh | cut -d' ' -f1)
+  BASE_IMAGE=localhost/kcp-base:$tag
   bash scripts/build-base-image.sh "$BASE_IMAGE"
-  if wants predictor; then
-    BUILD_IMAGE=localhost/kcp-build:bookworm
+  if wants predictor || wants sklearn; then
+    BUILD_IMAGE=localhost/kcp-build:$tag
     bash scripts/build-base-image.sh "$BUILD_IMAGE" binutils
   fi
 fi
@@ -50,7 +53,7 @@ if wants bridge; then
   built+=("$bridge")
 fi
 if wants sklearn; then
-  build serve-sklearn docker/Dockerfile.sklearn "$sklearn"
+  build serve-sklearn docker/Dockerfile.sklearn "$sklearn" ${BUILD_IMAGE:+--build-arg BUILD_IMAGE="$BUILD_IMAGE"}
   built+=("$sklearn")
 fi
 "$engine" images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -F "${built[@]/#/-e}"

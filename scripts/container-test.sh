@@ -40,14 +40,15 @@ done
 podman image inspect --format '{{.Size}} {{index .RepoTags 0}}' "${names[@]}" |
   awk '{printf "  %-60s %4d MB\n", $2, $1 / 1e6}'
 if [[ " $images " == *" sklearn "* ]]; then
-  # The budget of the scikit-learn runtime (a model of that format should not pull TensorFlow's weight): what a
-  # node downloads, the image's layers gzip-compressed as a registry stores them.
-  budget_mb=${SKLEARN_IMAGE_MAX_MB:-400}
-  pulled=$(podman save --format docker-archive "$KCP_SKLEARN_IMAGE" | gzip -6 | wc -c)
-  pulled_mb=$((pulled / 1000000))
-  echo "  $KCP_SKLEARN_IMAGE pulled (gzip): $pulled_mb MB (budget $budget_mb MB)"
-  if [ "$pulled_mb" -gt "$budget_mb" ]; then
-    echo "the scikit-learn runtime image is over its budget: $pulled_mb MB > $budget_mb MB" >&2
+  # The budget of the scikit-learn runtime (a model of that format should not pull TensorFlow's weight), held on
+  # the uncompressed size, what `podman images` shows; the gzip size (the image's layers compressed as a registry
+  # stores them, what a node downloads) is printed beside it.
+  budget_mb=${SKLEARN_IMAGE_MAX_MB:-460}
+  size_mb=$(($(podman image inspect --format '{{.Size}}' "$KCP_SKLEARN_IMAGE") / 1000000))
+  pulled_mb=$(($(podman save --format docker-archive "$KCP_SKLEARN_IMAGE" | gzip -6 | wc -c) / 1000000))
+  echo "  $KCP_SKLEARN_IMAGE: $size_mb MB uncompressed (budget $budget_mb MB), $pulled_mb MB gzip"
+  if [ "$size_mb" -gt "$budget_mb" ]; then
+    echo "the scikit-learn runtime image is over its budget: $size_mb MB > $budget_mb MB uncompressed" >&2
     exit 1
   fi
 fi
