@@ -29,6 +29,7 @@ from sklearn.tree import DecisionTreeClassifier
 from predictors.models.columns import ColumnBatch, TabularSchema
 from predictors.models.compiled import TOLERANCE, check, compile_checked
 from predictors.models.probes import synthesize
+from predictors.models.tabular import sklearn_predict_proba
 from predictors.package import TensorSpec
 
 ZOO = {
@@ -72,6 +73,20 @@ def test_each_zoo_model_compiles_and_answers_as_the_estimator(iris, kind):
     rows = unseen_rows(x)
     assert_same_answers(np.asarray(compilation.model(rows), dtype=np.float64), estimator.predict_proba(rows))
     assert_same_answers(np.asarray(compilation.model(rows[:1]), dtype=np.float64), estimator.predict_proba(rows[:1]))
+
+
+@pytest.mark.parametrize("kind", [*sorted(ZOO), "k-neighbours", "custom-transformer"])
+def test_the_scikit_learn_runtime_answers_exactly_as_the_estimator(iris, kind):
+    """What is served by scikit-learn (a fallback, or runtime: sklearn) skips scikit-learn's own input and
+    parameter re-checks: the answers must be bit for bit the estimator's."""
+    x, y = iris
+    make = {**ZOO, "k-neighbours": lambda: KNeighborsClassifier(5),
+            "custom-transformer": lambda: Pipeline([("double", FunctionTransformer(np.square)),
+                                                    ("clf", LogisticRegression(max_iter=1000))])}[kind]
+    estimator = make().fit(x, y)
+    served = sklearn_predict_proba(estimator, matrix=True)
+    for rows in (unseen_rows(x), x[:1]):
+        assert np.array_equal(served(rows), estimator.predict_proba(rows))
 
 
 def test_synthesised_probes_suffice_for_a_package_without_stored_ones(iris):

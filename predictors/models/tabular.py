@@ -15,6 +15,7 @@ from typing import Any
 
 import joblib
 import numpy as np
+import sklearn
 
 from predictors.models.base import PackageModel
 from predictors.models.columns import ColumnBatch, Features, TabularSchema
@@ -41,7 +42,7 @@ class TabularModel(PackageModel):
         self.schema = TabularSchema.of(self.config.inputs)
         threads = self.context.settings.model_threads
         _limit_threads(threads)
-        self._predict_proba = self._sklearn(estimator)
+        self._predict_proba = sklearn_predict_proba(estimator, matrix=self.schema.matrix)
         self.runtime, self.runtime_reason = "sklearn", "runtime: sklearn in config.json"
         if self.config.runtime != "sklearn":
             compilation = self._compile(estimator, threads)
@@ -73,11 +74,6 @@ class TabularModel(PackageModel):
                 None, f"{compilation.reason}; {fresh.reason}")
         self._probes = probes
         return compilation
-
-    def _sklearn(self, estimator: Any) -> Callable[[Features], np.ndarray]:
-        if self.schema.matrix:
-            return estimator.predict_proba
-        return lambda batch: estimator.predict_proba(batch.to_frame())
 
     def categories(self) -> dict[str, list[str]]:
         """String column → the categories the fitted encoders know (the browser page offers them)."""
@@ -134,6 +130,19 @@ def _column(tensor: Tensor, datatype: str) -> np.ndarray:
     array = array.astype(np.float64)
     require_finite(array, tensor.name)
     return array
+
+
+def sklearn_predict_proba(estimator: Any, *, matrix: bool) -> Callable[[Features], np.ndarray]:
+    """``predict_proba`` without scikit-learn's per-call re-checks of what is already checked: the decoders
+    refuse non-finite values (``assume_finite``) and the estimator's parameters were validated when it was
+    fitted (``skip_parameter_validation``). The answers are the same; the call does less Python work.
+    ``matrix``: the features come as one array, else as columns (:class:`ColumnBatch`, handed over as a frame)."""
+
+    def predict_proba(batch: Features) -> np.ndarray:
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            return estimator.predict_proba(batch if matrix else batch.to_frame())
+
+    return predict_proba
 
 
 def _limit_threads(threads: int) -> None:
