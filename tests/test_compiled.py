@@ -77,8 +77,8 @@ def test_each_zoo_model_compiles_and_answers_as_the_estimator(iris, kind):
 
 @pytest.mark.parametrize("kind", [*sorted(ZOO), "k-neighbours", "custom-transformer"])
 def test_the_scikit_learn_runtime_answers_exactly_as_the_estimator(iris, kind):
-    """What is served by scikit-learn (a fallback, or runtime: sklearn) skips scikit-learn's own input and
-    parameter re-checks: the answers must be bit for bit the estimator's."""
+    """What is served by scikit-learn (a fallback, or runtime: sklearn) skips scikit-learn's re-validation of
+    parameters: the answers must be bit for bit the estimator's."""
     x, y = iris
     make = {**ZOO, "k-neighbours": lambda: KNeighborsClassifier(5),
             "custom-transformer": lambda: Pipeline([("double", FunctionTransformer(np.square)),
@@ -87,6 +87,19 @@ def test_the_scikit_learn_runtime_answers_exactly_as_the_estimator(iris, kind):
     served = sklearn_predict_proba(estimator, matrix=True)
     for rows in (unseen_rows(x), x[:1]):
         assert np.array_equal(served(rows), estimator.predict_proba(rows))
+
+
+def test_the_scikit_learn_runtime_refuses_what_the_estimator_refuses(iris):
+    """Finite input a pipeline step overflows to infinity: scikit-learn's check on the next step must still refuse
+    it (the server answers that request alone with an error), not hand back NaN probabilities."""
+    x, y = iris
+    estimator = Pipeline([("square", FunctionTransformer(np.square)), ("clf", LogisticRegression(max_iter=1000))])
+    estimator.fit(x, y)
+    overflowing = np.full((1, 4), 1e200)
+    with pytest.raises(ValueError, match="infinity"):
+        estimator.predict_proba(overflowing)
+    with pytest.raises(ValueError, match="infinity"):
+        sklearn_predict_proba(estimator, matrix=True)(overflowing)
 
 
 def test_synthesised_probes_suffice_for_a_package_without_stored_ones(iris):

@@ -133,13 +133,13 @@ def _column(tensor: Tensor, datatype: str) -> np.ndarray:
 
 
 def sklearn_predict_proba(estimator: Any, *, matrix: bool) -> Callable[[Features], np.ndarray]:
-    """``predict_proba`` without scikit-learn's per-call re-checks of what is already checked: the decoders
-    refuse non-finite values (``assume_finite``) and the estimator's parameters were validated when it was
-    fitted (``skip_parameter_validation``). The answers are the same; the call does less Python work.
+    """``predict_proba`` without scikit-learn's per-call re-validation of the estimators' parameters, which were
+    validated when it was fitted (``skip_parameter_validation``). The answers are the same; the call does less
+    Python work. Finiteness checks stay on: a pipeline's own steps can make an infinity out of finite input.
     ``matrix``: the features come as one array, else as columns (:class:`ColumnBatch`, handed over as a frame)."""
 
     def predict_proba(batch: Features) -> np.ndarray:
-        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        with sklearn.config_context(skip_parameter_validation=True):
             return estimator.predict_proba(batch if matrix else batch.to_frame())
 
     return predict_proba
