@@ -647,11 +647,7 @@ class Bridge:
         log.warning("refusing %s (the sender delivers it again): %s", work.message.position, reason[:MAX_REASON_BYTES])
         self.receiver.refuse(work.message, reason)
         self.metrics.refused.inc()
-        self._pending -= 1
-        self._pending_bytes -= work.weight
-        self.metrics.pending.set(self._pending)
-        if not self._room.is_set() and self._has_room():
-            self._room.set()
+        self._free(1, work.weight)
 
     def _done_all(self, works: list[Work]) -> None:
         """Acknowledge finished work (each once) and free its room, with one update of the pending gauge."""
@@ -665,10 +661,13 @@ class Bridge:
             finished += 1
             freed += w.weight
             observe(now - w.received)
-        if not finished:
-            return
-        self._pending -= finished
-        self._pending_bytes -= freed
+        if finished:
+            self._free(finished, freed)
+
+    def _free(self, messages: int, weight: int) -> None:
+        """Give back the room of finished messages, with one update of the pending gauge."""
+        self._pending -= messages
+        self._pending_bytes -= weight
         self.metrics.pending.set(self._pending)
         if not self._room.is_set() and self._has_room():
             self._room.set()
