@@ -189,9 +189,10 @@ class Postprocessing(_Strict):
 
 
 class Batching(_Strict):
-    """Adaptive batching of concurrent requests; ``max_batch_size`` 1 disables it."""
+    """Adaptive batching of concurrent requests; ``max_batch_size`` 1 disables it, unset (null) lets the
+    server decide from timed calls at load (:mod:`predictors.models.execution`)."""
 
-    max_batch_size: int = Field(default=1, ge=1, le=4096)
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
     max_latency_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
 
 
@@ -289,7 +290,7 @@ class PackageConfig(_Strict):
         for spec in self.inputs:
             if spec.shape not in ([-1], [-1, 1]):
                 raise ValueError(f"input '{spec.name}': a column has shape [-1] or [-1, 1], got {spec.shape}")
-        if self.batching.max_batch_size > 1:
+        if (self.batching.max_batch_size or 1) > 1:
             raise ValueError("batching merges one feature matrix; a model with column inputs takes max_batch_size 1")
 
     @property

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.compose import ColumnTransformer
+from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
@@ -117,6 +120,12 @@ def served(churn, tmp_path_factory):
     joblib.dump(custom.fit(x, (x[:, 0] ** 2 > 1).astype(int)), work / "custom.joblib")
     subprocess.run([*run, str(work / "custom.joblib"), "--name", "custom", "--out", str(models / "custom"),
                     "--labels", "small", "large"], check=True, capture_output=True, cwd=REPO)
+    x, y = load_iris(return_X_y=True, as_frame=True)
+    joblib.dump(KNeighborsClassifier(5).fit(x.to_numpy(), y), work / "neighbours.joblib")
+    x.to_csv(work / "iris.csv", index=False)
+    subprocess.run([*run, str(work / "neighbours.joblib"), "--name", "neighbours", "--out",
+                    str(models / "neighbours"), "--data", str(work / "iris.csv")], check=True, capture_output=True,
+                   cwd=REPO)
     with start_model_server(models, tmp_path_factory.mktemp("own-server"),
                             env={"KCP_EXECUTION_CACHE": ""}) as server:
         yield server
@@ -241,6 +250,53 @@ def test_both_protocols_publish_how_the_model_is_served(served):
     channel.close()
     assert dict(reply.properties) == rest
     assert rest["max_batch_size"] == "256" and rest["runtime"] == "onnxruntime"
+    assert rest["batching"] == "off" and rest["batching_basis"] == "column inputs are not merged into one call"
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_a_model_that_is_mostly_per_call_overhead_batches_concurrent_requests(served, protocol):
+    """k-nearest neighbours served by scikit-learn (Iris's repeated rows tie, so it is not compiled): a merged
+    row costs a fraction of a call of its own, so timing at load turned the batcher on. Sixteen concurrent
+    clients get exactly the estimator's answers for their own rows, and the batcher took their calls."""
+    with served.client() as client:
+        props = client.get("/v2/models/neighbours").json()["properties"]
+        before = batched_calls(client.get("/metrics").text, "neighbours")
+    assert props["runtime"] == "sklearn"
+    assert props["batching"] == "max_batch_size 32" and "16-row call" in props["batching_basis"]
+    x, _ = load_iris(return_X_y=True)
+    estimator = joblib.load(served.model_dir / "neighbours" / "model.joblib")
+    rows = np.vstack([x, x + 0.05]).astype(np.float32)
+    expected = estimator.predict_proba(rows.astype(np.float64))
+    ask = rest_probabilities if protocol == "rest" else grpc_probabilities
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: ask(served, rows[i]), range(len(rows))))
+    assert np.abs(np.array(got) - expected).max() <= 1e-6
+    with served.client() as client:
+        assert batched_calls(client.get("/metrics").text, "neighbours") > before
+
+
+def batched_calls(metrics: str, model: str) -> float:
+    match = re.search(rf'^classifier_batch_requests_count{{model="{model}"}} (\S+)$', metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def rest_probabilities(server, row: np.ndarray) -> list[float]:
+    body = {"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4], "data": row.tolist()}],
+            "outputs": [{"name": "probabilities"}]}
+    with server.client() as client:
+        return client.post("/v2/models/neighbours/infer", json=body).json()["outputs"][0]["data"]
+
+
+def grpc_probabilities(server, row: np.ndarray) -> list[float]:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = raw_stub(channel)
+        m = stub.messages
+        request = m["ModelInferRequest"](
+            model_name="neighbours", outputs=[m["ModelInferRequest"].InferRequestedOutputTensor(name="probabilities")],
+            inputs=[m["ModelInferRequest"].InferInputTensor(
+                name="input-0", datatype="FP32", shape=[1, 4],
+                contents=m["InferTensorContents"](fp32_contents=row.tolist()))])
+        return list(stub.ModelInfer(request).outputs[0].contents.fp32_contents)
 
 
 def test_column_rows_through_kafka(served, churn, kafka_broker, kafka_topics, bridges):

@@ -111,6 +111,7 @@ class PackageModel(Model):
         self.batcher: Batcher | None = None
         self.inline_max_rows = 0  # requests up to this many rows predict on the event loop (see _decide_inline)
         self.execution = execution.ExecutionChoice("thread_pool", "not loaded")
+        self.batching = execution.BatchingChoice(1, "not loaded")
         self.runtime = package.config.framework
         self.runtime_reason = "the framework's own runtime"
         # Fixed by the package: computed once, not per request.
@@ -126,23 +127,47 @@ class PackageModel(Model):
         """Load the artifact, check it against the package, warm it up, and start batching if enabled."""
         self.load_artifact()
         self.inline_max_rows = INLINE_MAX_ROWS if self._decide_inline() else 0
-        batching = self.config.batching
-        size = self.context.settings.max_batch_size or batching.max_batch_size
-        latency = (self.context.settings.max_latency_ms
-                   if self.context.settings.max_latency_ms is not None else batching.max_latency_ms)
+        self.batching = self._decide_batching()
+        size = self.batching.max_batch_size
         if size > 1:
+            latency = (self.context.settings.max_latency_ms
+                       if self.context.settings.max_latency_ms is not None else self.config.batching.max_latency_ms)
             self.batcher = Batcher(self.name, self.predict_array, size, latency, inline_max_rows=self.inline_max_rows)
         self.ready = True
         return self.ready
+
+    def _package_key(self) -> str:
+        return execution.package_key(self.name, self.config.version, self.config.framework, self.runtime,
+                                     execution.file_fingerprint(self.package.artifact_path))
+
+    def _decide_batching(self) -> execution.BatchingChoice:
+        """The server flag, else config.json, else timing (:func:`execution.decide_batching`)."""
+        if self.context.settings.max_batch_size is not None:
+            return execution.BatchingChoice(self.context.settings.max_batch_size, "the server's --max_batch_size")
+        rows = execution.BATCH_PROBE_ROWS
+        one, merged = self.sample_features(), self.sample_batch(rows)
+        choice = execution.decide_batching(
+            self._package_key(), lambda: self.predict_array(one), lambda: self.predict_array(merged),
+            configured=self.config.batching.max_batch_size, cache=self.context.settings.execution_cache,
+            never=self.batching_refusal())
+        logger.info("model %s: %s (%s)", self.name, f"batching up to {choice.max_batch_size} rows"
+                    if choice.max_batch_size > 1 else "no batching", choice.basis)
+        return choice
+
+    def batching_refusal(self) -> str | None:
+        """Why this model's requests cannot be merged into one call, or None if they can."""
+        return None
+
+    def sample_batch(self, rows: int) -> Any:
+        """``rows`` feature rows for timing a merged call: the one-row sample repeated."""
+        return np.repeat(self.sample_features(), rows, axis=0)
 
     def _decide_inline(self) -> bool:
         """Whether ``predict`` runs on the event loop (:mod:`predictors.models.execution`); logged, and
         shown in the model metadata."""
         sample = self.sample_features()
         self.execution = execution.decide(
-            execution.package_key(self.name, self.config.version, self.config.framework, self.runtime,
-                                  execution.file_fingerprint(self.package.artifact_path)),
-            lambda: self.predict_array(sample), override=self.config.inline_predict,
+            self._package_key(), lambda: self.predict_array(sample), override=self.config.inline_predict,
             cache=self.context.settings.execution_cache,
             never_inline=None if self.inline_candidate else f"{self.config.framework} computes outside the GIL")
         logger.info("model %s: predict runs %s (%s)", self.name,
@@ -154,8 +179,9 @@ class PackageModel(Model):
         props = {"runtime": self.runtime, "runtime_reason": self.runtime_reason,
                  "execution": self.execution.mode, "execution_basis": self.execution.basis,
                  "max_batch_size": str(self.config.max_batch_size)}
-        if self.batcher is not None:
-            props["batching"] = f"max_batch_size {self.batcher.max_batch_size}"
+        props["batching"] = (f"max_batch_size {self.batcher.max_batch_size}" if self.batcher is not None
+                             else "off")
+        props["batching_basis"] = self.batching.basis
         return props
 
     def sample_features(self) -> np.ndarray:

@@ -30,7 +30,7 @@ from kserve.errors import InferenceError
 from pydantic import BaseModel, ValidationError
 
 from predictors.models.base import PackageModel, Prepared
-from predictors.models.execution import ExecutionChoice
+from predictors.models.execution import BatchingChoice, ExecutionChoice
 from predictors.package import PackageError
 from predictors.protocol.codecs import as_text, to_numpy
 from predictors.protocol.errors import BadInput
@@ -102,7 +102,8 @@ class KatonicModel(PackageModel):
         self.load_artifact()
         self.execution = ExecutionChoice("thread_pool", "user code may block: always in the thread pool")
         self.runtime_reason = "the package's own launch.py"
-        self.ready = True  # user code takes lists of dicts, not arrays: no adaptive batching
+        self.batching = BatchingChoice(1, "user code takes lists of dicts, not arrays: no adaptive batching")
+        self.ready = True
         return self.ready
 
     async def decode_features(self, tensor: Tensor) -> list[dict[str, Any]]:

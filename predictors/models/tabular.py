@@ -88,6 +88,17 @@ class TabularModel(PackageModel):
         return ColumnBatch({c.name: np.array(["" if c.kind == "string" else 0.0], dtype=object if c.kind == "string"
                                              else np.float64) for c in self.schema.columns})
 
+    def batching_refusal(self) -> str | None:
+        return None if self.schema.matrix else "column inputs are not merged into one call"
+
+    def sample_batch(self, rows: int) -> Features:
+        """Distinct probe rows where the package has enough (a neighbour search or a tree walk may cost
+        differently on one row repeated)."""
+        probes = getattr(self, "_probes", None)
+        if isinstance(probes, np.ndarray) and len(probes) >= rows:
+            return probes[:rows]
+        return super().sample_batch(rows)
+
     def predict_array(self, features: Features) -> np.ndarray:
         return self._predict_proba(features)
 
