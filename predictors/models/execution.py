@@ -40,6 +40,9 @@ TIMING_BUDGET_S = 0.5
 
 BATCH_PROBE_ROWS = 16
 """Rows of the merged call timed against one-row calls."""
+MIN_MERGED_CALLS = 5
+"""Merged calls are timed at least this often (not MIN_CALLS): on a large image model each is expensive, and
+what they must show is a difference of several times, not a few per cent."""
 BATCH_MIN_SAVING_SECONDS = 0.0001
 """CPU a merged row must save (against a call of its own) for the batcher to be worth its hand-off."""
 AUTO_BATCH_ROWS = 32
@@ -96,7 +99,7 @@ def decide_batching(key: str, one_row: Callable[[], object], merged: Callable[[]
     if remembered is not None and isinstance(remembered.get("max_batch_size"), int):
         return BatchingChoice(remembered["max_batch_size"], f"{remembered['basis']} (remembered for this machine)")
     single = median_cpu_seconds(one_row)
-    per_merged_row = median_cpu_seconds(merged) / BATCH_PROBE_ROWS
+    per_merged_row = median_cpu_seconds(merged, min_calls=MIN_MERGED_CALLS) / BATCH_PROBE_ROWS
     saving = single - per_merged_row
     rows = AUTO_BATCH_ROWS if saving >= BATCH_MIN_SAVING_SECONDS else 1
     choice = BatchingChoice(rows, f"a row costs {single * 1e6:.0f} µs of CPU alone and {per_merged_row * 1e6:.0f} µs "
@@ -106,12 +109,12 @@ def decide_batching(key: str, one_row: Callable[[], object], merged: Callable[[]
     return choice
 
 
-def median_cpu_seconds(call: Callable[[], object]) -> float:
+def median_cpu_seconds(call: Callable[[], object], min_calls: int = MIN_CALLS) -> float:
     """Median thread CPU time of repeated calls, after one untimed warm-up call."""
     call()
     samples: list[float] = []
     deadline = time.perf_counter() + TIMING_BUDGET_S
-    while len(samples) < MAX_CALLS and (len(samples) < MIN_CALLS or time.perf_counter() < deadline):
+    while len(samples) < MAX_CALLS and (len(samples) < min_calls or time.perf_counter() < deadline):
         start = time.thread_time()
         call()
         samples.append(time.thread_time() - start)
