@@ -22,6 +22,7 @@ function) and adds what REST already does, so both protocols behave the same:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -38,7 +39,9 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from predictors.protocol import observability
+from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
 from predictors.protocol.errors import ClientError, grpc_code
+from predictors.protocol.grpc_front import GRPCFront
 from predictors.protocol.lookup import ready_model, served_model
 from predictors.protocol.observability import observe_grpc, served_labels, set_traceparent
 from predictors.protocol.v2 import encode_grpc, parse_grpc
@@ -127,10 +130,15 @@ class GRPCEndpoint:
     """A ``grpc.aio`` server on ``host:port`` serving :class:`ClassifierServicer` behind ``interceptors``."""
 
     def __init__(self, host: str, port: int, data_plane: DataPlane, repository: ModelRepositoryExtension,
-                 interceptors: tuple, *, max_workers: int, max_send_bytes: int, max_receive_bytes: int,
-                 grace_period: float) -> None:
+                 api_key: APIKey | None, *, front: str, max_workers: int, max_send_bytes: int,
+                 max_receive_bytes: int, grace_period: float) -> None:
         self._servicer = ClassifierServicer(data_plane, repository)
-        self._interceptors = interceptors
+        self._api_key = api_key
+        self._front_name = front
+        self._host, self._port = host, port
+        self._max_send_bytes, self._max_receive_bytes = max_send_bytes, max_receive_bytes
+        self._front: GRPCFront | None = None
+        self._stopped: asyncio.Event | None = None
         self._options = [("grpc.max_send_message_length", max_send_bytes),
                          ("grpc.max_receive_message_length", max_receive_bytes)]
         self._max_workers = max_workers
@@ -140,18 +148,34 @@ class GRPCEndpoint:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` (the server is built here: ``grpc.aio`` binds to the running loop)."""
+        if self._front_name == "h2":
+            await self._serve_h2()
+            return
+        interceptors = () if self._api_key is None else (GRPCAuthInterceptor(self._api_key),)
         self._server = aio.server(futures.ThreadPoolExecutor(max_workers=self._max_workers),
-                                  interceptors=self._interceptors, options=self._options)
+                                  interceptors=interceptors, options=self._options)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
         self._server.add_insecure_port(self._address)
         await self._server.start()
         logger.info("gRPC server listening on %s", self._address)
         await self._server.wait_for_termination()
 
+    async def _serve_h2(self) -> None:
+        self._stopped = asyncio.Event()
+        self._front = GRPCFront(self._servicer, key=self._api_key, max_receive_bytes=self._max_receive_bytes,
+                                max_send_bytes=self._max_send_bytes)
+        await self._front.start(self._host, self._port)
+        logger.info("gRPC server (h2 front end) listening on %s", self._address)
+        await self._stopped.wait()
+
     async def stop(self) -> None:
         """Stop accepting; calls in flight get ``grace_period`` seconds to finish."""
         if self._server is not None:
             await self._server.stop(grace=self._grace_period)
+        if self._front is not None:
+            await self._front.stop(self._grace_period)
+        if self._stopped is not None:
+            self._stopped.set()
 
 
 def with_properties(response: pb.ModelMetadataResponse, properties: dict[str, str]) -> pb.ModelMetadataResponse:

@@ -46,7 +46,7 @@ from timing_asgi import TimingMiddleware
 from predictors.feedback.prediction_log import WriteBehindLog
 from predictors.models import ServingContext
 from predictors.package import LabelsFile, PackageError
-from predictors.protocol.auth import APIKey, GRPCAuthInterceptor
+from predictors.protocol.auth import APIKey
 from predictors.protocol.errors import BadInput, ClientError, UnknownModel
 from predictors.protocol.grpc_server import GRPCEndpoint
 from predictors.protocol.kserve_adapter import fastapi_app, parsed_flags, remove_middleware, uvicorn_server
@@ -242,11 +242,11 @@ class ClassifierServer(kserve.ModelServer):
             ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
-            interceptors = () if self.api_key is None else (GRPCAuthInterceptor(self.api_key),)
             flags = parsed_flags()
             self._grpc_server = GRPCEndpoint(
-                self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, interceptors,
-                max_workers=self.max_threads, max_send_bytes=flags.grpc_max_send_message_length,
+                self.settings.host, self.grpc_port, self.dataplane, self.model_repository_extension, self.api_key,
+                front=self.settings.grpc_front, max_workers=self.max_threads,
+                max_send_bytes=flags.grpc_max_send_message_length,
                 max_receive_bytes=flags.grpc_max_receive_message_length, grace_period=self.grace_period)
             self.servers.append(self._grpc_server.serve())
         self.register_signal_handler()
