@@ -32,7 +32,9 @@ from bench.mlserver import PINS, mlserver
 
 ROW = [5.9, 3.0, 5.1, 1.8]
 CASES: list[tuple[Protocol, int]] = [("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16)]
+GRPC_CASES = [case for case in CASES if case[0] == "grpc"]
 OURS = "ours"
+OURS_H2 = "ours, --grpc-front h2"
 MLSERVER = "MLServer 1.7.1, parallel_workers={}"
 KSERVE = "KServe 0.21 (stock)"
 PEERS = (MLSERVER.format(0), MLSERVER.format(1), KSERVE)
@@ -135,14 +137,15 @@ def grpc_body(model: str) -> bytes:
     return pb.ModelInferRequest(model_name=model, inputs=inputs).SerializeToString()
 
 
-def _contender(label: str, svc: Any, model: str, requests: int) -> Contender:
+def _contender(label: str, svc: Any, model: str, requests: int,
+               cases: list[tuple[Protocol, int]] | None = None) -> Contender:
     def body(protocol: Protocol) -> bytes:
         return rest_body(model) if protocol == "rest" else grpc_body(model)
 
     def target(protocol: Protocol) -> str:
         return f"{svc.http_url}/v2/models/{model}/infer" if protocol == "rest" else svc.grpc_target
 
-    return Contender(label, svc, body, target, requests=requests)
+    return Contender(label, svc, body, target, cases=cases, requests=requests)
 
 
 def _requests_for(url: str, body: bytes, seconds: float, floor: int = 200, ceiling: int = 4000) -> int:
@@ -173,8 +176,12 @@ def run(requests_seconds: float = 3.0, rounds: int = 3, quick: bool = False, onl
         with ExitStack() as stack:
             ours = stack.enter_context(our_server(f"zoo-ours-{model}", root / "models" / model,
                                                   env={"KCP_EXECUTION_CACHE": ""}))
-            contenders = [_contender(OURS, ours, model, _requests_for(f"{ours.http_url}/v2/models/{model}/infer",
-                                                                      rest_body(model), requests_seconds))]
+            requests = _requests_for(f"{ours.http_url}/v2/models/{model}/infer", rest_body(model), requests_seconds)
+            ours_h2 = stack.enter_context(our_server(f"zoo-ours-h2-{model}", root / "models" / model,
+                                                     extra_args=["--grpc-front", "h2"],
+                                                     env={"KCP_EXECUTION_CACHE": ""}))
+            contenders = [_contender(OURS, ours, model, requests),
+                          _contender(OURS_H2, ours_h2, model, requests, cases=GRPC_CASES)]
             if not facts.get("ours_only"):
                 peers = [(MLSERVER.format(workers), stack.enter_context(mlserver(
                     f"zoo-{model}-w{workers}", facts["file"], model_name=model, parallel_workers=workers)))
@@ -186,7 +193,8 @@ def run(requests_seconds: float = 3.0, rounds: int = 3, quick: bool = False, onl
                     contenders.append(_contender(label, svc, model, _requests_for(url, rest_body(model),
                                                                                    requests_seconds)))
             for row in interleave(contenders, CASES, 0, rounds):
-                rows.append({**row, "model": model, "runtime": facts["runtime"] if row["server"] == OURS else None})
+                rows.append({**row, "model": model,
+                             "runtime": facts["runtime"] if row["server"] in (OURS, OURS_H2) else None})
     targets = _targets(rows)
     text = table(
         f"Model zoo over V2 — median of {rounds} interleaved rounds of about {requests_seconds:.0f} s at one client; "
@@ -211,9 +219,14 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     targets: dict[str, dict[str, Any]] = {}
     by_key = {(r["model"], r["server"], r["protocol"], r["concurrency"]): r for r in rows}
     for (model, server, protocol, conc), ours in by_key.items():
-        if server != OURS:
+        if server not in (OURS, OURS_H2):
             continue
         peers = [by_key[(model, p, protocol, conc)] for p in PEERS if (model, p, protocol, conc) in by_key]
+        if server == OURS_H2:  # shown next to the default front end, not counted against the targets
+            if peers:
+                ours["ratio"] = ours["throughput"] / max(p["throughput"] for p in peers)
+                ours["cpu_ratio"] = ours["server_cpu_ms"] / min(p["server_cpu_ms"] for p in peers)
+            continue
         if conc == 16:
             targets[f"{model}_{protocol}_c16_p99_le_25ms"] = _target(ours["p99_ms"], 25.0, at_most=True)
         if not peers:
