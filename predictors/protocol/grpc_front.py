@@ -121,7 +121,8 @@ class GRPCFront:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: GRPCConnection(self), host, port)
+        # SO_REUSEPORT, as grpc's own servers set it: --workers N processes share the port.
+        self._server = await loop.create_server(lambda: GRPCConnection(self), host, port, reuse_port=True)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, tell every client with ``GOAWAY``, let calls in flight finish within ``grace``."""
