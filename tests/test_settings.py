@@ -143,7 +143,8 @@ def test_every_flag_of_the_settings_is_on_serve() -> None:
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     options = {o for action in serve._actions for o in action.option_strings}
     flags = [flag_of(f) for f in ServerSettings.model_fields.values() if flag_of(f)]
-    assert set(flags) == {"--host", "--max_batch_size", "--max_latency_ms", "--metrics-auth", "--access-log"}
+    assert set(flags) == {"--host", "--max_batch_size", "--max_latency_ms", "--metrics-auth", "--access-log",
+                          "--grpc-front"}
     assert set(flags) <= options
 
 
@@ -199,7 +200,7 @@ def test_help_runs_without_tensorflow_and_shows_only_flags_that_work() -> None:
             "--workers", "--http_port", "--grpc_port"} <= shown
     assert "KCP_HOST" in serve
     kserve_shown = shown - {"--host", "--max_batch_size", "--max_latency_ms", "--metrics-auth", "--access-log",
-                            "--model_dir", "--help", "--event-loop", "--timeout-keep-alive"}
+                            "--grpc-front", "--model_dir", "--help", "--event-loop", "--timeout-keep-alive"}
     assert {f.lstrip("-") for f in kserve_shown} <= KSERVE_FLAGS_USED
 
 
