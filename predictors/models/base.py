@@ -126,8 +126,10 @@ class PackageModel(Model):
     def load(self) -> bool:
         """Load the artifact, check it against the package, warm it up, and start batching if enabled."""
         self.load_artifact()
-        self.inline_max_rows = INLINE_MAX_ROWS if self._decide_inline() else 0
-        self.batching = self._decide_batching()
+        key = execution.package_key(self.name, self.config.version, self.config.framework, self.runtime,
+                                    execution.file_fingerprint(self.package.artifact_path))
+        self.inline_max_rows = INLINE_MAX_ROWS if self._decide_inline(key) else 0
+        self.batching = self._decide_batching(key)
         size = self.batching.max_batch_size
         if size > 1:
             latency = (self.context.settings.max_latency_ms
@@ -136,18 +138,14 @@ class PackageModel(Model):
         self.ready = True
         return self.ready
 
-    def _package_key(self) -> str:
-        return execution.package_key(self.name, self.config.version, self.config.framework, self.runtime,
-                                     execution.file_fingerprint(self.package.artifact_path))
-
-    def _decide_batching(self) -> execution.BatchingChoice:
+    def _decide_batching(self, key: str) -> execution.BatchingChoice:
         """The server flag, else config.json, else timing (:func:`execution.decide_batching`)."""
         if self.context.settings.max_batch_size is not None:
             return execution.BatchingChoice(self.context.settings.max_batch_size, "the server's --max_batch_size")
         rows = execution.BATCH_PROBE_ROWS
         one, merged = self.sample_features(), self.sample_batch(rows)
         choice = execution.decide_batching(
-            self._package_key(), lambda: self.predict_array(one), lambda: self.predict_array(merged),
+            key, lambda: self.predict_array(one), lambda: self.predict_array(merged),
             configured=self.config.batching.max_batch_size, cache=self.context.settings.execution_cache,
             never=self.batching_refusal())
         logger.info("model %s: %s (%s)", self.name, f"batching up to {choice.max_batch_size} rows"
@@ -162,12 +160,12 @@ class PackageModel(Model):
         """``rows`` feature rows for timing a merged call: the one-row sample repeated."""
         return np.repeat(self.sample_features(), rows, axis=0)
 
-    def _decide_inline(self) -> bool:
+    def _decide_inline(self, key: str) -> bool:
         """Whether ``predict`` runs on the event loop (:mod:`predictors.models.execution`); logged, and
         shown in the model metadata."""
         sample = self.sample_features()
         self.execution = execution.decide(
-            self._package_key(), lambda: self.predict_array(sample), override=self.config.inline_predict,
+            key, lambda: self.predict_array(sample), override=self.config.inline_predict,
             cache=self.context.settings.execution_cache,
             never_inline=None if self.inline_candidate else f"{self.config.framework} computes outside the GIL")
         logger.info("model %s: predict runs %s (%s)", self.name,

@@ -40,6 +40,7 @@ DEFAULT_OVERLAP_S = 300.0
 RECHECK_S = 1.0
 """Least time between two looks at the key file (a ``stat`` on the request path, no read unless changed)."""
 
+GRPC_KEY_REFUSED = "missing or invalid API key: send 'authorization: Bearer <key>' metadata"
 OPEN_GRPC_METHODS = frozenset({
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
@@ -127,20 +128,23 @@ class GRPCAuthInterceptor(ServerInterceptor):
         self.key = key
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        if handler_call_details.method in OPEN_GRPC_METHODS:
-            return await continuation(handler_call_details)
-        metadata = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())
-                    if isinstance(v, str)}
-        if self.key.matches(APIKey.presented(metadata.get("x-api-key"), metadata.get("authorization"))):
+        if grpc_call_allowed(self.key, handler_call_details.method, handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         return _deny_like(handler)
 
 
+def grpc_call_allowed(key: APIKey, method: str, metadata: Any) -> bool:
+    """Whether a gRPC call to ``method`` may run: open methods always, others with the key in ``metadata``."""
+    if method in OPEN_GRPC_METHODS:
+        return True
+    text = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+    return key.matches(APIKey.presented(text.get("x-api-key"), text.get("authorization")))
+
+
 def _deny_like(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or invalid API key: send 'authorization: Bearer <key>' metadata")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, GRPC_KEY_REFUSED)
 
     if handler is not None and handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny)

@@ -38,7 +38,7 @@ from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
-from predictors.protocol.auth import OPEN_GRPC_METHODS, APIKey
+from predictors.protocol.auth import GRPC_KEY_REFUSED, APIKey, grpc_call_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +244,8 @@ class GRPCConnection(asyncio.Protocol):
         elif encoding not in (b"identity", b""):
             self._refuse(stream_id, call, _Status(grpc.StatusCode.UNIMPLEMENTED,
                                                   f"grpc-encoding {encoding.decode('latin-1')} is not supported"))
-        elif self.front.key is not None and path not in OPEN_GRPC_METHODS and not self._authorised(metadata):
-            self._refuse(stream_id, call, _Status(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid API key: send 'authorization: Bearer <key>' metadata"))
-
-    def _authorised(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
-        text = {k: v for k, v in metadata if isinstance(v, str)}
-        assert self.front.key is not None
-        return self.front.key.matches(APIKey.presented(text.get("x-api-key"), text.get("authorization")))
+        elif self.front.key is not None and not grpc_call_allowed(self.front.key, path, metadata):
+            self._refuse(stream_id, call, _Status(grpc.StatusCode.UNAUTHENTICATED, GRPC_KEY_REFUSED))
 
     def _refuse(self, stream_id: int, call: _Call, status: _Status) -> None:
         """Answer at once and ignore the rest of the request (its bytes are still acknowledged)."""

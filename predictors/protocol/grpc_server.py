@@ -127,7 +127,8 @@ class ClassifierServicer(InferenceServicer):
 
 
 class GRPCEndpoint:
-    """A ``grpc.aio`` server on ``host:port`` serving :class:`ClassifierServicer` behind ``interceptors``."""
+    """:class:`ClassifierServicer` on ``host:port`` behind the chosen front end: ``grpc.aio`` (with the API key as
+    an interceptor) or :class:`~predictors.protocol.grpc_front.GRPCFront` (``h2``)."""
 
     def __init__(self, host: str, port: int, data_plane: DataPlane, repository: ModelRepositoryExtension,
                  api_key: APIKey | None, *, front: str, max_workers: int, max_send_bytes: int,
