@@ -34,7 +34,7 @@ ROW = [5.9, 3.0, 5.1, 1.8]
 CASES: list[tuple[Protocol, int]] = [("rest", 1), ("rest", 16), ("grpc", 1), ("grpc", 16)]
 GRPC_CASES = [case for case in CASES if case[0] == "grpc"]
 OURS = "ours"
-OURS_H2 = "ours, --grpc-front h2"
+OURS_GRPCIO = "ours, --grpc-front grpcio"
 MLSERVER = "MLServer 1.7.1, parallel_workers={}"
 KSERVE = "KServe 0.21 (stock)"
 PEERS = (MLSERVER.format(0), MLSERVER.format(1), KSERVE)
@@ -177,11 +177,11 @@ def run(requests_seconds: float = 3.0, rounds: int = 3, quick: bool = False, onl
             ours = stack.enter_context(our_server(f"zoo-ours-{model}", root / "models" / model,
                                                   env={"KCP_EXECUTION_CACHE": ""}))
             requests = _requests_for(f"{ours.http_url}/v2/models/{model}/infer", rest_body(model), requests_seconds)
-            ours_h2 = stack.enter_context(our_server(f"zoo-ours-h2-{model}", root / "models" / model,
-                                                     extra_args=["--grpc-front", "h2"],
-                                                     env={"KCP_EXECUTION_CACHE": ""}))
+            ours_grpcio = stack.enter_context(our_server(f"zoo-ours-grpcio-{model}", root / "models" / model,
+                                                         extra_args=["--grpc-front", "grpcio"],
+                                                         env={"KCP_EXECUTION_CACHE": ""}))
             contenders = [_contender(OURS, ours, model, requests),
-                          _contender(OURS_H2, ours_h2, model, requests, cases=GRPC_CASES)]
+                          _contender(OURS_GRPCIO, ours_grpcio, model, requests, cases=GRPC_CASES)]
             if not facts.get("ours_only"):
                 peers = [(MLSERVER.format(workers), stack.enter_context(mlserver(
                     f"zoo-{model}-w{workers}", facts["file"], model_name=model, parallel_workers=workers)))
@@ -194,7 +194,7 @@ def run(requests_seconds: float = 3.0, rounds: int = 3, quick: bool = False, onl
                                                                                    requests_seconds)))
             for row in interleave(contenders, CASES, 0, rounds):
                 rows.append({**row, "model": model,
-                             "runtime": facts["runtime"] if row["server"] in (OURS, OURS_H2) else None})
+                             "runtime": facts["runtime"] if row["server"] in (OURS, OURS_GRPCIO) else None})
     targets = _targets(rows)
     text = table(
         f"Model zoo over V2 — median of {rounds} interleaved rounds of about {requests_seconds:.0f} s at one client; "
@@ -219,10 +219,10 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     targets: dict[str, dict[str, Any]] = {}
     by_key = {(r["model"], r["server"], r["protocol"], r["concurrency"]): r for r in rows}
     for (model, server, protocol, conc), ours in by_key.items():
-        if server not in (OURS, OURS_H2):
+        if server not in (OURS, OURS_GRPCIO):
             continue
         peers = [by_key[(model, p, protocol, conc)] for p in PEERS if (model, p, protocol, conc) in by_key]
-        if server == OURS_H2:  # shown next to the default front end, not counted against the targets
+        if server == OURS_GRPCIO:  # shown next to the default front end, not counted against the targets
             if peers:
                 ours["ratio"] = ours["throughput"] / max(p["throughput"] for p in peers)
                 ours["cpu_ratio"] = ours["server_cpu_ms"] / min(p["server_cpu_ms"] for p in peers)

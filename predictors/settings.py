@@ -166,9 +166,9 @@ class ServerSettings(_Settings):
     model_threads: int = Field(default=1, ge=1, le=256,
                                description="threads one model call may use (onnxruntime, scikit-learn's OpenMP and "
                                            "BLAS); 1 leaves the other cores to concurrent requests and workers")
-    grpc_front: Literal["grpcio", "h2"] = Field(
-        default="grpcio", description="the gRPC front end: grpcio (grpc.aio, grpc's C core) or h2 (HTTP/2 read on "
-                                      "the server's event loop, predictors.protocol.grpc_front)",
+    grpc_front: Literal["asyncio", "grpcio"] = Field(
+        default="asyncio", description="the gRPC front end: asyncio (HTTP/2 read on the server's event loop, "
+                                       "predictors.protocol.grpc_front) or grpcio (grpc.aio, grpc's C core)",
         json_schema_extra={"flag": "--grpc-front"})
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one JSON object per log line, for log shippers "

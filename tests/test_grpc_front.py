@@ -1,4 +1,5 @@
-"""The h2 gRPC front end (``--grpc-front h2``) against grpcio clients, over real sockets.
+"""The asyncio gRPC front end (the default, ``--grpc-front asyncio``) against grpcio and raw HTTP/2 clients, over
+real sockets.
 
 The servicer behind it is the one ``grpc.aio`` serves (the servicer's own tests run against both front ends
 with ``KCP_GRPC_FRONT``); these tests cover what the front end itself owns: HTTP/2 framing and flow control,
@@ -29,7 +30,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     models = tmp_path_factory.mktemp("front-models")
     (models / "iris").symlink_to(TRAINED_MODELS / "iris", target_is_directory=True)
     tmp = tmp_path_factory.mktemp("front-server")
-    with start_model_server(models, tmp, extra_args=["--grpc-front", "h2", "--grpc_max_receive_message_length",
+    with start_model_server(models, tmp, extra_args=["--grpc-front", "asyncio", "--grpc_max_receive_message_length",
                                                      str(64 * 1024)]) as server:
         yield server
 
@@ -59,7 +60,7 @@ def test_answers_as_rest_does_and_reports_itself_in_the_log(served):
         assert stub.ModelMetadata(pb.ModelMetadataRequest(name="iris"), timeout=10).versions
         response = stub.ModelInfer(infer_request(ROWS), timeout=10)
     assert labels(response) == rest_labels(served, ROWS)
-    assert "h2 front end" in served.log()
+    assert "asyncio front end" in served.log()
 
 
 def test_many_concurrent_calls_on_one_connection_each_get_their_own_answer(served):
@@ -100,7 +101,8 @@ def test_a_message_that_is_not_the_request_type_is_refused_and_the_server_goes_o
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as refused:
             call(b"\xff\xff\xff\xff not a protobuf message", timeout=10)
-        assert refused.value.code() == grpc.StatusCode.INTERNAL
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid ModelInfer request message" in refused.value.details()
         assert labels(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=10))
 
 
@@ -199,11 +201,12 @@ def test_a_client_that_does_not_speak_http2_is_disconnected_and_others_are_serve
         assert labels(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=10))
 
 
-def test_the_api_key_is_required_except_for_health(tmp_path: Path):
+@pytest.mark.parametrize("front", ["asyncio", "grpcio"])
+def test_the_api_key_is_required_except_for_health(tmp_path: Path, front: str):
     models = tmp_path / "models"
     models.mkdir()
     (models / "iris").symlink_to(TRAINED_MODELS / "iris", target_is_directory=True)
-    with start_model_server(models, tmp_path, api_key=KEY, extra_args=["--grpc-front", "h2"]) as server, \
+    with start_model_server(models, tmp_path, api_key=KEY, extra_args=["--grpc-front", front]) as server, \
             grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live

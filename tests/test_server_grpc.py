@@ -1,4 +1,5 @@
-"""V2 gRPC against the real server, with raw stubs built from the shared proto and with KServe's client."""
+"""V2 gRPC against the real server, with raw stubs built from the shared proto and with KServe's client, through
+both gRPC front ends (the default asyncio one, and grpcio's)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,26 @@ import numpy as np
 import pytest
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
+from tests.fixtures.server import TRAINED_MODELS, start_model_server
 from tests.support.v2 import png_bytes, raw_stub, split_bytes_tensor
 
 SETOSA = [5.1, 3.5, 1.4, 0.2]
 
 
+@pytest.fixture(scope="module", params=["asyncio", "grpcio"])
+def served(request, model_server, tmp_path_factory):
+    """The session's server (default front end), or one of its own on grpcio's."""
+    if request.param == "asyncio":
+        yield model_server
+        return
+    with start_model_server(TRAINED_MODELS, tmp_path_factory.mktemp("grpcio-front"),
+                            extra_args=["--grpc-front", "grpcio"]) as handle:
+        yield handle
+
+
 @pytest.fixture(scope="module")
-def stub(model_server):
-    channel = grpc.insecure_channel(model_server.grpc_target)
+def stub(served):
+    channel = grpc.insecure_channel(served.grpc_target)
     yield raw_stub(channel)
     channel.close()
 
@@ -106,9 +119,9 @@ def test_bad_requests_map_to_grpc_codes(stub, model, tensor_args, code):
     assert err.value.details()
 
 
-def test_kserve_grpc_client(model_server):
+def test_kserve_grpc_client(served):
     async def run() -> list[int]:
-        client = InferenceGRPCClient(model_server.grpc_target)
+        client = InferenceGRPCClient(served.grpc_target)
         try:
             tensor = InferInput("input-0", [1, 4], "FP32")
             tensor.set_data_from_numpy(np.asarray([SETOSA], dtype=np.float32))

@@ -1,43 +1,30 @@
-"""The V2 gRPC endpoint on the server's own event loop: HTTP/2 spoken with the ``h2`` library.
+"""The V2 gRPC endpoint on the server's own event loop (the default front end, ``--grpc-front asyncio``).
 
-``grpc.aio`` runs every call through grpc's C core, a poller thread and a wake-up of the event
-loop, which on a small model costs more than the model and our whole request path together. This
-front end reads the HTTP/2 frames on the loop's own sockets, hands each unary call to the same
-servicer (:class:`~predictors.protocol.grpc_server.ClassifierServicer`: the same methods, errors and
-metrics as under ``grpc.aio``) and writes the answer back, with what gRPC over HTTP/2 asks of a
-server: ``grpc-timeout`` deadlines, cancellation by ``RST_STREAM``, flow control for large answers,
-message size limits, ``grpc-status`` / ``grpc-message`` trailers, the API key and a graceful
-``GOAWAY`` on stop. Only unary calls exist in the V2 service, so only those are served.
+``grpc.aio`` runs every call through grpc's C core, a poller thread and a wake-up of the event loop, which on a
+small model costs more than the model and our whole request path together. This front end reads HTTP/2 on the
+loop's own sockets (:mod:`predictors.protocol.http2`), hands each unary call to the same servicer
+(:class:`~predictors.protocol.grpc_server.ClassifierServicer`: the same methods, errors and metrics as under
+``grpc.aio``) and writes the answer back, with what gRPC over HTTP/2 asks of a server: ``grpc-timeout``
+deadlines, cancellation by ``RST_STREAM``, flow control for large answers, message size limits, ``grpc-status`` /
+``grpc-message`` trailers, the API key and a graceful ``GOAWAY`` on stop. Only unary calls exist in the V2
+service, so only those are served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
-from h2.settings import SettingCodes
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 
+from predictors.protocol import http2
 from predictors.protocol.auth import GRPC_KEY_REFUSED, APIKey, grpc_call_allowed
 
 logger = logging.getLogger(__name__)
@@ -45,10 +32,12 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_LIST_BYTES = 16 * 1024
 """Metadata one call may carry (grpc's own hard limit)."""
 MAX_CONCURRENT_STREAMS = 256
-"""Calls one connection may have open at once (announced in SETTINGS; h2 refuses streams beyond it)."""
+"""Calls one connection may have open at once (announced in SETTINGS; streams beyond it are refused)."""
 CONNECTION_BUFFER_MESSAGES = 4
 """Request bytes one connection may hold unfinished, in messages of the largest size allowed: a client that opens
 many streams and never ends them cannot make the server buffer more than this."""
+_RESPONSE_HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+_OK_TRAILERS = [(b"grpc-status", b"0")]
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _RESERVED = frozenset({"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"})
 
@@ -142,11 +131,14 @@ class GRPCConnection(asyncio.Protocol):
 
     def __init__(self, front: GRPCFront) -> None:
         self.front = front
-        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.http2 = http2.ServerConnection(max_concurrent_streams=MAX_CONCURRENT_STREAMS,
+                                         max_header_list_size=MAX_HEADER_LIST_BYTES)
         self.calls: dict[int, _Call] = {}
         self.buffered = 0  # bytes of request bodies not yet handed to their call
         self.transport: asyncio.Transport | None = None
         self._window_open: asyncio.Event | None = None
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
         self._peer = ""
 
     # -- connection ------------------------------------------------------------------------------
@@ -157,9 +149,6 @@ class GRPCConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.front.connections.add(self)
-        self.h2.local_settings.update({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                                       SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES})
-        self.h2.initiate_connection()
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,48 +164,59 @@ class GRPCConnection(asyncio.Protocol):
         return [c.task for c in self.calls.values() if c.task is not None and not c.task.done()]
 
     def go_away(self) -> None:
-        try:
-            self.h2.close_connection(ErrorCodes.NO_ERROR)
-        except ProtocolError:
-            return
+        self.http2.close()
         self._flush()
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush()
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.h2.receive_data(data)
-        except ProtocolError as exc:  # the client broke HTTP/2: h2 has queued the GOAWAY
+            events = self.http2.receive(data)
+        except http2.ConnectionError as exc:  # the client broke HTTP/2: the GOAWAY is queued
             logger.debug("gRPC connection from %s closed: %s", self._peer, exc)
-            self._flush()
             self.close()
             return
         for event in events:
-            if isinstance(event, RequestReceived):
+            if isinstance(event, http2.DataReceived):
+                self._body(event.stream_id, event.data)
+                if event.ended:
+                    self._dispatch(event.stream_id)
+            elif isinstance(event, http2.RequestReceived):
                 self._begin(event.stream_id, event.headers)
-            elif isinstance(event, DataReceived):
-                self._body(event.stream_id, event.data, event.flow_controlled_length)
-            elif isinstance(event, StreamEnded):
-                self._dispatch(event.stream_id)
-            elif isinstance(event, StreamReset):
+                if event.ended:
+                    self._dispatch(event.stream_id)
+            elif isinstance(event, http2.StreamReset):
                 call = self.calls.pop(event.stream_id, None)
                 if call is not None:
                     self._release(call)
                     if call.task is not None:
                         call.task.cancel()
-            elif isinstance(event, (WindowUpdated, RemoteSettingsChanged)):
+            elif isinstance(event, http2.WindowOpened):
                 if self._window_open is not None:
                     self._window_open.set()
-            elif isinstance(event, ConnectionTerminated):
+            elif isinstance(event, http2.ClientGoingAway):
                 self.close()
-        self._flush()
+        self._flush_soon()
 
     def _flush(self) -> None:
-        out = self.h2.data_to_send()
+        """Write what the connection has queued now."""
+        self._flush_scheduled = False
+        out = self.http2.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
+
+    def _flush_soon(self) -> None:
+        """Write what the connection has queued once this turn of the event loop is over, when other calls on
+        the connection are still running: the answers that complete in one turn then leave in one write (one
+        system call, one wake-up of the client) instead of one each. A lone call's answer is written at once."""
+        if len(self.calls) <= 1:
+            self._flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class GRPCConnection(asyncio.Protocol):
             return
         try:
             timeout = _timeout(next((v for k, v in fields if k == "grpc-timeout"), None))
-            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            deadline = None if timeout is None else self._loop.time() + timeout
             encoding = next((v for k, v in fields if k == "grpc-encoding"), b"identity")
             metadata = tuple(_metadata(k, v) for k, v in fields if k not in _RESERVED)
         except _Status as status:
@@ -257,10 +257,7 @@ class GRPCConnection(asyncio.Protocol):
         self.buffered -= len(call.body)
         call.body = bytearray()
 
-    def _body(self, stream_id: int, data: bytes, flow_controlled: int) -> None:
-        if flow_controlled:
-            with contextlib.suppress(StreamClosedError, ProtocolError):
-                self.h2.acknowledge_received_data(flow_controlled, stream_id)
+    def _body(self, stream_id: int, data: bytes) -> None:
         call = self.calls.get(stream_id)
         if call is None or call.refused:
             return
@@ -282,7 +279,7 @@ class GRPCConnection(asyncio.Protocol):
                 self._release(call)
             self.calls.pop(stream_id, None)
             return
-        call.task = asyncio.get_running_loop().create_task(self._run(stream_id, call))
+        call.task = self._loop.create_task(self._run(stream_id, call))
 
     async def _run(self, stream_id: int, call: _Call) -> None:
         handler = self.front.methods[call.path.decode("latin-1")]
@@ -290,12 +287,17 @@ class GRPCConnection(asyncio.Protocol):
         try:
             body = bytes(call.body)
             self._release(call)
-            request = handler.request_deserializer(_message(body))
+            try:
+                request = handler.request_deserializer(_message(body))
+            except DecodeError as exc:
+                raise _Status(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid {call.path.decode('latin-1').rpartition('/')[2]} "
+                              f"request message: {exc}") from exc
             if call.deadline is None:
                 response = await handler.unary_unary(request, context)
             else:
                 async with asyncio.timeout_at(call.deadline):
-                    if call.deadline <= asyncio.get_running_loop().time():
+                    if call.deadline <= self._loop.time():
                         raise TimeoutError
                     response = await handler.unary_unary(request, context)
             payload = handler.response_serializer(response)
@@ -322,25 +324,25 @@ class GRPCConnection(asyncio.Protocol):
 
     async def _respond(self, stream_id: int, payload: bytes) -> None:
         framed = b"\x00" + len(payload).to_bytes(4, "big") + payload
-        try:
-            self.h2.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")])
-            sent = 0
-            while sent < len(framed):
-                window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
-                if window <= 0:
-                    self._flush()
-                    await self._wait_for_window()
-                    continue
-                self.h2.send_data(stream_id, framed[sent:sent + window])
-                sent += window
-            self.h2.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
-        except (StreamClosedError, FlowControlError, ProtocolError):
+        if not self.http2.send_headers(stream_id, _RESPONSE_HEADERS):
             return  # the client reset the stream or went away
-        self._flush()
+        sent = 0
+        while sent < len(framed):
+            window = self.http2.send_window(stream_id)
+            if window <= 0:
+                if not self.http2.is_open(stream_id):
+                    return
+                self._flush()
+                await self._wait_for_window()
+                continue
+            self.http2.send_data(stream_id, framed[sent:sent + window])
+            sent += window
+        self.http2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+        self._flush_soon()
 
     async def _wait_for_window(self) -> None:
         if self.transport is None or self.transport.is_closing():
-            raise StreamClosedError(0)
+            return
         if self._window_open is None:
             self._window_open = asyncio.Event()
         self._window_open.clear()
@@ -352,18 +354,12 @@ class GRPCConnection(asyncio.Protocol):
                    (b"grpc-status", str(status.code.value[0]).encode())]
         if status.details:
             headers.append((b"grpc-message", urllib.parse.quote(status.details, safe=" !#$&'()*+,/:;=?@[]~").encode()))
-        try:
-            self.h2.send_headers(stream_id, headers, end_stream=True)
-        except (StreamClosedError, ProtocolError):
-            return
+        self.http2.send_headers(stream_id, headers, end_stream=True)
         self._flush()
 
     def _respond_http(self, stream_id: int, status: bytes) -> None:
         self.calls[stream_id] = _Call(b"", (), None, refused=True)
-        try:
-            self.h2.send_headers(stream_id, [(b":status", status)], end_stream=True)
-        except (StreamClosedError, ProtocolError):
-            return
+        self.http2.send_headers(stream_id, [(b":status", status)], end_stream=True)
         self._flush()
 
 

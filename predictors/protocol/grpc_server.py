@@ -128,7 +128,7 @@ class ClassifierServicer(InferenceServicer):
 
 class GRPCEndpoint:
     """:class:`ClassifierServicer` on ``host:port`` behind the chosen front end: ``grpc.aio`` (with the API key as
-    an interceptor) or :class:`~predictors.protocol.grpc_front.GRPCFront` (``h2``)."""
+    an interceptor) or :class:`~predictors.protocol.grpc_front.GRPCFront` (``asyncio``)."""
 
     def __init__(self, host: str, port: int, data_plane: DataPlane, repository: ModelRepositoryExtension,
                  api_key: APIKey | None, *, front: str, max_workers: int, max_send_bytes: int,
@@ -149,8 +149,8 @@ class GRPCEndpoint:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop` (the server is built here: ``grpc.aio`` binds to the running loop)."""
-        if self._front_name == "h2":
-            await self._serve_h2()
+        if self._front_name == "asyncio":
+            await self._serve_asyncio()
             return
         interceptors = () if self._api_key is None else (GRPCAuthInterceptor(self._api_key),)
         self._server = aio.server(futures.ThreadPoolExecutor(max_workers=self._max_workers),
@@ -158,15 +158,15 @@ class GRPCEndpoint:
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._server)
         self._server.add_insecure_port(self._address)
         await self._server.start()
-        logger.info("gRPC server listening on %s", self._address)
+        logger.info("gRPC server (grpcio front end) listening on %s", self._address)
         await self._server.wait_for_termination()
 
-    async def _serve_h2(self) -> None:
+    async def _serve_asyncio(self) -> None:
         self._stopped = asyncio.Event()
         self._front = GRPCFront(self._servicer, key=self._api_key, max_receive_bytes=self._max_receive_bytes,
                                 max_send_bytes=self._max_send_bytes)
         await self._front.start(self._host, self._port)
-        logger.info("gRPC server (h2 front end) listening on %s", self._address)
+        logger.info("gRPC server (asyncio front end) listening on %s", self._address)
         await self._stopped.wait()
 
     async def stop(self) -> None:
