@@ -89,6 +89,23 @@ def test_the_scikit_learn_runtime_answers_exactly_as_the_estimator(iris, kind):
         assert np.array_equal(served(rows), estimator.predict_proba(rows))
 
 
+def test_only_a_plain_scikit_learn_estimator_skips_the_finiteness_check(iris):
+    """Decoding refuses non-finite input, so a plain estimator (which sees that input itself) need not check it
+    again; a pipeline, an estimator with a function parameter and a class of the user's own keep the check."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    from predictors.models.tabular import _sees_only_the_request
+
+    class OwnClassifier(ClassifierMixin, BaseEstimator):
+        pass
+
+    assert _sees_only_the_request(KNeighborsClassifier(5))
+    assert _sees_only_the_request(LogisticRegression())
+    assert not _sees_only_the_request(make_pipeline(StandardScaler(), LogisticRegression()))
+    assert not _sees_only_the_request(KNeighborsClassifier(5, weights=lambda d: 1 / d))
+    assert not _sees_only_the_request(OwnClassifier())
+
+
 def test_the_scikit_learn_runtime_refuses_what_the_estimator_refuses(iris):
     """Finite input a pipeline step overflows to infinity: scikit-learn's check on the next step must still refuse
     it (the server answers that request alone with an error), not hand back NaN probabilities."""

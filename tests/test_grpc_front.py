@@ -261,3 +261,25 @@ def test_streams_that_never_finish_cannot_make_one_connection_buffer_without_bou
         with grpc.insecure_channel(served.grpc_target) as channel:
             assert labels(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=10))
     assert statuses == dict.fromkeys(streams[fit:], exhausted)
+
+
+def test_a_client_that_does_not_read_its_answers_is_not_buffered_for_without_bound(served):
+    """PING after PING without reading one acknowledgement: once the server's unsent bytes pass the transport's
+    high-water mark it stops reading that connection, so the client's sends stall instead of the server's memory
+    growing; other clients are served meanwhile."""
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    chunk = ping * 4096  # 68 KiB
+    sent = 0
+    with socket.create_connection(("127.0.0.1", served.grpc_port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        sock.settimeout(3)
+        try:
+            while sent < 256 * 1024 * 1024:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            pass
+        assert sent < 256 * 1024 * 1024, "the server read every PING while its answers piled up unsent"
+        with grpc.insecure_channel(served.grpc_target) as channel:
+            assert labels(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(ROWS), timeout=10))

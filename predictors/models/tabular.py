@@ -146,14 +146,31 @@ def _column(tensor: Tensor, datatype: str) -> np.ndarray:
 def sklearn_predict_proba(estimator: Any, *, matrix: bool) -> Callable[[Features], np.ndarray]:
     """``predict_proba`` without scikit-learn's per-call re-validation of the estimators' parameters, which were
     validated when it was fitted (``skip_parameter_validation``). The answers are the same; the call does less
-    Python work. Finiteness checks stay on: a pipeline's own steps can make an infinity out of finite input.
+    Python work. Finiteness is checked again only where it can have changed: a pipeline's later steps see what its
+    earlier steps made of the input (a step can overflow finite input to infinity), while a plain estimator sees
+    the request's array itself, which decoding has already checked (:func:`_sees_only_the_request`).
     ``matrix``: the features come as one array, else as columns (:class:`ColumnBatch`, handed over as a frame)."""
+    config = {"skip_parameter_validation": True, "assume_finite": matrix and _sees_only_the_request(estimator)}
 
     def predict_proba(batch: Features) -> np.ndarray:
-        with sklearn.config_context(skip_parameter_validation=True):
+        with sklearn.config_context(**config):
             return estimator.predict_proba(batch if matrix else batch.to_frame())
 
     return predict_proba
+
+
+def _sees_only_the_request(estimator: Any) -> bool:
+    """A scikit-learn estimator with no estimator or function among its parameters: nothing runs before it that
+    could make an infinity out of the checked input."""
+    if not type(estimator).__module__.startswith("sklearn."):
+        return False
+    return not any(_runs_code(value) for value in estimator.get_params(deep=True).values())
+
+
+def _runs_code(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_runs_code(item) for item in value)
+    return callable(value) or hasattr(value, "fit")
 
 
 def _limit_threads(threads: int) -> None:

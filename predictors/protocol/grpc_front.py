@@ -160,6 +160,17 @@ class GRPCConnection(asyncio.Protocol):
         if self._window_open is not None:
             self._window_open.set()
 
+    def pause_writing(self) -> None:
+        """More unsent bytes than the transport's high-water mark: read nothing more from this client until they
+        drain. A client that sends (PINGs, say) without reading the answers then stalls on its own sends instead
+        of the server buffering for it without bound."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def tasks(self) -> list[asyncio.Task]:
         return [c.task for c in self.calls.values() if c.task is not None and not c.task.done()]
 
