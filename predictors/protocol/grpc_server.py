@@ -1,9 +1,10 @@
-"""The V2 gRPC endpoint: KServe's servicer behind our own ``grpc.aio`` server wiring.
+"""The V2 gRPC endpoint: KServe's servicer behind our own front end.
 
 KServe's ``GRPCServer.start`` binds ``[::]`` and fixes its interceptors, so serving on a
 chosen host with auth and metrics meant copying that private method. This module owns the
-wiring instead (a ``grpc.aio`` server, KServe's public servicer and generated registration
-function) and adds what REST already does, so both protocols behave the same:
+wiring instead (KServe's public servicer and generated registration function, behind the
+event loop's own HTTP/2 front end, :mod:`predictors.protocol.grpc_front`, or a ``grpc.aio``
+server) and adds what REST already does, so both protocols behave the same:
 
 * ModelInfer on the direct V2 path (:mod:`predictors.protocol.v2`): ``ModelInferRequest`` → the model's
   hooks → ``ModelInferResponse``, no KServe ``InferRequest`` / ``InferResponse`` in between;
