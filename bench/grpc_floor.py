@@ -1,14 +1,11 @@
-"""What ``grpc.aio`` itself costs per call: a null ``ModelInfer`` next to our server and stock KServe.
+"""What grpc's own servers cost per call: a null ``ModelInfer`` next to our server (with each of its gRPC front
+ends) and stock KServe.
 
-``python -m bench.grpc_floor [--rounds 3] [--requests 3000]``. The null server answers every
-``ModelInfer`` with one fixed, pre-serialized response (a generic handler on raw bytes: no
-protobuf parsing, no model), so its server CPU per request is the floor any Python ``grpc.aio``
-server pays on this machine; our server's and stock KServe's figures above it are their own
-work. The same null answer from grpc's thread-pool server, and from a bare asyncio HTTP/2 front end
-(:class:`H2Front`, on the ``h2`` library) show what other front ends would cost; the last one also
-serves our model path (parse, the model's hooks, encode: no metrics, no prediction log) on the Iris
-package, as a measure of what a gRPC front end of that kind would leave of our server's cost.
-All run at once and are driven in turn (:func:`bench.common.interleave`). Prints the table; writes nothing.
+``python -m bench.grpc_floor [--rounds 3] [--requests 3000]``. The null servers answer every ``ModelInfer`` with
+one fixed, pre-serialized response (a generic handler on raw bytes: no protobuf parsing, no model), from
+``grpc.aio`` and from grpc's thread-pool server, so their server CPU per request is the floor a Python server on
+grpc's C core pays on this machine; our server's and stock KServe's figures above it are their own work. All run
+at once and are driven in turn (:func:`bench.common.interleave`). Prints the table; writes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 
 from bench.common import PYTHON, WORK, Contender, free_port, interleave, our_server, service, table
@@ -81,91 +77,6 @@ def serve_null(port: int) -> None:
     asyncio.run(main())
 
 
-class H2Front(asyncio.Protocol):
-    """Unary gRPC over HTTP/2 on one asyncio connection: each finished request stream is answered by
-    ``answer(message) -> bytes`` (a measuring tool: no deadlines, metadata, flow-control waits or errors)."""
-
-    HEADERS = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-    TRAILERS = [(b"grpc-status", b"0")]
-
-    def __init__(self, answer: Callable[[bytes], Awaitable[bytes]]) -> None:
-        from h2.config import H2Configuration
-        from h2.connection import H2Connection
-
-        self._answer = answer
-        self._conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-        self._bodies: dict[int, bytearray] = {}
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._conn.initiate_connection()
-        transport.write(self._conn.data_to_send())
-
-    def data_received(self, data: bytes) -> None:
-        from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded
-
-        conn = self._conn
-        for event in conn.receive_data(data):
-            if isinstance(event, RequestReceived):
-                self._bodies[event.stream_id] = bytearray()
-            elif isinstance(event, DataReceived):
-                self._bodies[event.stream_id] += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, StreamEnded):
-                body = bytes(self._bodies.pop(event.stream_id))
-                asyncio.get_running_loop().create_task(self._reply(event.stream_id, body[5:]))
-            elif isinstance(event, ConnectionTerminated):
-                assert self._transport is not None
-                self._transport.close()
-        self._flush()
-
-    async def _reply(self, stream_id: int, message: bytes) -> None:
-        answer = await self._answer(message)
-        self._conn.send_headers(stream_id, self.HEADERS)
-        self._conn.send_data(stream_id, b"\x00" + len(answer).to_bytes(4, "big") + answer)
-        self._conn.send_headers(stream_id, self.TRAILERS, end_stream=True)
-        self._flush()
-
-    def _flush(self) -> None:
-        out = self._conn.data_to_send()
-        if out and self._transport is not None:
-            self._transport.write(out)
-
-
-def serve_h2(port: int, model_dir: str | None) -> None:
-    """The null answer over :class:`H2Front`, or with ``model_dir`` our model path on that package."""
-    answer = _null_answer()
-
-    async def null(message: bytes) -> bytes:
-        return answer
-
-    handler = null
-    if model_dir is not None:
-        from pathlib import Path
-
-        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-
-        from predictors.models import ServingContext
-        from predictors.protocol.v2 import encode_grpc, parse_grpc
-        from predictors.runtime.repository import PackageRepository
-
-        model = PackageRepository(Path(model_dir), ServingContext()).load_all()[0]
-
-        async def ours(message: bytes) -> bytes:
-            request = pb.ModelInferRequest.FromString(message)
-            return encode_grpc(await model.infer(parse_grpc(request))).SerializeToString()
-
-        handler = ours
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(lambda: H2Front(handler), "127.0.0.1", port)
-        await server.serve_forever()
-
-    asyncio.run(main())
-
-
 def _listening(port: int) -> bool:
     import socket
 
@@ -189,21 +100,14 @@ def main(argv: list[str] | None = None) -> None:
         null_sync = stack.enter_context(service(
             "grpc-null-sync", [PYTHON, "-m", "bench.grpc_floor", "--serve-null-sync", str(sync_port)],
             grpc_port=sync_port, ready=lambda: _listening(sync_port)))
-        h2_port = free_port()
-        null_h2 = stack.enter_context(service(
-            "grpc-null-h2", [PYTHON, "-m", "bench.grpc_floor", "--serve-h2", str(h2_port)],
-            grpc_port=h2_port, ready=lambda: _listening(h2_port)))
-        h2_ours_port = free_port()
-        h2_ours = stack.enter_context(service(
-            "grpc-h2-ours", [PYTHON, "-m", "bench.grpc_floor", "--serve-h2", str(h2_ours_port), str(package.path)],
-            grpc_port=h2_ours_port, ready=lambda: _listening(h2_ours_port)))
         ours = stack.enter_context(our_server("grpc-floor-ours", models, extra_args=DEFAULTS))
+        ours_grpcio = stack.enter_context(our_server("grpc-floor-ours-grpcio", models,
+                                                     extra_args=[*DEFAULTS, "--grpc-front", "grpcio"]))
         stock = stack.enter_context(kserve_stock("grpc-floor-kserve", package.path / "model.joblib"))
         contenders = [Contender(label, svc, body, lambda _p, s=svc: s.grpc_target)
                       for label, svc in [("null grpc.aio handler", null),
                                          ("null grpc.server (threads)", null_sync),
-                                         ("null asyncio + h2 front end", null_h2),
-                                         ("our model path, asyncio + h2 front end", h2_ours), ("ours", ours),
+                                         ("ours", ours), ("ours, --grpc-front grpcio", ours_grpcio),
                                          ("KServe 0.21 (stock)", stock)]]
         rows = interleave(contenders, grpc_cases, args.requests, args.rounds)
     print(table(f"gRPC floor — median of {args.rounds} interleaved rounds × {args.requests} requests",
@@ -217,7 +121,5 @@ if __name__ == "__main__":
         serve_null(int(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--serve-null-sync":
         serve_null_sync(int(sys.argv[2]))
-    elif len(sys.argv) in (3, 4) and sys.argv[1] == "--serve-h2":
-        serve_h2(int(sys.argv[2]), sys.argv[3] if len(sys.argv) == 4 else None)
     else:
         main()

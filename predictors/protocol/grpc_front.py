@@ -88,7 +88,7 @@ class _MethodTable:
 
 @dataclass
 class _Call:
-    path: bytes
+    path: str
     metadata: tuple[tuple[str, str | bytes], ...]
     deadline: float | None
     """Event-loop time by which the answer is due (from ``grpc-timeout``, counted from the request's headers)."""
@@ -238,18 +238,18 @@ class GRPCConnection(asyncio.Protocol):
         if pseudo.get(b":method") != b"POST" or not content_type.startswith(b"application/grpc"):
             self._respond_http(stream_id, b"415" if pseudo.get(b":method") == b"POST" else b"405")
             return
+        path = pseudo.get(b":path", b"").decode("latin-1")
         try:
             timeout = _timeout(next((v for k, v in fields if k == "grpc-timeout"), None))
             deadline = None if timeout is None else self._loop.time() + timeout
             encoding = next((v for k, v in fields if k == "grpc-encoding"), b"identity")
             metadata = tuple(_metadata(k, v) for k, v in fields if k not in _RESERVED)
         except _Status as status:
-            self.calls[stream_id] = _Call(pseudo.get(b":path", b""), (), None, refused=True)
+            self.calls[stream_id] = _Call(path, (), None, refused=True)
             self._respond_status(stream_id, status)
             return
-        call = _Call(pseudo.get(b":path", b""), metadata, deadline)
+        call = _Call(path, metadata, deadline)
         self.calls[stream_id] = call
-        path = call.path.decode("latin-1")
         if path not in self.front.methods:
             self._refuse(stream_id, call, _Status(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path}"))
         elif encoding not in (b"identity", b""):
@@ -293,7 +293,7 @@ class GRPCConnection(asyncio.Protocol):
         call.task = self._loop.create_task(self._run(stream_id, call))
 
     async def _run(self, stream_id: int, call: _Call) -> None:
-        handler = self.front.methods[call.path.decode("latin-1")]
+        handler = self.front.methods[call.path]
         context = CallContext(call.metadata, self._peer)
         try:
             body = bytes(call.body)
@@ -302,7 +302,7 @@ class GRPCConnection(asyncio.Protocol):
                 request = handler.request_deserializer(_message(body))
             except DecodeError as exc:
                 raise _Status(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid {call.path.decode('latin-1').rpartition('/')[2]} "
+                              f"the request is not a valid {call.path.rpartition('/')[2]} "
                               f"request message: {exc}") from exc
             if call.deadline is None:
                 response = await handler.unary_unary(request, context)
@@ -324,7 +324,7 @@ class GRPCConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the deserializer or the handler failed: the client's fault or ours
-            logger.error("gRPC call %s failed", call.path.decode("latin-1"), exc_info=exc)
+            logger.error("gRPC call %s failed", call.path, exc_info=exc)
             self._respond_status(stream_id, _Status(grpc.StatusCode.INTERNAL, "Internal server error"))
         else:
             await self._respond(stream_id, payload)
@@ -361,15 +361,14 @@ class GRPCConnection(asyncio.Protocol):
 
     def _respond_status(self, stream_id: int, status: _Status) -> None:
         """A trailers-only answer: the status, no message."""
-        headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                   (b"grpc-status", str(status.code.value[0]).encode())]
+        headers = [*_RESPONSE_HEADERS, (b"grpc-status", str(status.code.value[0]).encode())]
         if status.details:
             headers.append((b"grpc-message", urllib.parse.quote(status.details, safe=" !#$&'()*+,/:;=?@[]~").encode()))
         self.http2.send_headers(stream_id, headers, end_stream=True)
         self._flush()
 
     def _respond_http(self, stream_id: int, status: bytes) -> None:
-        self.calls[stream_id] = _Call(b"", (), None, refused=True)
+        self.calls[stream_id] = _Call("", (), None, refused=True)
         self.http2.send_headers(stream_id, [(b":status", status)], end_stream=True)
         self._flush()
 

@@ -430,7 +430,7 @@ class ServerConnection:
         """Queue ``GOAWAY``: calls already open may still be answered, new ones are refused."""
         if not self.closed and not self._going_away:
             self._going_away = True
-            self._out += _frame(GOAWAY, 0, 0, self._last_stream_id.to_bytes(4, "big") + code.to_bytes(4, "big"))
+            self._out += self._goaway_frame(code)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -451,9 +451,11 @@ class ServerConnection:
 
     def _go_away(self, code: int, reason: str) -> None:
         if not self.closed:
-            self._out += _frame(GOAWAY, 0, 0, self._last_stream_id.to_bytes(4, "big") + code.to_bytes(4, "big")
-                                + reason.encode()[:256])
+            self._out += self._goaway_frame(code, reason.encode()[:256])
             self.closed = True
+
+    def _goaway_frame(self, code: int, debug: bytes = b"") -> bytes:
+        return _frame(GOAWAY, 0, 0, self._last_stream_id.to_bytes(4, "big") + code.to_bytes(4, "big") + debug)
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes | bytearray) -> bytes:
